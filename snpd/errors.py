@@ -1,0 +1,154 @@
+"""One error taxonomy from the device to the wire.
+
+Every error snpd raises on purpose is a :class:`SnpdError`. Each class maps to one
+D-Bus error name, one varlink error and one ``snpctl`` exit code, so a transport
+never has to invent a mapping. Subclasses refine the message, never the mapping:
+a :class:`ReportFormatError` travels as ``InvalidArgument`` everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Optional
+
+DBUS_PREFIX = "org.snpd.Snpd1.Error."
+
+# snpctl exit codes (DESIGN.md): 0 success, 1 a check failed, 2 usage or
+# unreadable input, 3 daemon or device unavailable.
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+
+
+class SnpdError(Exception):
+    """Base of every deliberate snpd error."""
+
+    kind: ClassVar[str] = "Internal"
+    exit_code: ClassVar[int] = EXIT_UNAVAILABLE
+
+    @classmethod
+    def dbus_name(cls) -> str:
+        return DBUS_PREFIX + cls.kind
+
+    @classmethod
+    def varlink_name(cls, interface: str) -> str:
+        return f"{interface}.{cls.kind}"
+
+
+class Internal(SnpdError):
+    """A bug in snpd; the message says where."""
+
+
+class InvalidArgument(SnpdError):
+    """The caller's input is malformed or out of range."""
+
+    kind = "InvalidArgument"
+    exit_code = EXIT_USAGE
+
+
+class ReportFormatError(InvalidArgument):
+    """The bytes are not a well-formed SEV-SNP attestation report."""
+
+
+class CertificateFormatError(InvalidArgument):
+    """A certificate or CRL could not be decoded."""
+
+
+class ConfigError(InvalidArgument):
+    """A configuration or policy file is invalid; the message names the key."""
+
+
+class PermissionDenied(SnpdError):
+    kind = "PermissionDenied"
+    exit_code = EXIT_UNAVAILABLE
+
+
+class Busy(SnpdError):
+    """The queue is full or the host answered busy; retry later."""
+
+    kind = "Busy"
+    exit_code = EXIT_UNAVAILABLE
+
+
+class Timeout(SnpdError):
+    kind = "Timeout"
+    exit_code = EXIT_UNAVAILABLE
+
+
+class DeviceUnavailable(SnpdError):
+    """The firmware channel cannot be opened (missing node, permission)."""
+
+    kind = "DeviceError"
+    exit_code = EXIT_UNAVAILABLE
+
+
+class DeviceError(SnpdError):
+    """The firmware channel failed; carries errno, fw_error and vmm_error."""
+
+    kind = "DeviceError"
+    exit_code = EXIT_UNAVAILABLE
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        errno: Optional[int] = None,
+        fw_error: Optional[int] = None,
+        vmm_error: Optional[int] = None,
+    ) -> None:
+        details = []
+        if errno is not None:
+            details.append(f"errno={errno}")
+        if fw_error is not None:
+            details.append(f"fw_error=0x{fw_error:x}")
+        if vmm_error is not None:
+            details.append(f"vmm_error=0x{vmm_error:x}")
+        super().__init__(f"{message} ({', '.join(details)})" if details else message)
+        self.errno = errno
+        self.fw_error = fw_error
+        self.vmm_error = vmm_error
+
+
+class VmpckDisabled(SnpdError):
+    """The kernel wiped the VMPCK; no firmware request can succeed until reboot."""
+
+    kind = "VmpckDisabled"
+    exit_code = EXIT_UNAVAILABLE
+
+
+class NotSupported(SnpdError):
+    kind = "NotSupported"
+    exit_code = EXIT_UNAVAILABLE
+
+
+class CertificatesUnavailable(SnpdError):
+    """Certificates could not be had from the host, the cache or the KDS."""
+
+    kind = "CertificatesUnavailable"
+    exit_code = EXIT_UNAVAILABLE
+
+
+class KdsError(CertificatesUnavailable):
+    """The KDS answered with an error, a bad body, or not within the deadline."""
+
+    def __init__(self, message: str, *, url: str = "", status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+
+
+class UntrustedCertificate(CertificatesUnavailable):
+    """Certificates arrived but did not verify against the trusted roots."""
+
+
+ALL_KINDS = (
+    "InvalidArgument",
+    "PermissionDenied",
+    "Busy",
+    "Timeout",
+    "DeviceError",
+    "VmpckDisabled",
+    "NotSupported",
+    "CertificatesUnavailable",
+    "Internal",
+)

@@ -1,0 +1,1 @@
+"""Verification: certificates, pinned AMD roots, chains, report signatures, appraisal. Pure."""
