@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Dict, List, Union
 
+from snpd.atomicfile import atomic_write
 from snpd.errors import CertificateFormatError, InvalidArgument
 from snpd.trust.certset import KINDS, CertificateSet, classify
 from snpd.trust.x509 import Certificate, Crl, load_certificate, load_crl
@@ -80,32 +81,9 @@ def write_certs_dir(directory: Union[str, "os.PathLike[str]"], certs: Certificat
     for kind, item in certs.items():
         path = root / f"{kind}.{encoding}"
         data = item.to_pem().encode() if encoding == "pem" else item.der
-        atomic_write(path, data)
+        try:
+            atomic_write(path, data)
+        except OSError as exc:
+            raise CertsDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
         written.append(path)
     return written
-
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write via a temporary file, fsync and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise CertsDirError(f"cannot write {path}: {exc.strerror or exc}") from exc

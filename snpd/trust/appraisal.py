@@ -37,7 +37,7 @@ from snpd.abi.bits import PLATFORM_INFO_BITS, POLICY_BITS
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport
 from snpd.errors import CertificateFormatError, ConfigError, InvalidArgument
-from snpd.trust.result import Check
+from snpd.trust.result import Check, Status
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey
@@ -365,7 +365,7 @@ class AppraisalPolicy:
         if self.minimum_abi is not None:
             have = (policy.abi_major, policy.abi_minor)
             add(_compare("policy.minimum_abi", have >= self.minimum_abi,
-                         f"{where} requires ABI {_mm(have)}", ">=", _mm(self.minimum_abi)))
+                         f"guest policy ABI minimum {_mm(have)}", ">=", _mm(self.minimum_abi)))
         for field, bit, require in _POLICY_FLAG_RULES:
             setting = getattr(self, field)
             if setting is not None:
@@ -384,7 +384,7 @@ class AppraisalPolicy:
         if self.vmpl is not None:
             ok = report.vmpl in self.vmpl
             want = " or ".join(map(str, self.vmpl))
-            add(Check(f"policy.vmpl", _status(ok),
+            add(Check("policy.vmpl", _status(ok),
                       f"VMPL {report.vmpl} {'is' if ok else 'is not'} {want}"))
 
         if self.minimum_build is not None:
@@ -493,9 +493,7 @@ class AppraisalPolicy:
 # Check helpers
 
 
-def _status(ok: bool) -> Any:
-    from snpd.trust.result import Status
-
+def _status(ok: bool) -> Status:
     return Status.PASS if ok else Status.FAIL
 
 
@@ -644,9 +642,12 @@ class _Reader:
 
     def mask(self, path: str, value: object) -> int:
         """A u64 bit mask: a TOML integer, or a hex string for bit 63."""
-        if isinstance(value, str):
-            return int.from_bytes(self.hex(path, value, 8, pad=True), "big") if value else 0
-        return self.integer(path, value, _U64)
+        if not isinstance(value, str):
+            return self.integer(path, value, _U64)
+        digits = self.hex_digits(path, value)
+        if len(digits.lstrip("0")) > 16:
+            raise self.error(path, f"{value} does not fit in 64 bits")
+        return int(digits, 16)
 
     def major_minor(self, path: str, value: object) -> Tuple[int, int]:
         if not isinstance(value, str):
@@ -657,10 +658,8 @@ class _Reader:
                                    f"got {value!r}")
         return int(m.group(1)), int(m.group(2))
 
-    def hex(self, path: str, value: object, size: int, *, pad: bool = False,
-            short: Optional[int] = None) -> bytes:
-        """Hex of exactly ``size`` bytes; ``pad`` allows fewer (right-padded with
-        zeros, as the daemon pads REPORT_DATA); ``short`` allows one other length."""
+    def hex_digits(self, path: str, value: object) -> str:
+        """The digits of a hex string, without its optional 0x prefix."""
         if not isinstance(value, str):
             raise self.error(path, f"expected a hex string, got {_type_name(value)}")
         digits = value[2:] if value[:2] in ("0x", "0X") else value
@@ -669,6 +668,13 @@ class _Reader:
         bad = next((c for c in digits if c not in _HEXDIGITS), None)
         if bad is not None:
             raise self.error(path, f"{bad!r} is not a hex digit")
+        return digits
+
+    def hex(self, path: str, value: object, size: int, *, pad: bool = False,
+            short: Optional[int] = None) -> bytes:
+        """Hex of exactly ``size`` bytes; ``pad`` allows fewer (right-padded with
+        zeros, as the daemon pads REPORT_DATA); ``short`` allows one other length."""
+        digits = self.hex_digits(path, value)
         n = len(digits)
         if pad:
             if n > 2 * size:
@@ -806,10 +812,10 @@ def policies_from_mapping(table: Mapping[str, object], *,
     return out
 
 
-def load_policies(text: str, *, name: str = "policy") -> Dict[str, AppraisalPolicy]:
+def load_policies(text: str) -> Dict[str, AppraisalPolicy]:
     """Named policies from the ``[policy.NAME]`` tables of a TOML document. Other
     top-level keys are left alone: they belong to the daemon's own configuration."""
-    doc = _parse_toml(text, name)
-    if name not in doc:
+    doc = _parse_toml(text, "policy")
+    if "policy" not in doc:
         return {}
-    return policies_from_mapping(doc[name], name=name)
+    return policies_from_mapping(doc["policy"])

@@ -1,0 +1,460 @@
+"""snpctl: the snpguest workflow, done correctly.
+
+``display report|key``, ``fetch ca|vcek|crl``, ``verify certs|attestation``.
+Exit codes: 0 success, 1 a check failed (an invalid report, one that does not
+parse), 2 usage or unreadable input, 3 daemon, device or KDS unavailable.
+
+Start-up time matters (a verifier in a shell loop): this module imports only
+the standard library at load time; each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TextIO
+
+from snpd.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ReportFormatError,
+    SnpdError,
+)
+
+if TYPE_CHECKING:
+    from snpd.abi.product import Endorser, Product
+    from snpd.abi.report import AttestationReport
+    from snpd.kds.client import KdsClient
+    from snpd.trust.result import Verdict
+    from snpd.trust.x509 import Certificate
+
+PRODUCTS = ("Milan", "Genoa", "Turin")
+
+
+class UsageError(SnpdError):
+    kind = "InvalidArgument"
+    exit_code = EXIT_USAGE
+
+
+# -- argument helpers ------------------------------------------------------------
+
+
+def parse_time(text: str) -> datetime.datetime:
+    """RFC 3339, e.g. ``2025-06-01T00:00:00Z``; a time without a zone is refused."""
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an RFC 3339 time such as 2025-06-01T00:00:00Z") from exc
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset")
+    return parsed.astimezone(datetime.timezone.utc)
+
+
+def read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise UsageError(f"{what} {path} is larger than {limit} bytes")
+    return data
+
+
+def load_report(path: str) -> AttestationReport:
+    from snpd.abi.report import AttestationReport
+
+    return AttestationReport.from_bytes(read_file(path, "report"))
+
+
+def product_arg(name: Optional[str]) -> Optional[Product]:
+    if name is None:
+        return None
+    from snpd.abi.product import Product
+
+    return Product.parse(name)
+
+
+def trust_roots(paths: Sequence[str]) -> List[Certificate]:
+    from snpd.trust.x509 import load_certificates
+
+    roots: List[Certificate] = []
+    for path in paths:
+        roots.extend(load_certificates(read_file(path, "trust root")))
+    return roots
+
+
+class Output:
+    """Human lines on stdout, or one JSON document with --json; diagnostics on stderr."""
+
+    def __init__(self, as_json: bool, quiet: bool, out: TextIO, err: TextIO) -> None:
+        self.as_json, self.quiet, self.out, self.err = as_json, quiet, out, err
+
+    def line(self, text: str = "") -> None:
+        if not self.as_json and not self.quiet:
+            print(text, file=self.out)
+
+    def result(self, text: str) -> None:
+        """The one-line outcome: shown even with --quiet."""
+        if not self.as_json:
+            print(text, file=self.out)
+
+    def json(self, doc: Dict[str, Any]) -> None:
+        if self.as_json:
+            json.dump(doc, self.out, indent=2, sort_keys=False)
+            self.out.write("\n")
+
+    def warn(self, text: str) -> None:
+        print(f"snpctl: {text}", file=self.err)
+
+
+# -- display -------------------------------------------------------------------------
+
+
+def cmd_display_report(args: argparse.Namespace, out: Output) -> int:
+    try:
+        report = load_report(args.file)
+    except ReportFormatError as exc:
+        out.warn(f"{args.file}: {exc}")
+        out.json({"file": args.file, "error": str(exc)})
+        return EXIT_CHECK_FAILED
+    doc = report.to_json(product_arg(args.product))
+    out.json(doc)
+    if not out.as_json:
+        render_report(doc, out)
+    return EXIT_OK
+
+
+def render_report(doc: Dict[str, Any], out: Output) -> None:
+    def show(key: str, value: Any, indent: int = 0) -> None:
+        pad = "  " * indent
+        if isinstance(value, dict):
+            out.line(f"{pad}{key}:")
+            for k, v in value.items():
+                show(k, v, indent + 1)
+        elif isinstance(value, str) and len(value) > 64:
+            out.line(f"{pad}{key}:")
+            for i in range(0, len(value), 64):
+                out.line(f"{pad}  {value[i:i + 64]}")
+        else:
+            out.line(f"{pad}{key}: {value}")
+
+    for key, value in doc.items():
+        show(key, value)
+
+
+def cmd_display_key(args: argparse.Namespace, out: Output) -> int:
+    data = read_file(args.file, "key", limit=4096)
+    out.json({"file": args.file, "length": len(data), "key": data.hex()})
+    for i in range(0, len(data), 16):
+        out.line(" ".join(f"{b:02x}" for b in data[i:i + 16]))
+    return EXIT_OK
+
+
+# -- verify ----------------------------------------------------------------------------
+
+
+def render_verdict(verdict: Verdict, out: Output, subject: str) -> None:
+    mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIP"}
+    for check in verdict.checks:
+        out.line(f"  {mark[check.status.value]}  {check.name:<26} {check.detail}")
+    product = f" ({verdict.product})" if verdict.product else ""
+    if verdict.valid:
+        out.result(f"VALID: {subject}{product}")
+    else:
+        failed = ", ".join(c.name for c in verdict.failures) or "no check could run"
+        out.result(f"INVALID: {subject}{product}: failed {failed}")
+
+
+def _verifier(args: argparse.Namespace) -> Any:
+    from snpd.trust.roots import AMD_ROOTS
+    from snpd.trust.verify import Verifier
+
+    roots = AMD_ROOTS.with_explicit(*trust_roots(args.trust_root))
+    return Verifier(roots)
+
+
+def cmd_verify_certs(args: argparse.Namespace, out: Output) -> int:
+    from snpd.certsdir import load_certs_dir
+
+    certs = load_certs_dir(args.dir)
+    verdict = _verifier(args).verify_chain(certs, at=args.at)
+    doc = verdict.to_json()
+    doc["checks"] = [c for c in doc["checks"] if c["name"] != "report.signature"]  # type: ignore[union-attr]
+    out.json(doc)
+    if not out.as_json:
+        shown = type(verdict)(tuple(c for c in verdict.checks if c.name != "report.signature"),
+                              None, verdict.product)
+        mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIP"}
+        for check in shown.checks:
+            out.line(f"  {mark[check.status.value]}  {check.name:<26} {check.detail}")
+        product = f" ({verdict.product})" if verdict.product else ""
+        if verdict.valid:
+            out.result(f"VALID: certificate chain in {args.dir}{product}")
+        else:
+            failed = ", ".join(c.name for c in verdict.failures)
+            out.result(f"INVALID: certificate chain in {args.dir}{product}: failed {failed}")
+    return EXIT_OK if verdict.valid else EXIT_CHECK_FAILED
+
+
+def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
+    from snpd.certsdir import load_certs_dir
+
+    certs = load_certs_dir(args.dir)
+    report = read_file(args.report, "report")
+    policy = None
+    if args.policy:
+        from snpd.trust.appraisal import AppraisalPolicy
+
+        text = read_file(args.policy, "policy").decode("utf-8", "replace")
+        policy = AppraisalPolicy.from_toml(text, name=Path(args.policy).name)
+    verdict = _verifier(args).verify(report, certs, at=args.at, policy=policy,
+                                     product=product_arg(args.product))
+    doc = verdict.to_json()
+    doc["report"] = args.report
+    doc["at"] = (args.at or datetime.datetime.now(datetime.timezone.utc)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+    out.json(doc)
+    render_verdict(verdict, out, f"{args.report} with the chain in {args.dir}")
+    return EXIT_OK if verdict.valid else EXIT_CHECK_FAILED
+
+
+# -- fetch ------------------------------------------------------------------------------
+
+
+def _kds(args: argparse.Namespace) -> KdsClient:
+    from snpd.kds.client import KdsClient
+
+    return KdsClient(base_url=args.kds_url, deadline=args.timeout)
+
+
+def _product_for_fetch(args: argparse.Namespace) -> Product:
+    """The product from --report (v3+ CPUID) or the positional/--product name."""
+    from snpd.abi.product import Product
+
+    name = getattr(args, "product", None) or getattr(args, "product_opt", None)
+    if getattr(args, "report", None):
+        report = load_report(args.report)
+        found = report.cpuid_product
+        if found is None and name is None:
+            raise UsageError(f"{args.report} (version {report.version}) does not name its CPU; "
+                             f"give the product ({', '.join(PRODUCTS)})")
+        if found is not None and name is not None and Product.parse(name) is not found:
+            raise UsageError(f"--product {name} contradicts the report's CPU ({found})")
+        if found is not None:
+            return found
+    if name is None:
+        raise UsageError(f"give a product ({', '.join(PRODUCTS)}) or --report FILE")
+    return Product.parse(name)
+
+
+def _endorser(name: str) -> Endorser:
+    from snpd.abi.product import Endorser
+
+    return Endorser(name)
+
+
+def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
+    from snpd.certsdir import write_certs_dir
+    from snpd.trust.certset import CertificateSet
+    from snpd.trust.admission import check_ca_chain
+    from snpd.trust.x509 import load_certificates
+
+    product = _product_for_fetch(args)
+    endorser = _endorser(args.endorser)
+    body = _kds(args).fetch_cert_chain(product, endorser)
+    certs = load_certificates(body)
+    ark, inter = check_ca_chain(certs, product, endorser, trust_roots(args.trust_root))
+    kind = endorser.intermediate
+    certset = CertificateSet(ark=ark, **{kind: inter})
+    paths = write_certs_dir(args.dir, certset, args.encoding)
+    out.json({"product": product.value, "endorser": endorser.value,
+              "written": [str(p) for p in paths]})
+    out.result(f"wrote {', '.join(str(p) for p in paths)} ({product} {endorser.name} chain, "
+               f"verified against {'the given trust root' if args.trust_root else 'the pinned AMD ARK'})")
+    return EXIT_OK
+
+
+def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
+    from snpd.abi.tcb import TcbVersion
+    from snpd.certsdir import write_certs_dir
+    from snpd.trust.certset import CertificateSet
+    from snpd.trust.admission import check_vcek_binding
+    from snpd.trust.x509 import load_certificate
+
+    report = load_report(args.report_file)
+    product = report.cpuid_product or product_arg(args.product)
+    if product is None:
+        raise UsageError(f"{args.report_file} (version {report.version}) does not name its CPU; "
+                         f"give --product ({', '.join(PRODUCTS)})")
+    if report.chip_id_masked:
+        raise UsageError(f"{args.report_file} has a masked (all-zero) CHIP_ID: the KDS cannot "
+                         "serve a VCEK for it (VLEK-signed reports need the CSP's VLEK)")
+    tcb = TcbVersion.decode(report.reported_tcb, product)
+    cert = load_certificate(_kds(args).fetch_vcek(product, report.chip_id, tcb))
+    check_vcek_binding(cert, product, report.chip_id, tcb)
+    paths = write_certs_dir(args.dir, CertificateSet(vcek=cert), args.encoding)
+    out.json({"product": product.value, "reported_tcb": tcb.to_json(),
+              "written": [str(p) for p in paths]})
+    out.result(f"wrote {paths[0]} ({product} VCEK for TCB {tcb})")
+    return EXIT_OK
+
+
+def cmd_fetch_crl(args: argparse.Namespace, out: Output) -> int:
+    from snpd.certsdir import CertsDirError, load_certs_dir, write_certs_dir
+    from snpd.trust.certset import CertificateSet
+    from snpd.trust.admission import check_crl
+    from snpd.trust.x509 import load_crl
+
+    product = _product_for_fetch(args)
+    endorser = _endorser(args.endorser)
+    crl = load_crl(_kds(args).fetch_crl(product, endorser))
+    ark = None
+    try:
+        ark = load_certs_dir(args.dir).ark
+    except (CertsDirError, SnpdError):
+        ark = None
+    verified = False
+    if ark is not None:
+        check_crl(crl, ark, product, trust_roots(args.trust_root))
+        verified = True
+    else:
+        out.warn(f"no ark.pem/ark.der in {args.dir}: the CRL's signature was not checked "
+                 "(run 'snpctl fetch ca' first)")
+    paths = write_certs_dir(args.dir, CertificateSet(crl=crl), args.encoding)
+    out.json({"product": product.value, "endorser": endorser.value, "verified": verified,
+              "revoked_serials": sorted(crl.revoked_serials),
+              "next_update": crl.next_update.strftime("%Y-%m-%dT%H:%M:%SZ")
+              if crl.next_update else None,
+              "written": [str(p) for p in paths]})
+    out.result(f"wrote {paths[0]} ({product} {endorser.name} CRL"
+               f"{', signature verified against the ARK' if verified else ', NOT verified'})")
+    return EXIT_OK
+
+
+# -- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print one JSON document instead of text")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="print only the outcome")
+
+    parser = argparse.ArgumentParser(
+        prog="snpctl", parents=[common],
+        description="SEV-SNP attestation: reports, AMD certificates, verification.",
+        epilog="Exit codes: 0 success, 1 a check failed, 2 usage or unreadable input, "
+               "3 daemon, device or KDS unavailable.")
+    parser.add_argument("--version", action="version", version=f"snpctl {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(parent: Any, name: str, func: Callable[[argparse.Namespace, Output], int],
+            help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, parents=[common], help=help_text,
+                                                       description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    def group(name: str, help_text: str) -> Any:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        g = p.add_subparsers(dest="subcommand", metavar="WHAT")
+        g.required = True
+        return g
+
+    def kds_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--kds-url", default="https://kdsintf.amd.com", metavar="URL",
+                       help="KDS base URL (default: AMD's)")
+        p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                       help="overall deadline for the KDS, retries included (default 60)")
+
+    def trust_option(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--trust-root", action="append", default=[], metavar="FILE",
+                       help="also trust this root certificate (PEM or DER) for this command")
+
+    display = group("display", "show a report or a key")
+    p = add(display, "report", cmd_display_report, "decode and show an attestation report")
+    p.add_argument("file", help="the 1184-byte report")
+    p.add_argument("--product", choices=PRODUCTS,
+                   help="decode TCBs with this product's layout (v2 reports carry no CPUID)")
+    p = add(display, "key", cmd_display_key, "show a derived key as hex")
+    p.add_argument("file")
+
+    fetch = group("fetch", "fetch certificates from AMD's KDS")
+    for what, func, text in (("ca", cmd_fetch_ca, "the ARK and ASK (or ASVK) of a product"),
+                             ("crl", cmd_fetch_crl, "the ARK-signed CRL of a product")):
+        p = add(fetch, what, func, f"fetch {text}")
+        p.add_argument("encoding", choices=("pem", "der"))
+        p.add_argument("dir", help="certs dir to write into")
+        p.add_argument("product", nargs="?", choices=PRODUCTS, help="processor model")
+        p.add_argument("-r", "--report", help="take the product from this report (v3+)")
+        p.add_argument("-e", "--endorser", choices=("vcek", "vlek"), default="vcek")
+        kds_options(p)
+        trust_option(p)
+    p = add(fetch, "vcek", cmd_fetch_vcek, "fetch the VCEK that signs a report")
+    p.add_argument("encoding", choices=("pem", "der"))
+    p.add_argument("dir", help="certs dir to write into")
+    p.add_argument("report_file", metavar="report", help="the attestation report")
+    p.add_argument("-p", "--product", choices=PRODUCTS, help="for v2 reports, which carry no CPUID")
+    kds_options(p)
+
+    verify = group("verify", "verify a certificate chain or an attestation report")
+    p = add(verify, "certs", cmd_verify_certs, "verify the chain in a certs dir")
+    p.add_argument("dir")
+    p.add_argument("--at", type=parse_time, metavar="TIME",
+                   help="check validity at this RFC 3339 time (default now)")
+    trust_option(p)
+    p = add(verify, "attestation", cmd_verify_attestation,
+            "verify a report and its certificate chain (the chain is always checked)")
+    p.add_argument("dir", help="certs dir: ark, ask or asvk, vcek or vlek, optional crl")
+    p.add_argument("report", help="the 1184-byte report")
+    p.add_argument("--at", type=parse_time, metavar="TIME",
+                   help="check validity at this RFC 3339 time (default now)")
+    p.add_argument("--policy", metavar="FILE", help="appraisal policy (TOML)")
+    p.add_argument("-p", "--product", choices=PRODUCTS, help="expected product")
+    trust_option(p)
+    return parser
+
+
+def _version() -> str:
+    from snpd import __version__
+
+    return __version__
+
+
+def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
+         stderr: TextIO = sys.stderr) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
+        return int(exc.code or 0)
+    out = Output(getattr(args, "json", False), getattr(args, "quiet", False), stdout, stderr)
+    try:
+        result: int = args.func(args, out)
+        return result
+    except SnpdError as exc:
+        out.warn(str(exc))
+        out.json({"error": type(exc).__name__, "kind": exc.kind, "message": str(exc)})
+        if isinstance(exc, ReportFormatError):
+            return EXIT_CHECK_FAILED
+        return exc.exit_code
+    except ValueError as exc:  # e.g. Product.parse on a name argparse let through
+        out.warn(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
