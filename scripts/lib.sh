@@ -13,7 +13,16 @@ SNPD_ROOT=${SNPD_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 
 # Quiet, non-interactive pip everywhere.
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-PIP_Q=(--quiet)
+
+# pip_install VENV ARGS... : `pip install --quiet ARGS` in VENV. The machine's
+# pip.conf may name local indexes that do not exist; pip warns about each on
+# every call, so those lines (only those) are dropped.
+pip_install() {
+    local venv=$1
+    shift
+    "$venv/bin/python" -m pip install --quiet "$@" \
+        2> >(grep -v "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" >&2)
+}
 
 say()  { printf '%s\n' "$*"; }
 hdr()  { printf '\n==== %s ====\n' "$*"; }

@@ -432,9 +432,12 @@ class AppraisalPolicy:
                             self.require_author_key, True, f"key info 0x{report.key_info.raw:x}"))
         if self.require_id_block is not None:
             present = any(report.id_key_digest)
-            add(_flag_check("policy.id_block", "id_block", present, self.require_id_block, True,
-                            "the report (ID_KEY_DIGEST "
-                            + ("non-zero)" if present else "zero)")))
+            detail = ("ID block present (ID_KEY_DIGEST non-zero)" if present
+                      else "no ID block (ID_KEY_DIGEST is zero)")
+            ok = present or not self.require_id_block
+            add(Check("policy.id_block", _status(ok),
+                      detail + ("" if ok else ", but one is required")
+                      + ("" if self.require_id_block else " (not required)")))
         if self.trusted_id_key_digests is not None or self.trusted_author_key_digests is not None:
             add(self._id_key_trust(report))
         return tuple(checks)
@@ -516,8 +519,8 @@ def _flag_check(name: str, bit: str, is_set: bool, setting: bool, require: bool,
         return Check.failed(name, f"{label} not set in {where}, but required")
     if not is_set or setting:
         return Check.passed(name, f"{label} {state} in {where}"
-                                  + (" (allowed)" if setting else " (not allowed)"))
-    return Check.failed(name, f"{label} set in {where}, but not allowed")
+                                  + (" (allowed)" if setting else " (forbidden)"))
+    return Check.failed(name, f"{label} set in {where}, but forbidden")
 
 
 def _unknown_bits_check(name: str, where: str, bits: Tuple[int, ...], strict: bool,

@@ -1,0 +1,434 @@
+"""HTTP client for AMD's Key Distribution Service: bytes in, bytes out, bounded in time.
+
+The KDS throttles with HTTP 429, has transient 5xx outages and sometimes hangs
+(spec/ABI.md §5.2). This client turns all of that into either the body of a 200
+answer or one :class:`~snpd.errors.KdsError` whose message tells an operator which
+URL failed, how, after how many attempts, and what to do. It does not parse or
+verify what it fetched: the trust layer does that before anything is cached, so a
+hostile server can at worst cause a rejection — provided it cannot exhaust memory or
+time, which is why every answer is bounded in size and every call by a deadline.
+
+Retry policy, per call of :meth:`KdsClient.get`:
+
+- retried with exponential backoff and jitter: HTTP 429, 500, 502, 503, 504,
+  connection failures, timeouts, and bodies cut short;
+- ``Retry-After`` (seconds or HTTP date) is honoured instead of the backoff; one that
+  would end past the deadline gives up on that URL at once rather than sleeping;
+- any other 4xx (404 above all) is the KDS's answer and fails at once;
+- after ``max_retries`` retries, or a failure that retrying the same server cannot
+  fix (an oversized body, a TLS failure, an unexpected status), the next mirror is
+  tried; everything shares one overall deadline.
+
+Why this is a loop here and not urllib3's ``Retry`` on an ``HTTPAdapter``: the
+deadline is per call, but an adapter's ``Retry`` is shared by every call through
+the session, so it would need per-thread state to know whose deadline applies;
+urllib3 reuses the first attempt's timeout for all its internal retries, so the last
+attempt could overrun the deadline by a whole read timeout; and truncated bodies and
+mirrors need a loop out here anyway. One loop gives one deadline, one attempt count
+and one error message. urllib3's ``Retry`` semantics are kept (status list,
+Retry-After in both forms, backoff capped at ``backoff_max``).
+
+``requests`` is imported only by this module, never by ``snpd.kds`` itself, so that
+commands that do not fetch start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import logging
+import random
+import re
+import time
+from datetime import timezone
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+from urllib.parse import urlsplit
+
+import requests
+
+from snpd.abi.product import Endorser, Product
+from snpd.abi.tcb import TcbVersion
+from snpd.errors import KdsError
+from snpd.kds.urls import (
+    DEFAULT_KDS_URL,
+    cert_chain_path,
+    crl_path,
+    join_url,
+    redact_url,
+    vcek_path,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BODY",
+    "RETRY_STATUSES",
+    "KdsClient",
+    "backoff_delay",
+    "parse_retry_after",
+]
+
+log = logging.getLogger(__name__)
+
+#: Statuses worth asking the same server again: throttling and transient outages.
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: A VCEK is ~1.3 KiB, a cert chain ~4.5 KiB, a CRL a few KiB: 1 MiB is generous and
+#: still keeps a broken or hostile server from filling memory.
+DEFAULT_MAX_BODY = 1 << 20
+_CHUNK = 64 * 1024
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def parse_retry_after(value: str, now: float) -> Optional[float]:
+    """Seconds to wait from a ``Retry-After`` header, or None if it is malformed.
+
+    RFC 9110 allows delay-seconds or an HTTP date; ``now`` is the wall-clock time
+    (time.time()) the date is measured from. A date in the past means "now" (0).
+    """
+    value = value.strip()
+    if _DIGITS.fullmatch(value):
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff_delay(retry: int, base: float, cap: float, unit: float) -> float:
+    """Delay before retry number ``retry`` (1 for the first), with "equal jitter".
+
+    The exponential delay ``base * 2**(retry-1)`` is capped at ``cap``, then drawn
+    uniformly from its upper half (``unit`` in [0, 1) picks where). Unlike urllib3's
+    Retry, the first retry waits too: answering a 429 by asking again at once is the
+    one thing a rate limiter is sure to punish. Jitter keeps many VMs that hit the same
+    outage from retrying in lockstep, and the half that is kept guarantees a minimum.
+    """
+    if retry < 1:
+        raise ValueError(f"retry numbers start at 1, got {retry}")
+    delay = min(cap, base * 2.0 ** min(retry - 1, 62))
+    return delay / 2 + unit * delay / 2
+
+
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """Why one attempt did not yield a body.
+
+    ``retry``: asking the same URL again may help. ``final``: the KDS has answered
+    and no server will say otherwise (a 4xx), so stop without trying mirrors.
+    """
+
+    what: str
+    retry: bool
+    final: bool = False
+    status: Optional[int] = None
+    retry_after: Optional[float] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _UrlOutcome:
+    """How the attempts at one URL ended, for the final error message."""
+
+    url: str
+    attempts: int
+    failure: _Failure
+    ending: str
+
+
+class KdsClient:
+    """Fetches KDS resources with retries, mirrors, an overall deadline and a size cap.
+
+    Everything with state or time is injected (DESIGN.md): the HTTP ``session``, the
+    monotonic ``clock`` the deadline is measured on and the ``sleep`` used between
+    attempts. A session passed in stays the caller's to close; its adapters should not
+    retry on their own (requests' default adapter does not). Safe to share between
+    threads: a call keeps its state in local variables.
+
+    ``deadline`` bounds a whole :meth:`get` (all attempts, backoffs and mirrors); each
+    attempt's timeouts are clipped to what remains of it.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_KDS_URL,
+        mirrors: Sequence[str] = (),
+        session: Optional[requests.Session] = None,
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 10.0,
+        deadline: float = 60.0,
+        backoff_base: float = 1.0,
+        backoff_max: float = 30.0,
+        max_retries: int = 5,
+        max_body: int = DEFAULT_MAX_BODY,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Optional[random.Random] = None,
+    ) -> None:
+        if isinstance(mirrors, str):
+            raise TypeError("mirrors must be a sequence of URLs, not one string")
+        for url in (base_url, *mirrors):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"KDS URL must be http(s)://host[:port][/prefix], got {url!r}")
+            if parts.query or parts.fragment:
+                raise ValueError(f"KDS URL must not carry a query or fragment: {url!r}")
+        for name, value in (("connect_timeout", connect_timeout),
+                            ("read_timeout", read_timeout), ("deadline", deadline)):
+            if not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if backoff_base < 0 or backoff_max < 0:
+            raise ValueError("backoff_base and backoff_max must not be negative")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must not be negative, got {max_retries}")
+        if max_body < 1:
+            raise ValueError(f"max_body must be positive, got {max_body}")
+        self.base_url = base_url
+        self.mirrors: Tuple[str, ...] = tuple(mirrors)
+        self._owns_session = session is None
+        self._session = requests.Session() if session is None else session
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._deadline = deadline
+        self._backoff_base = backoff_base
+        self._backoff_max = backoff_max
+        self._max_retries = max_retries
+        self._max_body = max_body
+        self._clock = clock
+        self._sleep = sleep
+        self._rng = rng if rng is not None else random.Random()
+
+    # ------------------------------------------------------------ lifecycle ---
+
+    def close(self) -> None:
+        """Close the session if this client created it (an injected one is the caller's)."""
+        if self._owns_session:
+            self._session.close()
+
+    def __enter__(self) -> KdsClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------- convenience ---
+
+    def fetch_cert_chain(self, product: Product, endorser: Endorser = Endorser.VCEK) -> bytes:
+        """The PEM ``cert_chain`` (ASK or ASVK first, then ARK), unverified."""
+        return self.get(cert_chain_path(product, endorser))
+
+    def fetch_vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes:
+        """The DER VCEK for ``chip_id`` at ``tcb`` (the report's REPORTED_TCB), unverified."""
+        return self.get(vcek_path(product, chip_id, tcb))
+
+    def fetch_crl(self, product: Product, endorser: Endorser = Endorser.VCEK) -> bytes:
+        """The DER CRL signed by the ARK, unverified (and possibly stale: check nextUpdate)."""
+        return self.get(crl_path(product, endorser))
+
+    # ----------------------------------------------------------------- core ---
+
+    def get(self, path: str) -> bytes:
+        """Body of a 200 answer for ``path`` from the base URL or a mirror.
+
+        Raises KdsError when every URL failed or the deadline passed, with ``url`` the
+        last URL tried (hwid redacted) and ``status`` its last HTTP status, if any.
+        """
+        urls = [join_url(self.base_url, path)] + [join_url(m, path) for m in self.mirrors]
+        deadline_at = self._clock() + self._deadline
+        total = 0
+        outcomes: List[_UrlOutcome] = []
+        for index, url in enumerate(urls):
+            tries = 0
+            failure: Optional[_Failure] = None
+            while True:
+                remaining = deadline_at - self._clock()
+                if remaining <= 0:
+                    if failure is not None:  # a sleep overran the deadline
+                        outcomes.append(_UrlOutcome(url, tries, failure, "deadline"))
+                        index += 1
+                    raise self._error(outcomes, total, skipped=urls[index:])
+                tries += 1
+                total += 1
+                result = self._attempt(url, remaining, deadline_at)
+                if isinstance(result, bytes):
+                    if total > 1:
+                        log.info("KDS %s answered after %d attempts", redact_url(url), total)
+                    return result
+                failure = result
+                if failure.final:
+                    outcomes.append(_UrlOutcome(url, tries, failure, "final"))
+                    raise self._error(outcomes, total)
+                if not failure.retry:
+                    outcomes.append(_UrlOutcome(url, tries, failure, "not-retryable"))
+                    break
+                if tries > self._max_retries:
+                    outcomes.append(_UrlOutcome(url, tries, failure, "retries"))
+                    break
+                if failure.retry_after is not None:
+                    delay = failure.retry_after
+                else:
+                    delay = backoff_delay(tries, self._backoff_base, self._backoff_max,
+                                          self._rng.random())
+                if delay >= deadline_at - self._clock():
+                    # Sleeping would end at or past the deadline and leave no time to
+                    # ask again: give up on this URL now rather than after a pointless
+                    # wait (a mirror, if any, gets what time is left).
+                    ending = "retry-after" if failure.retry_after is not None else "deadline"
+                    outcomes.append(_UrlOutcome(url, tries, failure, ending))
+                    break
+                log.info("KDS %s: %s; retry %d in %.2f s", redact_url(url), failure.what,
+                         tries, delay)
+                if delay > 0:
+                    self._sleep(delay)
+        raise self._error(outcomes, total)
+
+    def _attempt(self, url: str, remaining: float, deadline_at: float) -> Union[bytes, _Failure]:
+        """One GET: the body, or why not. Never raises for network or HTTP trouble."""
+        connect = min(self._connect_timeout, remaining)
+        read = min(self._read_timeout, remaining)
+        try:
+            response = self._session.get(
+                url,
+                stream=True,
+                timeout=(connect, read),
+                # Redirects are not followed: requests would read a redirect's body
+                # without a size limit, and the KDS does not redirect.
+                allow_redirects=False,
+                # No compression: a compressed body could expand past the size cap
+                # in a single read before the cap is checked.
+                headers={"Accept-Encoding": "identity"},
+            )
+        except requests.exceptions.ConnectTimeout:
+            return _Failure(f"no connection within {connect:.3g} s (connect timeout)", retry=True)
+        except requests.exceptions.ReadTimeout:
+            return _Failure(f"no answer within {read:.3g} s (read timeout)", retry=True)
+        except requests.exceptions.SSLError as exc:
+            # Certificate or protocol trouble: asking again gets the same answer.
+            return _Failure(f"TLS failure ({_reason(exc)})", retry=False)
+        except requests.exceptions.ConnectionError as exc:
+            return _Failure(f"connection failed ({_reason(exc)})", retry=True)
+        except requests.exceptions.RequestException as exc:
+            return _Failure(f"request failed ({type(exc).__name__}: {exc})", retry=False)
+        with response:
+            return self._read_response(response, deadline_at)
+
+    def _read_response(
+        self, response: requests.Response, deadline_at: float
+    ) -> Union[bytes, _Failure]:
+        status = response.status_code
+        if status != 200:
+            return self._status_failure(response)
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            return _Failure(f"HTTP 200 with Content-Encoding {encoding!r} although "
+                            "identity was asked for", retry=False)
+        expected: Optional[int] = None
+        declared = response.headers.get("Content-Length")
+        if declared is not None:
+            if not _DIGITS.fullmatch(declared.strip()):
+                return _Failure(f"HTTP 200 with a malformed Content-Length {declared!r}",
+                                retry=False)
+            expected = int(declared)
+            if expected > self._max_body:
+                return _Failure(f"response of {expected} bytes exceeds the "
+                                f"{self._max_body}-byte limit", retry=False)
+        chunks: List[bytes] = []
+        size = 0
+        try:
+            for chunk in response.iter_content(chunk_size=_CHUNK):
+                size += len(chunk)
+                if size > self._max_body:
+                    return _Failure(f"response exceeds the {self._max_body}-byte limit",
+                                    retry=False)
+                chunks.append(chunk)
+                if self._clock() > deadline_at:
+                    # A server dripping bytes evades the per-read timeout; the
+                    # deadline still holds.
+                    return _Failure(f"body still arriving at the deadline ({size} bytes "
+                                    "so far)", retry=True)
+        except (requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ConnectionError) as exc:
+            # urllib3 2.x raises here when the server closes before Content-Length
+            # bytes arrived. urllib3's Retry never sees this (the status line has
+            # already been answered), so the loop in get() retries it.
+            got = f"got {size} of {expected} bytes" if expected is not None else f"got {size} bytes"
+            return _Failure(f"response body incomplete ({got}: {_reason(exc)})", retry=True)
+        except requests.exceptions.RequestException as exc:
+            return _Failure(f"reading the body failed ({_reason(exc)})", retry=True)
+        if expected is not None and size != expected:
+            # urllib3 1.26 (Debian bookworm) does not enforce Content-Length and just
+            # returns the short body: count the bytes here on every version.
+            return _Failure(f"response body cut short (got {size} of {expected} bytes)",
+                            retry=True)
+        return b"".join(chunks)
+
+    def _status_failure(self, response: requests.Response) -> _Failure:
+        status = response.status_code
+        label = f"HTTP {status}" + (f" {response.reason}" if response.reason else "")
+        if status in RETRY_STATUSES:
+            retry_after: Optional[float] = None
+            header = response.headers.get("Retry-After")
+            if header is not None:
+                retry_after = parse_retry_after(header, time.time())
+                if retry_after is None:
+                    log.info("ignoring malformed Retry-After %r", header)
+            what = f"KDS rate limit ({label})" if status == 429 else f"KDS server error ({label})"
+            return _Failure(what, retry=True, status=status, retry_after=retry_after)
+        if 400 <= status < 500:
+            return _Failure(f"KDS answered {label}", retry=False, final=True, status=status)
+        if 300 <= status < 400:
+            where = response.headers.get("Location", "?")
+            return _Failure(f"unexpected redirect ({label} to {where}; redirects are not "
+                            "followed)", retry=False, status=status)
+        return _Failure(f"unexpected {label}", retry=False, status=status)
+
+    def _error(
+        self, outcomes: List[_UrlOutcome], total: int, skipped: Sequence[str] = ()
+    ) -> KdsError:
+        """One KdsError that names every URL tried, how it failed and why we stopped."""
+        parts = [self._describe(o) for o in outcomes]
+        if skipped:
+            parts.append(f"the {self._deadline:g} s deadline passed before "
+                         + ", ".join(redact_url(u) for u in skipped) + " could be tried")
+        message = "; then ".join(parts)
+        if len(outcomes) > 1 or skipped:
+            message = f"all KDS URLs failed ({total} attempts): {message}"
+        last = outcomes[-1] if outcomes else None
+        return KdsError(
+            message,
+            url=redact_url(last.url) if last else "",
+            status=last.failure.status if last else None,
+        )
+
+    def _describe(self, outcome: _UrlOutcome) -> str:
+        url = redact_url(outcome.url)
+        f = outcome.failure
+        n = f"{outcome.attempts} attempt" + ("" if outcome.attempts == 1 else "s")
+        if outcome.ending == "final":
+            hint = " (the KDS has no such certificate: check the product, chip id and TCB)" \
+                if f.status == 404 else ""
+            return f"{f.what} for {url}; not retried{hint}"
+        if outcome.ending == "not-retryable":
+            return f"{f.what} for {url} ({n}); not retried against this server"
+        if outcome.ending == "retry-after":
+            return (f"{f.what} for {url}: the server asks to wait {f.retry_after:g} s "
+                    f"(Retry-After), past the {self._deadline:g} s deadline; gave up after "
+                    f"{n}; retry later")
+        if outcome.ending == "deadline":
+            return (f"{f.what} persisted past the {self._deadline:g} s deadline for {url} "
+                    f"({n}); retry later")
+        return f"{f.what} persisted for {url} after {n}; retry later"
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful text of a requests/urllib3 exception chain."""
+    text = str(exc)
+    inner = exc.args[0] if exc.args else None
+    reason = getattr(inner, "reason", None)
+    if reason is not None:
+        text = str(reason)
+    # urllib3 wraps e.g. "<urllib3.connection.HTTPConnection object at 0x...>: Failed to
+    # establish a new connection: [Errno 111] Connection refused": keep the tail.
+    if ">: " in text:
+        text = text.split(">: ", 1)[1]
+    return text
