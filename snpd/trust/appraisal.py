@@ -482,11 +482,9 @@ class AppraisalPolicy:
             return Check.passed(name, f"ID key {id_digest.hex()} is signed by trusted author "
                                       f"key {author_digest.hex()}")
         reasons = [f"ID key {id_digest.hex()} is not among {len(trusted_ids)} trusted ID keys"]
-        if not trusted_authors:
-            pass
-        elif not author_en:
+        if trusted_authors and not author_en:
             reasons.append("no author key (AUTHOR_KEY_EN is 0)")
-        else:
+        elif trusted_authors:
             reasons.append(f"author key {author_digest.hex()} is not among "
                            f"{len(trusted_authors)} trusted author keys")
         return Check.failed(name, "; ".join(reasons))
