@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-from typing import TYPE_CHECKING, Callable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
 
 from snpd.abi.bits import SigningKey
 from snpd.abi.product import Endorser, Product
@@ -45,12 +45,24 @@ class _ChainFacts:
     static: Tuple[Check, ...]  # checks that do not depend on time
     extensions: Optional[VekExtensions]
     extensions_error: Optional[str]
+    ext_product: Optional[Product]
+    # (check name, role, certificate, the Check to reuse while it is valid)
+    windows: Tuple[Tuple[str, str, Certificate, Check], ...]
+    # binding results per (chip_id, reported_tcb, cpuid, requested product): the same
+    # platform's reports repeat these, and recomputing them costs a tenth of an ECDSA verify
+    bindings: "Dict[Tuple[object, ...], Tuple[Optional[Product], Tuple[Check, ...]]]" = (
+        dataclasses.field(default_factory=dict))
 
 
-def _validity(name: str, role: str, cert: Certificate, at: datetime.datetime) -> Check:
-    window = f"{cert.not_before:%Y-%m-%dT%H:%M:%SZ} .. {cert.not_after:%Y-%m-%dT%H:%M:%SZ}"
+def _window(cert: Certificate) -> str:
+    return f"{cert.not_before:%Y-%m-%dT%H:%M:%SZ} .. {cert.not_after:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _validity(name: str, role: str, cert: Certificate, at: datetime.datetime,
+              passed: Optional[Check] = None) -> Check:
     if cert.not_before <= at <= cert.not_after:
-        return Check.passed(name, f"{role} valid {window}")
+        return passed or Check.passed(name, f"{role} valid {_window(cert)}")
+    window = _window(cert)
     state = "not yet valid" if at < cert.not_before else "expired"
     return Check.failed(name, f"{role} {state} at {at:%Y-%m-%dT%H:%M:%SZ} (valid {window})")
 
@@ -132,7 +144,13 @@ class Verifier:
         except CertificateFormatError as exc:
             ext_error = str(exc)
         checks.append(self._names(ark, inter, leaf, endorser, anchor))
-        return _ChainFacts(anchor, tuple(checks), extensions, ext_error)
+        windows = tuple(
+            (name, label, cert, Check.passed(name, f"{label} valid {_window(cert)}"))
+            for name, label, cert in (("chain.ark_validity", "ARK", ark),
+                                      (f"chain.{role}_validity", role.upper(), inter),
+                                      (f"chain.{endorser}_validity", endorser.name, leaf)))
+        return _ChainFacts(anchor, tuple(checks), extensions, ext_error,
+                           extensions.product if extensions else None, windows)
 
     @staticmethod
     def _names(ark: Certificate, inter: Certificate, leaf: Certificate, endorser: Endorser,
@@ -170,10 +188,8 @@ class Verifier:
             return [Check.failed("chain.certificates", f"missing: {', '.join(missing)}")], None
         facts = self._facts(ark, inter, leaf, endorser)
         checks = list(facts.static)
-        role = endorser.intermediate
-        checks.insert(2, _validity("chain.ark_validity", "ARK", ark, at))
-        checks.insert(4, _validity(f"chain.{role}_validity", role.upper(), inter, at))
-        checks.insert(6, _validity(f"chain.{endorser}_validity", endorser.name, leaf, at))
+        for index, (name, label, cert, passed) in zip((2, 4, 6), facts.windows):
+            checks.insert(index, _validity(name, label, cert, at, passed))
         checks.append(self._crl_check(certs.crl, ark, inter, at, facts.anchor))
         return checks, facts
 
@@ -217,6 +233,31 @@ class Verifier:
 
     # -- report ----------------------------------------------------------------
 
+    def _bindings(self, report: AttestationReport, endorser: Endorser,
+                  requested: Optional[Product], facts: _ChainFacts
+                  ) -> Tuple[Optional[Product], Tuple[Check, ...]]:
+        key = (report.chip_id, report.reported_tcb, report.cpuid_fam_id, report.cpuid_mod_id,
+               requested)
+        found = facts.bindings.get(key)
+        if found is not None:
+            return found
+        resolved, product_check = _resolve_product(report, requested, facts)
+        checks: List[Check] = []
+        if facts.extensions is None:
+            checks.append(Check.failed("binding.extensions", f"{endorser.name} KDS extensions: "
+                                       f"{facts.extensions_error}"))
+        else:
+            checks.append(Check.passed("binding.extensions", f"{endorser.name} KDS extensions "
+                                       f"decoded (productName {facts.extensions.product_name!r})"))
+        checks.append(product_check)
+        if facts.extensions is not None:
+            checks.extend(_binding_checks(report, endorser, facts.extensions, resolved))
+        found = (resolved, tuple(checks))
+        if len(facts.bindings) >= 64:
+            facts.bindings.clear()
+        facts.bindings[key] = found
+        return found
+
     def verify(
         self,
         report: Union[bytes, AttestationReport],
@@ -256,22 +297,13 @@ class Verifier:
             checks.append(Check.failed("report.signature", f"no {endorser.name} to verify with"))
             return Verdict(tuple(checks), parsed, product or parsed.cpuid_product)
 
-        resolved, product_check = _resolve_product(parsed, product, facts)
-        if facts.extensions is None:
-            checks.append(Check.failed("binding.extensions", f"{endorser.name} KDS extensions: "
-                                       f"{facts.extensions_error}"))
-        else:
-            checks.append(Check.passed("binding.extensions", f"{endorser.name} KDS extensions "
-                                       f"decoded (productName {facts.extensions.product_name!r})"))
-        checks.append(product_check)
-        if facts.extensions is not None:
-            checks.extend(_binding_checks(parsed, endorser, facts.extensions, resolved))
+        resolved, bound = self._bindings(parsed, endorser, product, facts)
+        checks.extend(bound)
         leaf = certificates.leaf(endorser)
         assert leaf is not None
         problem = signature.verify_report(parsed, _safe_key(leaf))
         checks.append(Check.failed("report.signature", problem) if problem else
-                      Check.passed("report.signature", f"ECDSA P-384/SHA-384 by the "
-                                   f"{endorser.name} over bytes [0x000, 0x2a0)"))
+                      _SIGNATURE_OK[endorser])
         if policy is not None:
             if resolved is None:
                 checks.append(Check.failed("policy", "cannot appraise: product unknown"))
@@ -287,10 +319,19 @@ def _safe_key(cert: Certificate) -> object:
         return None
 
 
+_SIGNATURE_OK = {e: Check.passed("report.signature", f"ECDSA P-384/SHA-384 by the {e.name} "
+                                 "over bytes [0x000, 0x2a0)") for e in Endorser}
+_ALGO_OK = Check.passed("report.signature_algo", "ECDSA P-384 with SHA-384")
+_SIGNING_KEY_OK = {k: Check.passed("report.signing_key", k.name)
+                   for k in (SigningKey.VCEK, SigningKey.VLEK)}
+_RESERVED_OK = Check.passed("report.signature_reserved", "zero")
+_POLICY_BIT_OK = Check.passed("report.policy_reserved", "POLICY bit 17 is 1")
+
+
 def _report_checks(report: AttestationReport) -> List[Check]:
     checks = []
     if report.signature_algo == SIGNATURE_ALGO_ECDSA_P384_SHA384:
-        checks.append(Check.passed("report.signature_algo", "ECDSA P-384 with SHA-384"))
+        checks.append(_ALGO_OK)
     else:
         checks.append(Check.failed("report.signature_algo",
                                    f"SIGNATURE_ALGO is {report.signature_algo}, expected 1"))
@@ -298,16 +339,15 @@ def _report_checks(report: AttestationReport) -> List[Check]:
         checks.append(Check.failed("report.signing_key", "MASK_CHIP_KEY is set: the firmware "
                                    "did not sign this report"))
     elif report.signing_key in (SigningKey.VCEK, SigningKey.VLEK):
-        checks.append(Check.passed("report.signing_key",
-                                   SigningKey.describe(report.signing_key)))
+        checks.append(_SIGNING_KEY_OK[SigningKey(report.signing_key)])
     else:
         checks.append(Check.failed("report.signing_key", f"SIGNING_KEY is "
                                    f"{SigningKey.describe(report.signing_key)}"))
     bad = report.signature_reserved_nonzero()
     checks.append(Check.failed("report.signature_reserved", "non-zero: " + ", ".join(bad))
-                  if bad else Check.passed("report.signature_reserved", "zero"))
+                  if bad else _RESERVED_OK)
     if report.policy.flag("reserved_must_be_one"):
-        checks.append(Check.passed("report.policy_reserved", "POLICY bit 17 is 1"))
+        checks.append(_POLICY_BIT_OK)
     else:
         checks.append(Check.failed("report.policy_reserved", "POLICY bit 17 must be 1"))
     return checks
@@ -323,8 +363,8 @@ def _resolve_product(report: AttestationReport, requested: Optional[Product],
         sources.append(("requested", requested))
     if facts.anchor is not None and facts.anchor.product is not None:
         sources.append(("pinned ARK", facts.anchor.product))
-    if facts.extensions is not None and facts.extensions.product is not None:
-        sources.append(("certificate productName", facts.extensions.product))
+    if facts.ext_product is not None:
+        sources.append(("certificate productName", facts.ext_product))
     if not sources:
         return None, Check.failed("binding.product", "cannot determine the product: no CPUID "
                                   "in the report (v2), no productName, no pinned ARK")
