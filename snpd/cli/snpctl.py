@@ -454,6 +454,12 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (snpctl … | head): exit quietly, like any Unix filter.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
