@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 import requests
 
+from snpd import __version__ as snpd_version
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
 from snpd.errors import KdsError
@@ -186,7 +187,11 @@ class KdsClient:
         self.base_url = base_url
         self.mirrors: Tuple[str, ...] = tuple(mirrors)
         self._owns_session = session is None
-        self._session = requests.Session() if session is None else session
+        if session is None:
+            session = requests.Session()
+            # Tell AMD who is asking (an injected session keeps its own User-Agent).
+            session.headers["User-Agent"] = f"snpd/{snpd_version}"
+        self._session = session
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._deadline = deadline
@@ -243,10 +248,11 @@ class KdsClient:
             while True:
                 remaining = deadline_at - self._clock()
                 if remaining <= 0:
-                    if failure is not None:  # a sleep overran the deadline
-                        outcomes.append(_UrlOutcome(url, tries, failure, "deadline"))
-                        index += 1
-                    raise self._error(outcomes, total, skipped=urls[index:])
+                    if failure is None:  # no time left for this URL at all
+                        raise self._error(outcomes, total, skipped=urls[index:])
+                    # a sleep overran the deadline
+                    outcomes.append(_UrlOutcome(url, tries, failure, "deadline"))
+                    raise self._error(outcomes, total, skipped=urls[index + 1:])
                 tries += 1
                 total += 1
                 result = self._attempt(url, remaining, deadline_at)
@@ -351,8 +357,7 @@ class KdsClient:
             # urllib3 2.x raises here when the server closes before Content-Length
             # bytes arrived. urllib3's Retry never sees this (the status line has
             # already been answered), so the loop in get() retries it.
-            got = f"got {size} of {expected} bytes" if expected is not None else f"got {size} bytes"
-            return _Failure(f"response body incomplete ({got}: {_reason(exc)})", retry=True)
+            return _Failure(f"response body cut short ({_reason(exc)})", retry=True)
         except requests.exceptions.RequestException as exc:
             return _Failure(f"reading the body failed ({_reason(exc)})", retry=True)
         if expected is not None and size != expected:
@@ -421,14 +426,21 @@ class KdsClient:
 
 
 def _reason(exc: BaseException) -> str:
-    """The innermost useful text of a requests/urllib3 exception chain."""
-    text = str(exc)
-    inner = exc.args[0] if exc.args else None
-    reason = getattr(inner, "reason", None)
-    if reason is not None:
-        text = str(reason)
-    # urllib3 wraps e.g. "<urllib3.connection.HTTPConnection object at 0x...>: Failed to
-    # establish a new connection: [Errno 111] Connection refused": keep the tail.
+    """The innermost useful text of a requests/urllib3 exception chain.
+
+    requests wraps urllib3's exception, which wraps the socket error; their str() is a
+    tuple repr with object addresses. Keep the message an operator can act on.
+    """
+    inner: object = exc.args[0] if exc.args else exc
+    reason = getattr(inner, "reason", None)  # urllib3 MaxRetryError
+    if isinstance(reason, BaseException):
+        inner = reason
+    if isinstance(inner, BaseException) and inner.args and isinstance(inner.args[0], str):
+        text = inner.args[0]
+    else:
+        text = str(inner)
+    # "<urllib3.connection.HTTPConnection object at 0x...>: Failed to establish a new
+    # connection: [Errno 111] Connection refused": keep the tail.
     if ">: " in text:
         text = text.split(">: ", 1)[1]
     return text
