@@ -77,11 +77,15 @@ def check_ca_chain(
     ark, inter = by_role["ark"], by_role[want]
     check_ark(ark, product, trust)
     anchor = trust.anchor(ark)
-    if anchor is not None and not anchor.explicit:
-        names = amd_names(product, endorser)
-        if inter.subject.common_name != names["intermediate"]:
-            raise UntrustedCertificate(f"{want.upper()} CN {inter.subject.common_name!r} is not "
-                                       f"{names['intermediate']!r}")
+    cn = inter.subject.common_name or ""
+    expected = amd_names(product, endorser)["intermediate"]
+    if anchor is not None and not anchor.explicit and cn != expected:
+        raise UntrustedCertificate(f"{want.upper()} CN {cn!r} is not {expected!r}")
+    # Under an explicit root AMD's names are not demanded, but they may not contradict
+    # the product asked for (an emulator's Genoa chain is no Milan chain).
+    named = _named_product(cn)
+    if named is not None and named is not product:
+        raise UntrustedCertificate(f"{want.upper()} CN {cn!r} names {named}, not {product}")
     problem = signature.verify_certificate(inter, ark)
     if problem:
         raise UntrustedCertificate(f"{want.upper()}: {problem}")
@@ -90,6 +94,16 @@ def check_ca_chain(
     _within(ark, at, "ARK")
     _within(inter, at, want.upper())
     return ark, inter
+
+
+def _named_product(cn: str) -> Optional[Product]:
+    """The product in an AMD-style intermediate CN (``SEV-Genoa``, ``SEV-VLEK-Turin``)."""
+    name = cn[len("SEV-VLEK-"):] if cn.startswith("SEV-VLEK-") else cn[len("SEV-"):] \
+        if cn.startswith("SEV-") else ""
+    try:
+        return Product.parse(name) if name else None
+    except ValueError:
+        return None
 
 
 def check_vcek_binding(
