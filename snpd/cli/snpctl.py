@@ -434,9 +434,12 @@ def _version() -> str:
 
 def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
          stderr: TextIO = sys.stderr) -> int:
+    import contextlib
+
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse: usage errors exit 2, --help exits 0
         return int(exc.code or 0)
     out = Output(getattr(args, "json", False), getattr(args, "quiet", False), stdout, stderr)

@@ -1,0 +1,231 @@
+"""snpctl end to end (in-process): fetch from a loopback KDS, then verify, as a user would."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator, Tuple
+
+import pytest
+
+from snpd.abi.product import Endorser, Product
+from snpd.abi.report import parse_report
+from snpd.abi.tcb import TcbVersion
+from snpd.cli import snpctl
+from snpd.emulator.pki import make_crl
+from snpd.kds import urls
+from snpd.kds.server import Fault, KdsServer
+
+from emuplatform import NOW, Platform  # type: ignore[import-not-found]
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run(*argv: str) -> Tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = snpctl.main([str(a) for a in argv], stdout=out, stderr=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture
+def amd_kds(vectors_dir: Path) -> Iterator[KdsServer]:
+    """A loopback KDS serving AMD's real chains and the real VCEKs of the vectors."""
+    with KdsServer() as server:
+        for product in Product:
+            for endorser in Endorser:
+                name = f"{product.value.lower()}_{endorser.value}_chain.pem"
+                server.put(urls.cert_chain_path(product, endorser), "application/x-pem-file",
+                           (vectors_dir / "roots" / name).read_bytes())
+        for case, product in (("milan-v2-vcek", Product.MILAN), ("genoa-v5-vcek", Product.GENOA),
+                              ("turin-v5-vcek", Product.TURIN)):
+            d = vectors_dir / "cases" / case
+            report = parse_report((d / "report.bin").read_bytes())
+            tcb = TcbVersion.decode(report.reported_tcb, product)
+            server.put(urls.vcek_path(product, report.chip_id, tcb), "application/pkix-cert",
+                       (d / "vcek.der").read_bytes())
+        yield server
+
+
+@pytest.mark.parametrize("case", ["turin-v5-vcek", "genoa-v5-vcek"])
+def test_snpguest_workflow_against_a_loopback_kds(case: str, tmp_path: Path, vectors_dir: Path,
+                                                  amd_kds: KdsServer) -> None:
+    report = vectors_dir / "cases" / case / "report.bin"
+    certs = tmp_path / "certs"
+    code, out, err = run("fetch", "ca", "pem", certs, "--report", report, "--kds-url", amd_kds.url)
+    assert code == 0, err
+    assert sorted(p.name for p in certs.iterdir()) == ["ark.pem", "ask.pem"]
+    code, out, err = run("fetch", "vcek", "der", certs, report, "--kds-url", amd_kds.url)
+    assert code == 0, err
+    code, out, err = run("verify", "certs", certs)
+    assert code == 0 and "VALID" in out, out
+    code, out, err = run("verify", "attestation", certs, report, "--json")
+    assert code == 0, out
+    assert json.loads(out)["valid"] is True
+    # The Turin URL uses 8 bytes of chip ID and fmcSPL.
+    vcek_url = next(r for r in amd_kds.requests if "SPL" in r)
+    if case.startswith("turin"):
+        assert "/Turin/3b42092f69c656d3?" in vcek_url and "fmcSPL=0" in vcek_url
+
+
+def test_fetch_vcek_of_a_v2_report_needs_the_product(tmp_path: Path, vectors_dir: Path,
+                                                     amd_kds: KdsServer) -> None:
+    report = vectors_dir / "cases" / "milan-v2-vcek" / "report.bin"
+    code, _, err = run("fetch", "vcek", "pem", tmp_path, report, "--kds-url", amd_kds.url)
+    assert code == 2 and "give --product" in err
+    code, _, err = run("fetch", "vcek", "pem", tmp_path, report, "-p", "Milan",
+                       "--kds-url", amd_kds.url)
+    assert code == 0, err
+    assert (tmp_path / "vcek.pem").read_text().startswith("-----BEGIN CERTIFICATE-----")
+
+
+def test_fetch_ca_for_vlek_and_by_product_name(tmp_path: Path, amd_kds: KdsServer) -> None:
+    code, out, err = run("fetch", "ca", "der", tmp_path, "Genoa", "--endorser", "vlek",
+                         "--kds-url", amd_kds.url, "--json")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ark.der", "asvk.der"]
+    assert json.loads(out)["endorser"] == "vlek"
+
+
+def test_fetch_ca_refuses_a_chain_that_is_not_amds(tmp_path: Path, milan: Platform,
+                                                   amd_kds: KdsServer) -> None:
+    fake = (milan.chain.ask.to_pem() + milan.chain.ark.to_pem()).encode()
+    amd_kds.put(urls.cert_chain_path(Product.MILAN), "application/x-pem-file", fake)
+    code, _, err = run("fetch", "ca", "pem", tmp_path / "d", "Milan", "--kds-url", amd_kds.url)
+    assert code == 3 and "not a pinned AMD root" in err
+    assert not (tmp_path / "d").exists()
+    # The same chain is accepted when its root is given explicitly.
+    (tmp_path / "root.pem").write_text(milan.chain.ark.to_pem())
+    code, _, err = run("fetch", "ca", "pem", tmp_path / "d", "Milan", "--kds-url", amd_kds.url,
+                       "--trust-root", tmp_path / "root.pem")
+    assert code == 0, err
+
+
+def test_fetch_vcek_refuses_a_certificate_for_another_chip(
+        tmp_path: Path, vectors_dir: Path, amd_kds: KdsServer) -> None:
+    report = vectors_dir / "cases" / "genoa-v5-vcek" / "report.bin"
+    wrong = (vectors_dir / "cases" / "milan-v2-vcek" / "vcek.der").read_bytes()
+    amd_kds.faults.push(Fault.wrong_body(wrong), count=1)
+    code, _, err = run("fetch", "vcek", "der", tmp_path, report, "--kds-url", amd_kds.url)
+    assert code == 3 and "VCEK" in err
+    assert not (tmp_path / "vcek.der").exists()
+
+
+def test_kds_failure_exit_code(tmp_path: Path, amd_kds: KdsServer) -> None:
+    amd_kds.faults.push(Fault.status(404), count=None)
+    code, _, err = run("fetch", "ca", "pem", tmp_path, "Milan", "--kds-url", amd_kds.url,
+                       "--timeout", "2")
+    assert code == 3 and "404" in err
+
+
+def test_fetch_crl_is_verified_against_the_ark(tmp_path: Path, milan: Platform) -> None:
+    root = tmp_path / "root.pem"
+    root.write_text(milan.chain.ark.to_pem())
+    crl = make_crl(milan.chain, now=NOW, revoked=[7])
+    with KdsServer() as kds:
+        kds.put(urls.cert_chain_path(Product.MILAN), "application/x-pem-file",
+                (milan.chain.ask.to_pem() + milan.chain.ark.to_pem()).encode())
+        kds.put(urls.crl_path(Product.MILAN), "application/pkix-crl", crl.der)
+        assert run("fetch", "ca", "pem", tmp_path, "Milan", "--kds-url", kds.url,
+                   "--trust-root", root)[0] == 0
+        code, out, err = run("fetch", "crl", "der", tmp_path, "Milan", "--kds-url", kds.url,
+                             "--trust-root", root, "--json")
+        assert code == 0, err
+        doc = json.loads(out)
+        assert doc["verified"] is True and doc["revoked_serials"] == [7]
+        # A CRL from another ARK is refused.
+        from snpd.emulator.pki import make_chain
+
+        other = make_crl(make_chain(Product.MILAN, now=NOW, rsa_bits=2048), now=NOW)
+        kds.put(urls.crl_path(Product.MILAN), "application/pkix-crl", other.der)
+        code, _, err = run("fetch", "crl", "der", tmp_path, "Milan", "--kds-url", kds.url,
+                           "--trust-root", root)
+        assert code == 3 and "CRL" in err
+
+
+def test_verify_with_policy_and_trust_root(tmp_path: Path, milan: Platform,
+                                           vectors_dir: Path) -> None:
+    from snpd.certsdir import write_certs_dir
+
+    write_certs_dir(tmp_path, milan.certs(), "pem")
+    (tmp_path / "report.bin").write_bytes(milan.report())
+    (tmp_path / "root.pem").write_text(milan.chain.ark.to_pem())
+    at = "2026-06-01T00:00:00Z"
+    code, out, _ = run("verify", "attestation", tmp_path, tmp_path / "report.bin", "--at", at)
+    assert code == 1 and "chain.ark_trusted" in out
+    code, out, _ = run("verify", "attestation", tmp_path, tmp_path / "report.bin", "--at", at,
+                       "--trust-root", tmp_path / "root.pem")
+    assert code == 0, out
+    (tmp_path / "p.toml").write_text('allow_debug = false\nvmpl = 1\n')
+    code, out, _ = run("verify", "attestation", tmp_path, tmp_path / "report.bin", "--at", at,
+                       "--trust-root", tmp_path / "root.pem", "--policy", tmp_path / "p.toml",
+                       "--json")
+    assert code == 1
+    assert json.loads(out)["failures"] == ["policy.vmpl"]
+    # The real Milan report allows DEBUG: a no-debug policy rejects it on policy grounds.
+    d = vectors_dir / "cases" / "milan-v2-vcek"
+    code, out, _ = run("verify", "attestation", d, d / "report.bin", "--policy",
+                       tmp_path / "p.toml", "--json")
+    assert code == 1
+    assert set(json.loads(out)["failures"]) == {"policy.debug", "policy.vmpl"}
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["verify", "attestation", "/nonexistent", "/nonexistent/r.bin"], 2, "not a directory"),
+    (["verify", "attestation", ".", "r.bin", "--at", "yesterday"], 2, "RFC 3339"),
+    (["verify", "attestation", ".", "r.bin", "--at", "2025-01-01T00:00:00"], 2, "time zone"),
+    (["display", "report", "/nonexistent.bin"], 2, "cannot read"),
+    (["frobnicate"], 2, "invalid choice"),
+])
+def test_usage_errors(argv: list, code: int, message: str) -> None:  # type: ignore[type-arg]
+    got, out, err = run(*argv)
+    assert got == code and message in err, (got, out, err)
+
+
+def test_bad_policy_names_the_key(tmp_path: Path, case_dir: Callable[[Any], Path]) -> None:
+    (tmp_path / "p.toml").write_text("allow_debugg = false\n")
+    d = case_dir("milan-v2-vcek")
+    code, _, err = run("verify", "attestation", d, d / "report.bin", "--policy",
+                       tmp_path / "p.toml")
+    assert code == 2 and "allow_debugg" in err
+
+
+def test_display_report_rejects_an_unparsable_file(tmp_path: Path) -> None:
+    (tmp_path / "r.bin").write_bytes(bytes(1183))
+    code, out, err = run("display", "report", tmp_path / "r.bin", "--json")
+    assert code == 1 and "1184" in err
+    assert "error" in json.loads(out)
+
+
+def test_display_key_and_json_everywhere(tmp_path: Path, case_dir: Callable[[Any], Path]) -> None:
+    (tmp_path / "k.bin").write_bytes(bytes(range(32)))
+    code, out, _ = run("display", "key", tmp_path / "k.bin")
+    assert code == 0 and out.splitlines()[0].startswith("00 01 02")
+    code, out, _ = run("display", "key", tmp_path / "k.bin", "--json")
+    assert json.loads(out)["length"] == 32
+    d = case_dir("turin-v5-vcek")
+    code, out, _ = run("display", "report", d / "report.bin", "--json")
+    assert json.loads(out)["reported_tcb"]["fmc"] == 0
+
+
+def test_console_script_runs_as_a_process(case_dir: Callable[[Any], Path]) -> None:
+    d = case_dir("genoa-v5-vcek")
+    done = subprocess.run([sys.executable, "-m", "snpd.cli.snpctl", "verify", "attestation",
+                           str(d), str(d / "report.bin"), "-q"], capture_output=True, text=True,
+                          cwd=REPO, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("VALID")
+    assert done.stderr == ""  # no warnings (serial-0 certificates) reach users
+
+
+def test_verify_imports_neither_requests_nor_tomllib(case_dir: Callable[[Any], Path]) -> None:
+    d = case_dir("genoa-v5-vcek")
+    code = ("import sys; from snpd.cli import snpctl; "
+            f"rc = snpctl.main(['verify','attestation',{str(d)!r},{str(d / 'report.bin')!r},'-q']);"
+            "bad = [m for m in ('requests','urllib3','tomllib','tomli','snpd.kds.client') "
+            "if m in sys.modules]; print(rc, bad)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                          check=False)
+    assert done.stdout.strip().endswith("0 []"), done.stdout + done.stderr
