@@ -8,7 +8,7 @@
 2. the cost of a full verification with a cold chain (three RSA-4096 PSS
    signatures, the report signature and every binding);
 3. the whole-process time of ``snpctl verify attestation`` next to
-   ``python -c "import cryptography.x509"`` (budget ≤ 1.5×).
+   ``python -c "import cryptography.x509"`` (budget ≤ 1.5 times).
 
 Medians over many runs; nothing here asserts, it prints.
 """

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 from snpd.abi.product import Product
 from snpd.trust.certset import CertificateSet
 from snpd.trust.result import Verdict
-from snpd.trust.roots import AMD_ROOTS, TrustRoots
+from snpd.trust.roots import AMD_ROOTS
 from snpd.trust.verify import Verifier
 from snpd.trust.x509 import Certificate, Crl, load_certificates, load_crl
 

@@ -34,7 +34,7 @@ def _read(path: Path) -> bytes:
     return data
 
 
-def load_certs_dir(directory: Union[str, "os.PathLike[str]"]) -> CertificateSet:
+def load_certs_dir(directory: Union[str, os.PathLike[str]]) -> CertificateSet:
     """Load every ``<kind>.pem`` / ``<kind>.der`` in ``directory`` (.pem wins, as in snpguest).
 
     A file whose content is not the certificate its name says is an error that
@@ -67,7 +67,7 @@ def load_certs_dir(directory: Union[str, "os.PathLike[str]"]) -> CertificateSet:
     return CertificateSet(**found)  # type: ignore[arg-type]
 
 
-def write_certs_dir(directory: Union[str, "os.PathLike[str]"], certs: CertificateSet,
+def write_certs_dir(directory: Union[str, os.PathLike[str]], certs: CertificateSet,
                     encoding: str) -> List[Path]:
     """Write each certificate of ``certs`` as ``<kind>.<encoding>``; return the paths."""
     if encoding not in ("pem", "der"):

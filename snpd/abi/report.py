@@ -24,7 +24,8 @@ MIN_VERSION = 2
 MAX_VERSION = 5
 SIGNATURE_ALGO_ECDSA_P384_SHA384 = 1
 
-_FORMAT = struct.Struct("<IIQ16s16sIIQQI4s64s48s32s48s48s32s32sQBBB21s64sQBBBBBBBBQQQ152s72s72s368s")
+_FORMAT = struct.Struct(
+    "<IIQ16s16sIIQQI4s64s48s32s48s48s32s32sQBBB21s64sQBBBBBBBBQQQ152s72s72s368s")
 assert _FORMAT.size == REPORT_SIZE
 
 # Regions that must be zero: (name, start, end). Checked, reported, not fatal.

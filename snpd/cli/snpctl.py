@@ -188,7 +188,7 @@ def cmd_verify_certs(args: argparse.Namespace, out: Output) -> int:
     certs = load_certs_dir(args.dir)
     verdict = _verifier(args).verify_chain(certs, at=args.at)
     doc = verdict.to_json()
-    doc["checks"] = [c for c in doc["checks"] if c["name"] != "report.signature"]  # type: ignore[union-attr]
+    doc["checks"] = [c for c in doc["checks"] if c["name"] != "report.signature"]
     out.json(doc)
     if not out.as_json:
         shown = type(verdict)(tuple(c for c in verdict.checks if c.name != "report.signature"),
@@ -264,8 +264,8 @@ def _endorser(name: str) -> Endorser:
 
 def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
     from snpd.certsdir import write_certs_dir
-    from snpd.trust.certset import CertificateSet
     from snpd.trust.admission import check_ca_chain
+    from snpd.trust.certset import CertificateSet
     from snpd.trust.x509 import load_certificates
 
     product = _product_for_fetch(args)
@@ -273,21 +273,22 @@ def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
     body = _kds(args).fetch_cert_chain(product, endorser)
     certs = load_certificates(body)
     ark, inter = check_ca_chain(certs, product, endorser, trust_roots(args.trust_root))
-    kind = endorser.intermediate
-    certset = CertificateSet(ark=ark, **{kind: inter})
+    certset = (CertificateSet(ark=ark, ask=inter) if endorser.intermediate == "ask"
+               else CertificateSet(ark=ark, asvk=inter))
     paths = write_certs_dir(args.dir, certset, args.encoding)
     out.json({"product": product.value, "endorser": endorser.value,
               "written": [str(p) for p in paths]})
+    anchor = "the given trust root" if args.trust_root else "the pinned AMD ARK"
     out.result(f"wrote {', '.join(str(p) for p in paths)} ({product} {endorser.name} chain, "
-               f"verified against {'the given trust root' if args.trust_root else 'the pinned AMD ARK'})")
+               f"verified against {anchor})")
     return EXIT_OK
 
 
 def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
     from snpd.abi.tcb import TcbVersion
     from snpd.certsdir import write_certs_dir
-    from snpd.trust.certset import CertificateSet
     from snpd.trust.admission import check_vcek_binding
+    from snpd.trust.certset import CertificateSet
     from snpd.trust.x509 import load_certificate
 
     report = load_report(args.report_file)
@@ -310,8 +311,8 @@ def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_fetch_crl(args: argparse.Namespace, out: Output) -> int:
     from snpd.certsdir import CertsDirError, load_certs_dir, write_certs_dir
-    from snpd.trust.certset import CertificateSet
     from snpd.trust.admission import check_crl
+    from snpd.trust.certset import CertificateSet
     from snpd.trust.x509 import load_crl
 
     product = _product_for_fetch(args)

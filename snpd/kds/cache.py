@@ -140,8 +140,9 @@ class CertificateCache:
     def _chain_from_dir(self, directory: Path, product: Product, endorser: Endorser,
                         *, evict: bool = False) -> Optional[Tuple[Certificate, Certificate]]:
         role = endorser.intermediate
-        ark_path, inter_path = directory / "ark.pem", directory / f"{role}.pem"
-        if not evict:
+        ark_path: Optional[Path] = directory / "ark.pem"
+        inter_path: Optional[Path] = directory / f"{role}.pem"
+        if not evict:  # a user's certs dir may hold .pem or .der
             ark_path = _first_existing(directory, "ark")
             inter_path = _first_existing(directory, role)
         if ark_path is None or inter_path is None or not ark_path.is_file() \
@@ -302,7 +303,7 @@ class CertificateCache:
         if endorser is Endorser.VCEK and chip_id is not None and tcb is not None:
             found["vcek"] = self.vcek(product, chip_id, tcb)
         crl = self.crl(product, endorser) if with_crl else None
-        return CertificateSet(crl=crl, **found)  # type: ignore[arg-type]
+        return CertificateSet(crl=crl, **found)
 
     # -- helpers ---------------------------------------------------------------------------
 

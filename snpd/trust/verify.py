@@ -50,7 +50,7 @@ class _ChainFacts:
     windows: Tuple[Tuple[str, str, Certificate, Check], ...]
     # binding results per (chip_id, reported_tcb, cpuid, requested product): the same
     # platform's reports repeat these, and recomputing them costs a tenth of an ECDSA verify
-    bindings: "Dict[Tuple[object, ...], Tuple[Optional[Product], Tuple[Check, ...]]]" = (
+    bindings: Dict[Tuple[object, ...], Tuple[Optional[Product], Tuple[Check, ...]]] = (
         dataclasses.field(default_factory=dict))
 
 
@@ -78,7 +78,7 @@ class Verifier:
                  memo_size: int = 64) -> None:
         self.roots = roots
         self.clock = clock
-        self._memo: "collections.OrderedDict[Tuple[bytes, ...], _ChainFacts]" = (
+        self._memo: collections.OrderedDict[Tuple[bytes, ...], _ChainFacts] = (
             collections.OrderedDict())
         self._memo_size = memo_size
 

@@ -75,7 +75,8 @@ class Name:
         attrs = []
         for key, value in pairs:
             oid = _ATTR_OIDS.get(key, key)
-            enc = der.encode(der.PRINTABLE_STRING, value.encode()) if key == "C" else der.utf8(value)
+            enc = (der.encode(der.PRINTABLE_STRING, value.encode()) if key == "C"
+                   else der.utf8(value))
             rdns.append(der.set_of(der.seq(der.oid(oid), enc)))
             attrs.append((oid, value))
         return cls(tuple(attrs), der.seq(*rdns))

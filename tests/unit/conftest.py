@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Dict
 
 import pytest
-
 from emuplatform import Platform, make_platform  # type: ignore[import-not-found]
+
 from snpd.abi.product import Product
 
 _PLATFORMS: Dict[Product, Platform] = {}

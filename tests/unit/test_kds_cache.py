@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import pytest
+from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-not-found]
 
 from snpd.abi.product import Endorser, Product
 from snpd.emulator.pki import make_chain, make_crl, make_vcek
@@ -18,8 +19,6 @@ from snpd.kds.client import KdsClient
 from snpd.kds.server import Fault, KdsServer
 from snpd.trust.roots import AMD_ROOTS
 from snpd.trust.x509 import Crl
-
-from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-not-found]
 
 PEM = "application/x-pem-file"
 DER = "application/pkix-cert"

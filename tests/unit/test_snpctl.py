@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Tuple
 
 import pytest
+from emuplatform import NOW, Platform  # type: ignore[import-not-found]
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.report import parse_report
@@ -18,8 +19,6 @@ from snpd.cli import snpctl
 from snpd.emulator.pki import make_crl
 from snpd.kds import urls
 from snpd.kds.server import Fault, KdsServer
-
-from emuplatform import NOW, Platform  # type: ignore[import-not-found]
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,7 +24,7 @@ def at_of(case: Case) -> Optional[datetime.datetime]:
     return datetime.datetime.fromisoformat(case["verify_at"].replace("Z", "+00:00"))
 
 
-def run_snpctl(*argv: str) -> "tuple[int, str, str]":
+def run_snpctl(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     code = snpctl.main(list(argv), stdout=out, stderr=err)
     return code, out.getvalue(), err.getvalue()

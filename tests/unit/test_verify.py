@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 
 import pytest
+from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-not-found]
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
@@ -14,8 +15,6 @@ from snpd.trust.certset import CertificateSet
 from snpd.trust.result import Status, Verdict
 from snpd.trust.roots import AMD_ROOTS
 from snpd.trust.verify import Verifier
-
-from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-not-found]
 
 
 def failed(verdict: Verdict) -> list:  # type: ignore[type-arg]
