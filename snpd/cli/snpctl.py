@@ -270,7 +270,8 @@ def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
 
     product = _product_for_fetch(args)
     endorser = _endorser(args.endorser)
-    body = _kds(args).fetch_cert_chain(product, endorser)
+    with _kds(args) as kds:
+        body = kds.fetch_cert_chain(product, endorser)
     certs = load_certificates(body)
     ark, inter = check_ca_chain(certs, product, endorser, trust_roots(args.trust_root))
     certset = (CertificateSet(ark=ark, ask=inter) if endorser.intermediate == "ask"
@@ -300,7 +301,8 @@ def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
         raise UsageError(f"{args.report_file} has a masked (all-zero) CHIP_ID: the KDS cannot "
                          "serve a VCEK for it (VLEK-signed reports need the CSP's VLEK)")
     tcb = TcbVersion.decode(report.reported_tcb, product)
-    cert = load_certificate(_kds(args).fetch_vcek(product, report.chip_id, tcb))
+    with _kds(args) as kds:
+        cert = load_certificate(kds.fetch_vcek(product, report.chip_id, tcb))
     check_vcek_binding(cert, product, report.chip_id, tcb)
     paths = write_certs_dir(args.dir, CertificateSet(vcek=cert), args.encoding)
     out.json({"product": product.value, "reported_tcb": tcb.to_json(),
@@ -317,7 +319,8 @@ def cmd_fetch_crl(args: argparse.Namespace, out: Output) -> int:
 
     product = _product_for_fetch(args)
     endorser = _endorser(args.endorser)
-    crl = load_crl(_kds(args).fetch_crl(product, endorser))
+    with _kds(args) as kds:
+        crl = load_crl(kds.fetch_crl(product, endorser))
     ark = None
     try:
         ark = load_certs_dir(args.dir).ark

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import threading
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import pytest
 from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-not-found]
@@ -46,17 +46,31 @@ def serve_platform(server: KdsServer, p: Platform, crl: Optional[Crl] = None) ->
         server.put(urls.crl_path(p.product, Endorser.VCEK), "application/pkix-crl", crl.der)
 
 
+_CLIENTS: List[KdsClient] = []
+
+
 @pytest.fixture
 def kds() -> Iterator[KdsServer]:
     with KdsServer() as server:
         yield server
+        while _CLIENTS:
+            _CLIENTS.pop().close()
+
+
+def client(url: str, **kw: Any) -> KdsClient:
+    """A client with test-sized timings, closed when the test's server stops."""
+    options: Dict[str, Any] = dict(backoff_base=0.01, deadline=5, read_timeout=0.5,
+                                   connect_timeout=0.5)
+    options.update(kw)
+    made = KdsClient(url, **options)
+    _CLIENTS.append(made)
+    return made
 
 
 def make_cache(tmp_path: Path, server: Optional[KdsServer], p: Platform,
                clock: Optional[Clock] = None, **kw: object) -> CertificateCache:
-    client = KdsClient(server.url, backoff_base=0.01, deadline=5, read_timeout=0.5,
-                       connect_timeout=0.5) if server else None
-    return CertificateCache(tmp_path / "cache", client, roots=p.roots,
+    return CertificateCache(tmp_path / "cache", client(server.url) if server else None,
+                            roots=p.roots,
                             clock=clock or Clock(NOW), **kw)  # type: ignore[arg-type]
 
 
@@ -140,7 +154,7 @@ def test_vcek_not_signed_by_the_ask_is_rejected(tmp_path: Path, kds: KdsServer,
 def test_wrong_product_chain_is_rejected(tmp_path: Path, kds: KdsServer, milan: Platform,
                                          genoa: Platform) -> None:
     kds.put(urls.cert_chain_path(Product.MILAN), PEM, chain_pem(genoa))
-    cache = CertificateCache(tmp_path / "c", KdsClient(kds.url, backoff_base=0.01, deadline=5),
+    cache = CertificateCache(tmp_path / "c", client(kds.url),
                              roots=milan.roots.with_explicit(genoa.chain.ark), clock=Clock(NOW))
     with pytest.raises(UntrustedCertificate, match="CN"):
         cache.chain(Product.MILAN, Endorser.VCEK)
@@ -150,7 +164,7 @@ def test_wrong_product_chain_is_rejected(tmp_path: Path, kds: KdsServer, milan: 
 def test_unpinned_chain_is_rejected_under_amd_roots(tmp_path: Path, kds: KdsServer,
                                                     milan: Platform) -> None:
     serve_platform(kds, milan)
-    cache = CertificateCache(tmp_path / "c", KdsClient(kds.url, backoff_base=0.01, deadline=5),
+    cache = CertificateCache(tmp_path / "c", client(kds.url),
                              roots=AMD_ROOTS)
     with pytest.raises(UntrustedCertificate, match="not a pinned AMD root"):
         cache.chain(Product.MILAN, Endorser.VCEK)
@@ -162,7 +176,7 @@ def test_real_amd_chain_from_a_loopback_kds(tmp_path: Path, kds: KdsServer,
     for product in Product:
         body = (vectors_dir / "roots" / f"{product.value.lower()}_vcek_chain.pem").read_bytes()
         kds.put(urls.cert_chain_path(product), PEM, body)
-    cache = CertificateCache(tmp_path / "c", KdsClient(kds.url, backoff_base=0.01, deadline=5))
+    cache = CertificateCache(tmp_path / "c", client(kds.url))
     for product in Product:
         ark, ask = cache.chain(product, Endorser.VCEK)
         assert ark.subject.common_name == f"ARK-{product}"
@@ -233,8 +247,8 @@ def test_kds_down_is_certificates_unavailable(tmp_path: Path, kds: KdsServer,
                                               milan: Platform) -> None:
     serve_platform(kds, milan)
     kds.faults.push(Fault.status(503), count=None)
-    cache = CertificateCache(tmp_path / "c", KdsClient(kds.url, backoff_base=0.01, deadline=0.5,
-                                                       max_retries=2), roots=milan.roots)
+    cache = CertificateCache(tmp_path / "c", client(kds.url, deadline=0.5,
+                                                    max_retries=2), roots=milan.roots)
     with pytest.raises(CertificatesUnavailable):
         cache.chain(Product.MILAN, Endorser.VCEK)
     assert cache.stats.fetch_failures == 1
