@@ -11,27 +11,16 @@ import os
 from pathlib import Path
 from typing import Dict, List, Union
 
-from snpd.atomicfile import atomic_write
-from snpd.errors import CertificateFormatError, InvalidArgument
+from snpd.errors import CertificateFormatError, InputFileError, InvalidArgument
+from snpd.files import atomic_write, read_bounded
 from snpd.trust.certset import KINDS, CertificateSet, classify
 from snpd.trust.x509 import Certificate, Crl, load_certificate, load_crl
 
 MAX_FILE = 1 << 20
 
 
-class CertsDirError(InvalidArgument):
+class CertsDirError(InputFileError):
     """A certs dir or one of its files is missing or unreadable."""
-
-
-def _read(path: Path) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_FILE + 1)
-    except OSError as exc:
-        raise CertsDirError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_FILE:
-        raise CertsDirError(f"{path} is larger than {MAX_FILE} bytes")
-    return data
 
 
 def load_certs_dir(directory: Union[str, os.PathLike[str]]) -> CertificateSet:
@@ -49,7 +38,7 @@ def load_certs_dir(directory: Union[str, os.PathLike[str]]) -> CertificateSet:
             path = root / f"{kind}.{ext}"
             if not path.is_file():
                 continue
-            data = _read(path)
+            data = read_bounded(path, "certificate file", MAX_FILE)
             try:
                 if kind == "crl":
                     found[kind] = load_crl(data)

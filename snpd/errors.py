@@ -54,6 +54,10 @@ class CertificateFormatError(InvalidArgument):
     """A certificate or CRL could not be decoded."""
 
 
+class InputFileError(InvalidArgument):
+    """A file the caller named is missing, unreadable or too large."""
+
+
 class ConfigError(InvalidArgument):
     """A configuration or policy file is invalid; the message names the key."""
 

@@ -59,14 +59,9 @@ def parse_time(text: str) -> datetime.datetime:
 
 
 def read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise UsageError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
-    if len(data) > limit:
-        raise UsageError(f"{what} {path} is larger than {limit} bytes")
-    return data
+    from snpd.files import read_bounded
+
+    return read_bounded(path, what, limit)
 
 
 def load_report(path: str) -> AttestationReport:
@@ -162,9 +157,10 @@ def cmd_display_key(args: argparse.Namespace, out: Output) -> int:
 # -- verify ----------------------------------------------------------------------------
 
 
-def render_verdict(verdict: Verdict, out: Output, subject: str) -> None:
+def render_verdict(verdict: Verdict, out: Output, subject: str,
+                   shown: Optional[Verdict] = None) -> None:
     mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIP"}
-    for check in verdict.checks:
+    for check in (shown or verdict).checks:
         out.line(f"  {mark[check.status.value]}  {check.name:<26} {check.detail}")
     product = f" ({verdict.product})" if verdict.product else ""
     if verdict.valid:
@@ -184,24 +180,15 @@ def _verifier(args: argparse.Namespace) -> Any:
 
 def cmd_verify_certs(args: argparse.Namespace, out: Output) -> int:
     from snpd.certsdir import load_certs_dir
+    from snpd.trust.result import Verdict
 
     certs = load_certs_dir(args.dir)
     verdict = _verifier(args).verify_chain(certs, at=args.at)
-    doc = verdict.to_json()
-    doc["checks"] = [c for c in doc["checks"] if c["name"] != "report.signature"]
-    out.json(doc)
-    if not out.as_json:
-        shown = type(verdict)(tuple(c for c in verdict.checks if c.name != "report.signature"),
-                              None, verdict.product)
-        mark = {"pass": "PASS", "fail": "FAIL", "skipped": "SKIP"}
-        for check in shown.checks:
-            out.line(f"  {mark[check.status.value]}  {check.name:<26} {check.detail}")
-        product = f" ({verdict.product})" if verdict.product else ""
-        if verdict.valid:
-            out.result(f"VALID: certificate chain in {args.dir}{product}")
-        else:
-            failed = ", ".join(c.name for c in verdict.failures)
-            out.result(f"INVALID: certificate chain in {args.dir}{product}: failed {failed}")
+    # A chain alone has no report signature: leave that line out of what users see.
+    shown = Verdict(tuple(c for c in verdict.checks if c.name != "report.signature"), None,
+                    verdict.product)
+    out.json({**shown.to_json(), "valid": verdict.valid})
+    render_verdict(verdict, out, f"certificate chain in {args.dir}", shown)
     return EXIT_OK if verdict.valid else EXIT_CHECK_FAILED
 
 

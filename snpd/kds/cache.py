@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Callable, Dict, Hashable, Optional, Sequence, 
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
-from snpd.atomicfile import atomic_write, remove_stale_temporaries
 from snpd.errors import CertificateFormatError, CertificatesUnavailable, UntrustedCertificate
+from snpd.files import atomic_write, remove_stale_temporaries
 from snpd.trust.admission import check_ca_chain, check_crl, check_vcek_binding
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import AMD_ROOTS, TrustRoots
@@ -165,20 +165,14 @@ class CertificateCache:
         if found is not None:
             self.stats.hits += 1
             return found
-        body = self._fetch(lambda c: c.fetch_cert_chain(product, endorser),
-                           f"the {product} {endorser.name} certificate chain")
-        try:
-            ark, inter = check_ca_chain(load_certificates(body), product, endorser,
-                                        roots=self.roots)
-        except (CertificateFormatError, UntrustedCertificate) as exc:
-            self.stats.rejected += 1
-            raise UntrustedCertificate(f"KDS answer for the {product} {endorser.name} chain "
-                                       f"rejected: {exc}") from exc
+        what = f"the {product} {endorser.name} certificate chain"
+        body = self._fetch(lambda c: c.fetch_cert_chain(product, endorser), what)
+        ark, inter = self._admit(what, lambda: check_ca_chain(
+            load_certificates(body), product, endorser, roots=self.roots))
         directory = self.chain_dir(product, endorser)
-        directory.mkdir(parents=True, exist_ok=True)
         # The intermediate first: a reader needs both, and the ARK is what it checks last.
-        atomic_write(directory / f"{endorser.intermediate}.pem", inter.to_pem().encode())
-        atomic_write(directory / "ark.pem", ark.to_pem().encode())
+        _store(directory / f"{endorser.intermediate}.pem", inter.to_pem().encode())
+        _store(directory / "ark.pem", ark.to_pem().encode())
         return ark, inter
 
     # -- VCEK ------------------------------------------------------------------------
@@ -225,17 +219,16 @@ class CertificateCache:
         if cert is not None:
             self.stats.hits += 1
             return cert
-        body = self._fetch(lambda c: c.fetch_vcek(product, chip_id, tcb),
-                           f"the {product} VCEK for TCB {tcb}")
-        try:
+        what = f"the {product} VCEK for TCB {tcb}"
+        body = self._fetch(lambda c: c.fetch_vcek(product, chip_id, tcb), what)
+
+        def admit() -> Certificate:
             cert = load_certificate(body)
             check_vcek_binding(cert, product, chip_id, tcb, intermediate=ask)
-        except (CertificateFormatError, UntrustedCertificate) as exc:
-            self.stats.rejected += 1
-            raise UntrustedCertificate(f"KDS answer for the {product} VCEK rejected: "
-                                       f"{exc}") from exc
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, cert.der)
+            return cert
+
+        cert = self._admit(what, admit)
+        _store(path, cert.der)
         return cert
 
     # -- CRL ---------------------------------------------------------------------------
@@ -279,17 +272,16 @@ class CertificateCache:
 
     def _fetch_crl(self, product: Product, endorser: Endorser, ark: Certificate,
                    path: Path) -> Crl:
-        body = self._fetch(lambda c: c.fetch_crl(product, endorser),
-                           f"the {product} {endorser.name} CRL")
-        try:
+        what = f"the {product} {endorser.name} CRL"
+        body = self._fetch(lambda c: c.fetch_crl(product, endorser), what)
+
+        def admit() -> Crl:
             crl = load_crl(body)
             check_crl(crl, ark, product, roots=self.roots, at=self.clock())
-        except (CertificateFormatError, UntrustedCertificate) as exc:
-            self.stats.rejected += 1
-            raise UntrustedCertificate(f"KDS answer for the {product} CRL rejected: "
-                                       f"{exc}") from exc
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, crl.der)
+            return crl
+
+        crl = self._admit(what, admit)
+        _store(path, crl.der)
         return crl
 
     # -- whole sets --------------------------------------------------------------------
@@ -317,6 +309,14 @@ class CertificateCache:
             self.stats.fetch_failures += 1
             raise
 
+    def _admit(self, what: str, admit: Callable[[], T]) -> T:
+        """Run an admission check on a KDS answer; count and explain a rejection."""
+        try:
+            return admit()
+        except (CertificateFormatError, UntrustedCertificate) as exc:
+            self.stats.rejected += 1
+            raise UntrustedCertificate(f"KDS answer for {what} rejected: {exc}") from exc
+
     def _evict(self, *paths: Path) -> None:
         for path in paths:
             try:
@@ -324,6 +324,11 @@ class CertificateCache:
                 self.stats.evicted += 1
             except OSError:
                 pass
+
+
+def _store(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data)
 
 
 def _first_existing(directory: Path, kind: str) -> Optional[Path]:

@@ -181,11 +181,7 @@ class Certificate:
     def from_der(cls, data: bytes) -> Certificate:
         if len(data) > MAX_CERT_SIZE:
             raise DerError(f"certificate of {len(data)} bytes exceeds {MAX_CERT_SIZE}")
-        top = der.parse_single(bytes(data), "certificate").expect(der.SEQUENCE, "certificate")
-        parts = top.children()
-        if len(parts) != 3:
-            raise DerError(f"certificate has {len(parts)} top-level parts, expected 3")
-        tbs_tlv, alg_tlv, sig_tlv = parts
+        top, tbs_tlv, alg_tlv, sig_tlv = _signed_parts(data, "certificate")
         fields = tbs_tlv.expect(der.SEQUENCE, "tbsCertificate").children()
         i = 0
         version = 1
@@ -313,6 +309,15 @@ class Certificate:
                 f"issuer={self.issuer.common_name!r}, sha256={self.sha256[:16]}…)")
 
 
+def _signed_parts(data: bytes, what: str) -> Tuple[Tlv, Tlv, Tlv, Tlv]:
+    """The outer SEQUENCE of a signed structure and its (tbs, algorithm, signature)."""
+    top = der.parse_single(bytes(data), what).expect(der.SEQUENCE, what)
+    parts = top.children()
+    if len(parts) != 3:
+        raise DerError(f"{what} has {len(parts)} top-level parts, expected 3")
+    return top, parts[0], parts[1], parts[2]
+
+
 def _parse_extensions(tlv: Tlv) -> List[Extension]:
     out = []
     for ext in tlv.expect(der.SEQUENCE, "extensions").children():
@@ -344,11 +349,7 @@ class Crl:
     def from_der(cls, data: bytes) -> Crl:
         if len(data) > 4 * MAX_CERT_SIZE:
             raise DerError(f"CRL of {len(data)} bytes is too large")
-        top = der.parse_single(bytes(data), "CRL").expect(der.SEQUENCE, "CRL")
-        parts = top.children()
-        if len(parts) != 3:
-            raise DerError(f"CRL has {len(parts)} top-level parts, expected 3")
-        tbs_tlv, alg_tlv, sig_tlv = parts
+        top, tbs_tlv, alg_tlv, sig_tlv = _signed_parts(data, "CRL")
         fields = tbs_tlv.expect(der.SEQUENCE, "tbsCertList").children()
         i = 1 if fields and fields[0].tag == der.INTEGER else 0
         if len(fields) < i + 3:

@@ -1,10 +1,13 @@
-"""Crash-safe file replacement: a reader sees the old file or the new one, never half."""
+"""Small file helpers: bounded reads of user-supplied files, and crash-safe replacement
+(a reader sees the old file or the new one, never half)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from pathlib import Path
+
+from snpd.errors import InputFileError
 
 TMP_SUFFIX = ".tmp"
 
@@ -46,3 +49,15 @@ def remove_stale_temporaries(directory: Path) -> int:
         except OSError:
             pass
     return removed
+
+
+def read_bounded(path: os.PathLike[str] | str, what: str, limit: int = 1 << 20) -> bytes:
+    """Read a user-supplied file of at most ``limit`` bytes; InputFileError otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputFileError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    if len(data) > limit:
+        raise InputFileError(f"{what} {path} is larger than {limit} bytes")
+    return data
