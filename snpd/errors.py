@@ -141,6 +141,11 @@ class KdsError(CertificatesUnavailable):
         self.status = status
 
 
+class CertTableError(CertificatesUnavailable):
+    """The host's certificate table is malformed; the message names the entry, its
+    offset and length, and the buffer size."""
+
+
 class UntrustedCertificate(CertificatesUnavailable):
     """Certificates arrived but did not verify against the trusted roots."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
+from snpd.abi.certtable import CertTableEntry
 from snpd.abi.product import Endorser
 from snpd.errors import CertificateFormatError
 from snpd.trust.vek import OID_CSP_ID, OID_HWID
@@ -76,6 +77,33 @@ class CertificateSet:
             actual = classify(cert)
             if actual != kind:
                 raise CertificateFormatError(f"certificate given as {kind} is a {actual}")
+            items.append(cert)
+        return cls.from_items(items)
+
+    @classmethod
+    def from_table(cls, entries: Iterable[CertTableEntry]) -> CertificateSet:
+        """From the host's certificate table (snpd.abi.certtable), DER or PEM per entry.
+
+        The host files the ASVK under the ASK GUID, so that entry's role comes from its
+        content; every other GUID must agree with its certificate's role. Unknown GUIDs
+        and extra_platform_info carry no certificate and are skipped."""
+        items: List[Union[Certificate, Crl]] = []
+        for entry in entries:
+            kind = entry.kind
+            if kind is None or kind == "extra_platform_info":
+                continue
+            what = f"host certificate table {kind} entry"
+            try:
+                if kind == "crl":
+                    items.append(load_crl(entry.data))
+                    continue
+                cert = load_certificate(entry.data)
+                actual = classify(cert)
+            except CertificateFormatError as exc:
+                raise CertificateFormatError(f"{what}: {exc}") from exc
+            allowed = ("ask", "asvk") if kind == "ask" else (kind,)
+            if actual not in allowed:
+                raise CertificateFormatError(f"{what} holds a {actual} certificate")
             items.append(cert)
         return cls.from_items(items)
 
