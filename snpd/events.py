@@ -1,0 +1,188 @@
+"""Structured events for journald (one MESSAGE_ID per event type), or stderr.
+
+The journal's native protocol is spoken directly over its datagram socket (a
+few lines of stdlib), so the daemon needs no C extension and the tests can
+bind the socket anywhere. Never logged: report_data, key bytes, full chip IDs
+(a short hash stands in for the chip).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+import sys
+import threading
+from typing import TYPE_CHECKING, Dict, Iterable, Mapping, Optional, Protocol, TextIO
+
+from snpd.abi.report import AttestationReport
+
+if TYPE_CHECKING:
+    from snpd.abi.product import Product
+    from snpd.service import Caller
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+IDENTIFIER = "snpd"
+
+# MESSAGE_IDs (systemd-id128 new), one per event type; the catalog documents each.
+MESSAGE_IDS: Dict[str, str] = {
+    "STARTUP_STATUS": "6f1c0e2b4f3a4d7c9a51d2e8b0c4a7f1",
+    "REPORT_ISSUED": "2d7b9a4e1c6f4b0a8e3d5c7f9b1a2e40",
+    "KEY_DERIVED": "a3e5c7f9b1d24f6a8c0e2b4d6f8a1c35",
+    "KDS_FETCH": "5b8d1f3a6c9e4b2d7f0a3c5e8b1d4f62",
+    "VERIFY_FAILED": "c4f6a8b0d2e14c7a9e1b3d5f7a9c2e84",
+    "DEVICE_ERROR": "8e0a2c4e6b8d4f1a3c5e7b9d1f3a5c76",
+    "CLIENT_THROTTLED": "1f3b5d7f9a2c4e6b8d0f2a4c6e8b0d91",
+    "VMPCK_DISABLED": "e9b1d3f5a7c94e2b6d8f0a2c4e6b8da3",
+    "CERT_REJECTED": "7a9c1e3b5d7f4a2c8e0b2d4f6a8c0eb5",
+}
+
+PRIORITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
+              "info": 6, "debug": 7}
+
+
+class Sink(Protocol):
+    def send(self, fields: Mapping[str, str]) -> None: ...
+
+
+def encode_native(fields: Mapping[str, str]) -> bytes:
+    """The journal's native protocol: ``KEY=value\\n``, or ``KEY\\n<u64 le><bytes>\\n``
+    for values holding a newline."""
+    out = bytearray()
+    for key, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += key.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += key.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalSink:
+    """Datagrams to journald's socket; a send that fails falls back to ``fallback``."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET, fallback: Optional[Sink] = None) -> None:
+        self.path = path
+        self.fallback = fallback
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    def send(self, fields: Mapping[str, str]) -> None:
+        try:
+            self._sock.sendto(encode_native(fields), self.path)
+        except OSError:
+            if self.fallback is not None:
+                self.fallback.send(fields)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class StderrSink:
+    """``<priority>message`` lines: journald's stream parser reads the prefix."""
+
+    def __init__(self, stream: Optional[TextIO] = None, *, prefix: bool = True) -> None:
+        self.stream = stream
+        self.prefix = prefix
+        self._lock = threading.Lock()
+
+    def send(self, fields: Mapping[str, str]) -> None:
+        stream = self.stream or sys.stderr
+        head = f"<{fields.get('PRIORITY', '6')}>" if self.prefix else ""
+        with self._lock:
+            try:
+                stream.write(f"{head}{fields.get('MESSAGE', '')}\n")
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+
+
+def choose_sink(target: str = "auto") -> Sink:
+    """journal when running under systemd with journald (JOURNAL_STREAM or INVOCATION_ID
+    and the socket exists), stderr otherwise; ``target`` forces one."""
+    if target == "stderr":
+        return StderrSink()
+    under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
+    if target == "journal" or (under_systemd and os.path.exists(JOURNAL_SOCKET)):
+        return JournalSink(fallback=StderrSink())
+    return StderrSink()
+
+
+def chip_hash(chip_id: bytes) -> str:
+    return hashlib.sha256(chip_id).hexdigest()[:16]
+
+
+class Events:
+    """The daemon's event vocabulary. Each method builds the fields of one event type."""
+
+    def __init__(self, sink: Sink, *, level: str = "info") -> None:
+        self.sink = sink
+        self.max_priority = PRIORITIES.get(level, 6)
+
+    def emit(self, event: Optional[str], priority: str, message: str,
+             **fields: object) -> None:
+        prio = PRIORITIES[priority]
+        if prio > self.max_priority:
+            return
+        out = {"MESSAGE": message, "PRIORITY": str(prio), "SYSLOG_IDENTIFIER": IDENTIFIER}
+        if event is not None:
+            out["MESSAGE_ID"] = MESSAGE_IDS[event]
+            out["SNPD_EVENT"] = event
+        for key, value in fields.items():
+            if value is not None:
+                out[f"SNPD_{key.upper()}"] = str(value)
+        self.sink.send(out)
+
+    @staticmethod
+    def _caller(caller: Caller) -> Dict[str, object]:
+        return {"caller_uid": caller.uid, "caller_pid": caller.pid,
+                "transport": caller.transport}
+
+    def log(self, priority: str, message: str, **fields: object) -> None:
+        self.emit(None, priority, message, **fields)
+
+    def startup_status(self, summary: str, **facts: object) -> None:
+        self.emit("STARTUP_STATUS", "notice", summary, **facts)
+
+    def report_issued(self, caller: Caller, vmpl: int, report: bytes,
+                      product: Optional[Product]) -> None:
+        parsed = AttestationReport.from_bytes(report)
+        self.emit("REPORT_ISSUED", "info",
+                  f"report issued to {caller.describe()} (VMPL {vmpl}, version "
+                  f"{parsed.version})", vmpl=vmpl, report_version=parsed.version,
+                  reported_tcb=f"0x{parsed.reported_tcb:016x}",
+                  product=product.value if product else None,
+                  chip=chip_hash(parsed.chip_id), **self._caller(caller))
+
+    def key_derived(self, caller: Caller, kind: str, fields: Iterable[str]) -> None:
+        names = ",".join(fields) or "none"
+        self.emit("KEY_DERIVED", "info", f"{kind} key derived for {caller.describe()} "
+                  f"(fields {names})", key_kind=kind, key_fields=names, **self._caller(caller))
+
+    def request_failed(self, caller: Caller, op: str, exc: Exception) -> None:
+        from snpd.errors import Busy, DeviceError, Timeout, VmpckDisabled
+
+        if isinstance(exc, Busy):
+            self.emit("CLIENT_THROTTLED", "notice", f"{op} for {caller.describe()} refused: "
+                      f"{exc}", operation=op, **self._caller(caller))
+        elif isinstance(exc, (DeviceError, Timeout, VmpckDisabled)):
+            self.emit("DEVICE_ERROR", "err", f"{op} failed: {exc}", operation=op,
+                      errno=getattr(exc, "errno", None),
+                      fw_error=getattr(exc, "fw_error", None),
+                      vmm_error=getattr(exc, "vmm_error", None), **self._caller(caller))
+
+    def vmpck_disabled(self, reason: str) -> None:
+        self.emit("VMPCK_DISABLED", "crit", reason)
+
+    def kds_fetch(self, what: str, outcome: str) -> None:
+        self.emit("KDS_FETCH", "info", f"KDS: {what}: {outcome}", kds_what=what,
+                  kds_outcome=outcome)
+
+    def certificate_rejected(self, source: str, reason: str) -> None:
+        self.emit("CERT_REJECTED", "warning", f"certificates from {source} rejected: {reason}",
+                  cert_source=source)
+
+    def verification_failed(self, caller: Caller, failures: Iterable[str]) -> None:
+        names = ",".join(failures)
+        self.emit("VERIFY_FAILED", "notice", f"report from {caller.describe()} did not "
+                  f"verify: {names}", failures=names, **self._caller(caller))
