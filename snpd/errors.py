@@ -74,6 +74,11 @@ class Busy(SnpdError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class ShuttingDown(Busy):
+    """snpd is stopping and did not run the request; it travels as ``Busy`` because
+    retrying against the next daemon instance is the right reaction."""
+
+
 class Timeout(SnpdError):
     kind = "Timeout"
     exit_code = EXIT_UNAVAILABLE

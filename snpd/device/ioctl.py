@@ -106,8 +106,13 @@ def classify_failure(exc: OSError, req: SnpGuestRequestIoctl, what: str) -> Snpd
                        "retry window (ETIMEDOUT); the kernel has disabled the VMPCK")
     if err == errno_mod.EINVAL:
         return InvalidArgument(f"{what}: the kernel rejected the request (EINVAL)")
-    if err in (errno_mod.EAGAIN, errno_mod.EBUSY) or vmm == SNP_GUEST_VMM_ERR_BUSY:
+    if err in (errno_mod.EAGAIN, errno_mod.EBUSY):
         return Busy(f"{what}: the host is busy; retry later")
+    if vmm == SNP_GUEST_VMM_ERR_BUSY:
+        # Only kernels without the throttle retry (<= 6.2) surface BUSY as EIO, and they
+        # have already wiped the VMPCK: this is a device failure, not a retryable answer.
+        return DeviceError(f"{what}: the host answered BUSY and this kernel (<= 6.2) "
+                           "disabled the VMPCK in response", errno=err, vmm_error=vmm)
     if err == errno_mod.EBADMSG:
         return DeviceError(f"{what}: the firmware response failed authentication (EBADMSG); "
                            "the kernel has disabled the VMPCK", errno=err)
