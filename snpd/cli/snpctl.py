@@ -331,6 +331,162 @@ def cmd_fetch_crl(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+# -- firmware (direct mode) -----------------------------------------------------------------
+
+
+def _device(args: argparse.Namespace) -> Any:
+    """The backend for --direct (until the daemon exists, the default)."""
+    from snpd.device.select import open_device
+
+    emulator_dir = Path(args.emulator_dir) if args.emulator_dir else None
+    return open_device(args.backend, path=args.device, configfs_root=args.configfs_root,
+                       emulator_dir=emulator_dir)
+
+
+def _default_vmpl(args: argparse.Namespace, device: Any) -> int:
+    """The guest's own VMPL: asking for another is how snpguest users meet 0x16."""
+    if args.vmpl is not None:
+        return int(args.vmpl)
+    emulator = getattr(device, "emulator", None)
+    if emulator is not None:
+        return int(emulator.firmware.state.config.guest_vmpl)
+    from snpd.status.probe import probe
+
+    return probe(kernel_lines=[]).vmpl or 0
+
+
+def cmd_report(args: argparse.Namespace, out: Output) -> int:
+    import os
+
+    if args.random:
+        data = os.urandom(64)
+    else:
+        data = read_file(args.request_file, "request file", limit=64)
+        if len(data) > 64:
+            raise UsageError(f"{args.request_file} holds {len(data)} bytes; report data is "
+                             "at most 64")
+        data = data.ljust(64, b"\0")
+    device = _device(args)
+    try:
+        vmpl = _default_vmpl(args, device)
+        report = device.report(data, vmpl)
+    finally:
+        device.close()
+    from snpd.files import atomic_write
+
+    if args.random:
+        atomic_write(Path(args.request_file), data)
+    atomic_write(Path(args.report_file), report)
+    out.json({"report": args.report_file, "request": args.request_file, "vmpl": vmpl,
+              "backend": device.name, "size": len(report)})
+    out.result(f"wrote {args.report_file} ({len(report)} bytes, VMPL {vmpl}, "
+               f"{device.name} backend)")
+    return EXIT_OK
+
+
+def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
+    import os
+
+    from snpd.certsdir import write_certs_dir
+    from snpd.trust.certset import CertificateSet
+
+    device = _device(args)
+    try:
+        extended = device.extended_report(os.urandom(64), _default_vmpl(args, device))
+    finally:
+        device.close()
+    certs = CertificateSet.from_table(extended.certificates)
+    if not any(True for _ in certs.items()):
+        out.json({"written": [], "entries": 0})
+        out.result("the host provided no certificates (an empty table, as upstream KVM "
+                   "gives); use 'snpctl fetch ca' and 'snpctl fetch vcek'")
+        return EXIT_OK
+    paths = write_certs_dir(args.dir, certs, args.encoding)
+    out.json({"written": [str(p) for p in paths], "entries": len(extended.certificates)})
+    out.result(f"wrote {', '.join(str(p) for p in paths)}")
+    return EXIT_OK
+
+
+def _int(text: str) -> int:
+    """Integers as snpguest accepts them: decimal, 0x hex or 0b binary."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def cmd_key(args: argparse.Namespace, out: Output) -> int:
+    from snpd.abi.uapi import DerivedKeyRequest, RootKey
+
+    device = _device(args)
+    try:
+        vmpl = _default_vmpl(args, device)
+        request = DerivedKeyRequest(RootKey(args.root_key), args.guest_field_select, vmpl,
+                                    args.guest_svn, args.tcb_version)
+        key = device.derived_key(request)
+    finally:
+        device.close()
+    from snpd.files import atomic_write
+
+    atomic_write(Path(args.key_file), key, mode=0o600)
+    out.json({"key_file": args.key_file, "root_key": args.root_key, "vmpl": vmpl,
+              "guest_field_select": args.guest_field_select, "fields": list(request.fields)})
+    out.result(f"wrote {args.key_file} (32-byte {args.root_key.upper()}-rooted key, "
+               f"fields {', '.join(request.fields) or 'none'})")
+    return EXIT_OK
+
+
+def cmd_ok(args: argparse.Namespace, out: Output) -> int:
+    from snpd.status.probe import probe
+
+    if args.backend == "emulator":
+        device = _device(args)
+        try:
+            facts = device.describe()
+            state = device.emulator.firmware.state
+            doc = {"snp_active": True, "backend": "emulator", "product": str(state.config.product),
+                   "vmpl": state.config.guest_vmpl, "device": facts, "unavailable": []}
+        finally:
+            device.close()
+        out.json(doc)
+        out.line("  PASS  SEV-SNP              emulated (no hardware)")
+        out.line(f"  PASS  product              {doc['product']}")
+        out.line(f"  PASS  VMPL                 {doc['vmpl']}")
+        out.result("OK: SEV-SNP emulator ready")
+        return EXIT_OK
+    status = probe(Path(args.root))
+    doc = status.to_json()
+    out.json(doc)
+    k = status.kernel
+
+    def row(ok: Optional[bool], what: str, detail: str) -> None:
+        mark = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+        out.line(f"  {mark}  {what:<20} {detail}")
+
+    row(status.snp_active, "SEV-SNP", " ".join(k.memory_encryption) or
+        ("no kernel log" if k.lines == 0 else "not active"))
+    row(bool(k.sev_status) or None, "SEV_STATUS", " ".join(k.sev_status) or "not logged "
+        "(kernel < 6.9?)")
+    row(status.vmpl is not None or None, "VMPL", str(status.vmpl) if status.vmpl is not None
+        else "unknown")
+    row(status.device_node or (False if not status.configfs_tsm else None), "/dev/sev-guest",
+        "present" if status.device_node else "absent")
+    row(status.configfs_tsm or None, "configfs-tsm", "present" if status.configfs_tsm
+        else "absent")
+    if k.driver_vmpck is not None:
+        row(k.vmpck_disabled is None, "VMPCK", f"VMPCK{k.driver_vmpck}" + (
+            " DISABLED: reboot, or reload sev-guest with another vmpck_id"
+            if k.vmpck_disabled is not None else " in use"))
+    for why in status.unavailable:
+        out.line(f"  SKIP  could not read        {why}")
+    if status.snp_active:
+        out.result("OK: SEV-SNP is active")
+        return EXIT_OK
+    out.result("FAIL: SEV-SNP is not active" if status.snp_active is False else
+               "UNKNOWN: nothing here says whether SEV-SNP is active (run as root?)")
+    return EXIT_CHECK_FAILED
+
+
 # -- parser ------------------------------------------------------------------------------
 
 
@@ -372,6 +528,50 @@ def build_parser() -> argparse.ArgumentParser:
     def trust_option(p: argparse.ArgumentParser) -> None:
         p.add_argument("--trust-root", action="append", default=[], metavar="FILE",
                        help="also trust this root certificate (PEM or DER) for this command")
+
+    firmware = argparse.ArgumentParser(add_help=False)
+    firmware.add_argument("--direct", action="store_true",
+                          help="open the firmware channel directly (root; the default until "
+                               "the daemon exists)")
+    firmware.add_argument("--backend", choices=("auto", "ioctl", "configfs", "emulator"),
+                          default="auto", help="firmware backend for --direct")
+    firmware.add_argument("--emulator-dir", metavar="DIR",
+                          help="emulator state directory (keys, chain, chip ID)")
+    firmware.add_argument("--device", default="/dev/sev-guest", metavar="PATH")
+    firmware.add_argument("--configfs-root", default="/sys/kernel/config/tsm/report",
+                          metavar="DIR")
+
+    def add_fw(name: str, func: Callable[[argparse.Namespace, Output], int],
+               help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = sub.add_parser(name, parents=[common, firmware],
+                                                    help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        return p
+
+    p = add_fw("report", cmd_report, "get an attestation report from the firmware")
+    p.add_argument("report_file", metavar="REPORT_FILE", help="where to write the 1184 bytes")
+    p.add_argument("request_file", metavar="REQUEST_FILE",
+                   help="up to 64 bytes of report data (written to with --random)")
+    p.add_argument("-r", "--random", action="store_true",
+                   help="generate random report data and write it to REQUEST_FILE")
+    p.add_argument("-v", "--vmpl", type=int, choices=range(4), metavar="0-3",
+                   help="VMPL to request (default: the guest's own)")
+    p = add_fw("certificates", cmd_certificates,
+               "write the host's certificates (ark, ask or asvk, vcek or vlek, crl)")
+    p.add_argument("encoding", choices=("pem", "der"))
+    p.add_argument("dir")
+    p.add_argument("-v", "--vmpl", type=int, choices=range(4), metavar="0-3")
+    p = add_fw("key", cmd_key, "derive a key from the firmware")
+    p.add_argument("key_file", metavar="KEY_FILE")
+    p.add_argument("root_key", choices=("vcek", "vmrk"))
+    p.add_argument("-v", "--vmpl", type=int, choices=range(4), metavar="0-3")
+    p.add_argument("-g", "--guest-field-select", type=_int, default=0, metavar="BITS",
+                   help="bits 0-5: policy, image_id, family_id, measurement, guest_svn, "
+                        "tcb_version")
+    p.add_argument("-s", "--guest-svn", type=_int, default=0, metavar="N")
+    p.add_argument("-t", "--tcb-version", type=_int, default=0, metavar="N")
+    p = add_fw("ok", cmd_ok, "check that SEV-SNP is active and the guest interface usable")
+    p.add_argument("--root", default="/", help=argparse.SUPPRESS)
 
     display = group("display", "show a report or a key")
     p = add(display, "report", cmd_display_report, "decode and show an attestation report")

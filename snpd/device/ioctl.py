@@ -117,7 +117,7 @@ def classify_failure(exc: OSError, req: SnpGuestRequestIoctl, what: str) -> Snpd
         return DeviceError(f"{what}: the firmware response failed authentication (EBADMSG); "
                            "the kernel has disabled the VMPCK", errno=err)
     detail = f"{what} failed: {os.strerror(err)}"
-    if fw and fw != 0xFFFFFFFF:
+    if fw and fw not in (0xFF, 0xFFFFFFFF):  # 0xff: the kernel's initial value, no fw call
         detail += f", firmware {FirmwareStatus.describe(fw)}"
     return DeviceError(detail, errno=err, fw_error=fw or None, vmm_error=vmm or None)
 

@@ -1,0 +1,711 @@
+"""The daemon's configuration, ``/etc/snpd/snpd.toml``, as frozen values.
+
+Every key has a default, so an empty file or no file at all is a valid
+configuration: the package works out of the box and the shipped file
+(``conf/snpd.toml``) only documents the defaults, commented out.
+
+Parsing is strict on purpose. A misspelt key that silently left its default in
+force (``report_grups = []`` keeping ``snpd-users`` able to get reports, say)
+would be a security bug, so unknown sections and keys are errors, booleans are
+TOML booleans only, and every error names the full key (``queue.max_pendng``),
+what was expected and what was given. ``snpd --check-config`` prints exactly
+that message, so an operator can fix a file before reloading the daemon.
+
+Validation lives in the section dataclasses themselves (``__post_init__``), so
+a configuration built in code (tests, the emulator tooling) obeys the same
+rules as one read from a file; the TOML and mapping entry points only add the
+checks for unknown names and the file name in front of the message.
+
+The ``[policy.NAME]`` tables are appraisal policies, parsed by
+:func:`snpd.trust.appraisal.policies_from_mapping` so that ``snpctl verify
+attestation --policy FILE`` and the daemon accept exactly the same schema.
+
+``[emulator]``: this module owns ``state_dir`` and ``product``; the other keys
+describe the emulated guest and are defined and checked by
+``snpd.emulator.state.EmulatorConfig.from_mapping`` (see :class:`EmulatorSection`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import re
+import stat
+import sys
+import types
+from dataclasses import field
+from pathlib import Path
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    Dict,
+    Mapping,
+    Optional,
+    Tuple,
+    Type,
+    TypeVar,
+)
+from urllib.parse import urlsplit
+
+from snpd.abi.product import Product
+from snpd.errors import ConfigError
+from snpd.trust.appraisal import AppraisalPolicy, TcbMinimum, policies_from_mapping
+
+if TYPE_CHECKING:
+    from snpd.emulator.state import EmulatorConfig
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "MAX_CONFIG_SIZE",
+    "AccessSection",
+    "Config",
+    "DbusSection",
+    "DeviceSection",
+    "EmulatorSection",
+    "KdsSection",
+    "LogSection",
+    "QueueSection",
+    "VarlinkSection",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/snpd/snpd.toml")
+DEFAULT_SOURCE = "snpd.toml"
+# A configuration is a few kilobytes; the cap keeps a wrong --config (a log, a
+# disk image) from being read whole into the daemon.
+MAX_CONFIG_SIZE = 1 << 20
+
+BACKENDS = ("auto", "ioctl", "configfs", "emulator")
+LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+BUS_NAMES = ("system", "session")
+
+_MAX_PATH = 4096
+_MAX_URL = 2048
+_MAX_STRING = 1024
+_MAX_LIST = 64
+_MAX_MIRRORS = 16
+_MAX_DEPTH = 16
+_MIB = 1 << 20
+
+# ---------------------------------------------------------------------------
+# Describing values in messages
+
+
+def _show(value: object) -> str:
+    """A value as the operator wrote it in TOML, short and free of control characters
+    (a message goes to a terminal and the journal)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int) and value.bit_length() > 128:
+        return "a very large integer"  # and repr() of a huge int may raise ValueError
+    if isinstance(value, (int, float)):
+        text = repr(value)
+        return text if len(text) <= 40 else text[:40] + "..."
+    if isinstance(value, str):
+        shown = json.dumps(value[:60])
+        return shown + ("..." if len(value) > 60 else "")
+    if isinstance(value, Path):
+        return _show(str(value))
+    if isinstance(value, (list, tuple)):
+        return "an array"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, datetime.datetime):
+        return "a date-time"
+    if isinstance(value, datetime.date):
+        return "a date"
+    if isinstance(value, datetime.time):
+        return "a time"
+    return f"a {type(value).__name__}"
+
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _key(key: object) -> str:
+    """A key as it would appear in a TOML path: bare if it can be, else quoted."""
+    if isinstance(key, str) and _BARE_KEY.fullmatch(key):
+        return key
+    if isinstance(key, str):
+        return _show(key)
+    return f"<{type(key).__name__} key>"
+
+
+def _error(path: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}")
+
+
+# ---------------------------------------------------------------------------
+# Value kinds: each takes (path, value) and returns the canonical value or raises
+# a ConfigError naming the path. They accept the TOML form (str, list) and the
+# canonical form (Path, tuple), so that sections built in code validate too.
+
+_Kind = Callable[[str, object], Any]
+
+
+def _choice(*options: str) -> _Kind:
+    def parse(path: str, value: object) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise _error(path, f"expected one of {', '.join(options)}, got {_show(value)}")
+        return value
+
+    return parse
+
+
+def _boolean(path: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _error(path, f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _integer(low: int, high: int) -> _Kind:
+    def parse(path: str, value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _error(path, f"expected an integer {low}..{high}, got {_show(value)}")
+        if not low <= value <= high:
+            raise _error(path, f"{_show(value)} is out of range {low}..{high}")
+        return value
+
+    return parse
+
+
+def _seconds(high: float) -> _Kind:
+    """A positive, finite duration; integers are accepted and stored as floats."""
+
+    def parse(path: str, value: object) -> float:
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not value > 0 or not math.isfinite(value)):
+            raise _error(path, f"expected a positive number, got {_show(value)}")
+        if value > high:
+            raise _error(path, f"{_show(value)} is more than the maximum {high:g}")
+        return float(value)
+
+    return parse
+
+
+def _abs_path(path: str, value: object) -> Path:
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _error(path, f"expected an absolute path, got {_show(value)}")
+    if "\0" in value or len(value) > _MAX_PATH:
+        raise _error(path, f"{_show(value)} is not a usable path")
+    return Path(value)
+
+
+def _url(path: str, value: object) -> str:
+    """http(s)://host[:port][/prefix]: the same rule as KdsClient, checked at load
+    time so that a bad mirror is a config error, not a failure on first fetch."""
+    if not isinstance(value, str):
+        raise _error(path, f"expected an http(s) URL, got {_show(value)}")
+    bad = (len(value) > _MAX_URL or any(c.isspace() or not c.isprintable() for c in value))
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018  # raises ValueError on a bad port
+    except ValueError:
+        bad = True
+    else:
+        bad = bad or parts.scheme not in ("http", "https") or not parts.hostname
+    if bad:
+        raise _error(path, f"expected an http(s) URL, got {_show(value)}")
+    if parts.query or parts.fragment:
+        raise _error(path, f"{_show(value)} must not carry a query or fragment")
+    return value
+
+
+_GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,255}")
+
+
+def _group(path: str, value: object) -> str:
+    if not isinstance(value, str) or not _GROUP_NAME.fullmatch(value):
+        raise _error(path, f"expected a group name, got {_show(value)}")
+    return value
+
+
+_BUS_ADDRESS = re.compile(
+    r"[A-Za-z][A-Za-z0-9-]*:(?:[A-Za-z0-9_-]+=[^;,=\s]*(?:,[A-Za-z0-9_-]+=[^;,=\s]*)*)?")
+
+
+def _bus(path: str, value: object) -> str:
+    """``system``, ``session``, or a D-Bus address such as ``unix:path=/run/x``
+    (several separated by ``;``, as in DBUS_SYSTEM_BUS_ADDRESS)."""
+    if isinstance(value, str) and value in BUS_NAMES:
+        return value
+    if (isinstance(value, str) and 0 < len(value) <= _MAX_STRING and value.isascii()
+            and all(_BUS_ADDRESS.fullmatch(part) for part in value.split(";"))):
+        return value
+    raise _error(path, f"expected \"system\", \"session\" or a D-Bus address such as "
+                       f"\"unix:path=/run/dbus/system_bus_socket\", got {_show(value)}")
+
+
+def _product(path: str, value: object) -> Product:
+    if isinstance(value, Product):
+        return value
+    names = [p.value for p in Product]
+    if not isinstance(value, str) or value not in names:
+        raise _error(path, f"expected one of {', '.join(names)}, got {_show(value)}")
+    return Product(value)
+
+
+def _list(item: _Kind, limit: int = _MAX_LIST) -> _Kind:
+    """An array of items, each checked with its own path (``kds.mirrors[1]``).
+    Duplicates are dropped, keeping the first: they change nothing but the order."""
+
+    def parse(path: str, value: object) -> Tuple[Any, ...]:
+        if not isinstance(value, (list, tuple)):
+            raise _error(path, f"expected an array, got {_show(value)}")
+        if len(value) > limit:
+            raise _error(path, f"expected at most {limit} entries, got {len(value)}")
+        return tuple(dict.fromkeys(item(f"{path}[{i}]", v) for i, v in enumerate(value)))
+
+    return parse
+
+
+def _kind(kind: _Kind) -> Mapping[str, _Kind]:
+    """Field metadata: the kind that validates and normalizes the field."""
+    return {"kind": kind}
+
+
+# ---------------------------------------------------------------------------
+# Sections
+
+_S = TypeVar("_S", bound="_Section")
+
+
+class _Section:
+    """Shared behaviour of the ``[NAME]`` sections: field kinds in the dataclass
+    metadata drive validation, the unknown-key check and the JSON form."""
+
+    NAME: ClassVar[str]
+    __dataclass_fields__: ClassVar[Dict[str, dataclasses.Field[Any]]]
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            kind: Optional[_Kind] = f.metadata.get("kind")
+            if kind is not None:
+                value = kind(f"{self.NAME}.{f.name}", getattr(self, f.name))
+                object.__setattr__(self, f.name, value)
+        self._check()
+
+    def _check(self) -> None:
+        """Rules that tie keys of one section together."""
+
+    @classmethod
+    def key_names(cls) -> Tuple[str, ...]:
+        """The TOML keys of this section, in documentation order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if "kind" in f.metadata)
+
+    @classmethod
+    def from_mapping(cls: Type[_S], table: object) -> _S:
+        if not isinstance(table, Mapping):
+            raise _error(cls.NAME, f"expected a [{cls.NAME}] table, got {_show(table)}")
+        known = cls.key_names()
+        kwargs: Dict[str, Any] = {}
+        extra: Dict[object, object] = {}
+        for key, value in table.items():
+            if isinstance(key, str) and key in known:
+                kwargs[key] = value
+            else:
+                extra[key] = value
+        kwargs.update(cls._extra(extra))
+        factory: Callable[..., _S] = cls
+        return factory(**kwargs)
+
+    @classmethod
+    def _extra(cls, extra: Mapping[object, object]) -> Dict[str, Any]:
+        """Keys this section does not define; by default, an error."""
+        for key in extra:
+            raise _error(f"{cls.NAME}.{_key(key)}",
+                         f"unknown key (known: {', '.join(cls.key_names())})")
+        return {}
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The section as JSON-ready values, under the same keys as in TOML."""
+        return {name: _jsonable(getattr(self, name)) for name in self.key_names()}
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSection(_Section):
+    """``[device]``: which firmware channel to use and how gently to drive it."""
+
+    NAME: ClassVar[str] = "device"
+
+    backend: str = field(default="auto", metadata=_kind(_choice(*BACKENDS)))
+    path: Path = field(default=Path("/dev/sev-guest"), metadata=_kind(_abs_path))
+    configfs_root: Path = field(
+        default=Path("/sys/kernel/config/tsm/report"), metadata=_kind(_abs_path))
+    # Kernels before 6.3 (without the throttling backport) wipe the VMPCK when the
+    # host answers BUSY; a minimum gap between requests keeps the host from
+    # throttling. 0 turns it off, which is right on 6.3 and later.
+    min_interval_ms: int = field(default=0, metadata=_kind(_integer(0, 60_000)))
+    request_timeout_s: float = field(default=30.0, metadata=_kind(_seconds(3600)))
+    busy_retries: int = field(default=3, metadata=_kind(_integer(0, 100)))
+
+
+@dataclasses.dataclass(frozen=True)
+class QueueSection(_Section):
+    """``[queue]``: bounds on waiting requests, so one client cannot starve the rest
+    or grow the daemon without limit."""
+
+    NAME: ClassVar[str] = "queue"
+
+    max_pending: int = field(default=64, metadata=_kind(_integer(1, 10_000)))
+    per_client: int = field(default=8, metadata=_kind(_integer(1, 10_000)))
+
+    def _check(self) -> None:
+        if self.per_client > self.max_pending:
+            raise _error("queue.per_client", f"{self.per_client} is more than "
+                                             f"queue.max_pending ({self.max_pending})")
+
+
+@dataclasses.dataclass(frozen=True)
+class KdsSection(_Section):
+    """``[kds]``: where AMD certificates come from and where they are kept."""
+
+    NAME: ClassVar[str] = "kds"
+
+    url: str = field(default="https://kdsintf.amd.com", metadata=_kind(_url))
+    mirrors: Tuple[str, ...] = field(default=(), metadata=_kind(_list(_url, _MAX_MIRRORS)))
+    timeout_s: float = field(default=60.0, metadata=_kind(_seconds(3600)))
+    cache_dir: Path = field(default=Path("/var/cache/snpd"), metadata=_kind(_abs_path))
+    offline: bool = field(default=False, metadata=_kind(_boolean))
+    offline_dirs: Tuple[Path, ...] = field(default=(), metadata=_kind(_list(_abs_path)))
+
+
+@dataclasses.dataclass(frozen=True)
+class AccessSection(_Section):
+    """``[access]``: group names (not gids, so the file survives a reinstall) whose
+    members may ask for reports, and for raw firmware keys. root always may."""
+
+    NAME: ClassVar[str] = "access"
+
+    report_groups: Tuple[str, ...] = field(default=("snpd-users",), metadata=_kind(_list(_group)))
+    key_groups: Tuple[str, ...] = field(default=("snpd-keys",), metadata=_kind(_list(_group)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DbusSection(_Section):
+    """``[dbus]``: the D-Bus transport."""
+
+    NAME: ClassVar[str] = "dbus"
+
+    enabled: bool = field(default=True, metadata=_kind(_boolean))
+    bus: str = field(default="system", metadata=_kind(_bus))
+
+
+@dataclasses.dataclass(frozen=True)
+class VarlinkSection(_Section):
+    """``[varlink]``: the varlink transport. With socket activation the socket
+    comes from systemd and ``socket`` only names it for clients and status."""
+
+    NAME: ClassVar[str] = "varlink"
+
+    enabled: bool = field(default=True, metadata=_kind(_boolean))
+    socket: Path = field(default=Path("/run/snpd/snpd.varlink"), metadata=_kind(_abs_path))
+    # Large enough for an extended report with a full certificate chain in base64,
+    # small enough that a client cannot make the daemon buffer much.
+    max_message_bytes: int = field(default=_MIB, metadata=_kind(_integer(64 * 1024, 64 * _MIB)))
+
+
+def _freeze(path: str, value: object, depth: int = 0) -> object:
+    """A TOML value made immutable (arrays to tuples, tables to read-only
+    mappings), so the frozen Config cannot be changed through a nested list."""
+    if depth > _MAX_DEPTH:
+        raise _error(path, f"nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, (str, bool, int, float, datetime.date, datetime.time)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(f"{path}[{i}]", v, depth + 1) for i, v in enumerate(value))
+    if isinstance(value, Mapping):
+        out: Dict[str, object] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise _error(f"{path}.{_key(k)}", "keys must be strings")
+            out[k] = _freeze(f"{path}.{_key(k)}", v, depth + 1)
+        return types.MappingProxyType(out)
+    raise _error(path, f"expected a TOML value, got {_show(value)}")
+
+
+def _options(path: str, value: object) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise _error(path, f"expected a table, got {_show(value)}")
+    frozen = _freeze(path, value)
+    assert isinstance(frozen, types.MappingProxyType)
+    return frozen
+
+
+@dataclasses.dataclass(frozen=True)
+class EmulatorSection(_Section):
+    """``[emulator]``: the software SEV-SNP platform used with ``device.backend =
+    "emulator"``.
+
+    ``state_dir`` and ``product`` are this module's; every other key of the table
+    (``reported_tcb``, ``latency``, ``kernel``, ...) describes the emulated guest
+    and belongs to :class:`snpd.emulator.state.EmulatorConfig`. Those keys are kept
+    as written in ``options`` (so the JSON form shows what the operator wrote and
+    reads back), and are validated here by ``EmulatorConfig.from_mapping`` so that
+    ``snpd --check-config`` catches their errors too. The daemon gets the parsed
+    value from :meth:`emulator_config`. The emulator module, which pulls in
+    ``cryptography``, is imported only when there are such keys.
+    """
+
+    NAME: ClassVar[str] = "emulator"
+
+    state_dir: Path = field(default=Path("/var/lib/snpd/emulator"), metadata=_kind(_abs_path))
+    # Genoa: EmulatorConfig's own default, so both agree when the key is absent.
+    product: Product = field(default=Product.GENOA, metadata=_kind(_product))
+    options: Mapping[str, object] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "options", _options("emulator", self.options))
+        clash = sorted(set(self.options) & set(self.key_names()))
+        if clash:
+            raise _error(f"emulator.{clash[0]}", "given both as a field and in options")
+        if self.options:
+            self.emulator_config()
+
+    def emulator_config(self) -> EmulatorConfig:
+        """The emulated guest and platform these settings describe."""
+        from snpd.emulator.state import EmulatorConfig
+
+        return EmulatorConfig.from_mapping({"product": self.product.value, **self.options})
+
+    @classmethod
+    def _extra(cls, extra: Mapping[object, object]) -> Dict[str, Any]:
+        for key in extra:
+            if not isinstance(key, str):
+                raise _error(f"emulator.{_key(key)}", "keys must be strings")
+        return {"options": extra}
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = super().to_dict()
+        out.update({k: _jsonable(v) for k, v in self.options.items()})
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSection(_Section):
+    """``[log]``: the lowest journal priority the daemon emits."""
+
+    NAME: ClassVar[str] = "log"
+
+    level: str = field(default="info", metadata=_kind(_choice(*LOG_LEVELS)))
+
+
+_SECTIONS: Dict[str, Type[_Section]] = {
+    cls.NAME: cls
+    for cls in (DeviceSection, QueueSection, KdsSection, AccessSection, DbusSection,
+                VarlinkSection, EmulatorSection, LogSection)
+}
+POLICY_SECTION = "policy"
+
+
+# ---------------------------------------------------------------------------
+# JSON
+
+
+def _jsonable(value: object) -> Any:
+    if isinstance(value, Product):
+        return value.value
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN or infinity
+    return value
+
+
+_TCB_FIELD = re.compile(r"minimum_(reported|committed|launch|current)_tcb")
+
+
+def _policy_to_dict(policy: AppraisalPolicy) -> Dict[str, Any]:
+    """A policy in the TOML schema it was read from, so the JSON of a config can be
+    read back (``minimum_tcb.KIND`` tables, ``"MAJOR.MINOR"`` strings, hex)."""
+    out: Dict[str, Any] = {}
+    for f in dataclasses.fields(policy):
+        value = getattr(policy, f.name)
+        if value is None:
+            continue
+        tcb = _TCB_FIELD.fullmatch(f.name)
+        if tcb and isinstance(value, TcbMinimum):
+            out.setdefault("minimum_tcb", {})[tcb.group(1)] = value.required()
+        elif f.name in ("minimum_abi", "minimum_version"):
+            out[f.name] = f"{value[0]}.{value[1]}"
+        elif f.name.endswith("_mit_vector"):
+            # A hex string: a u64 mask does not survive JSON readers with 53-bit ints.
+            out[f.name] = f"0x{value:x}"
+        else:
+            out[f.name] = _jsonable(value)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole configuration. ``Config()`` is the default configuration."""
+
+    device: DeviceSection = field(default_factory=DeviceSection)
+    queue: QueueSection = field(default_factory=QueueSection)
+    kds: KdsSection = field(default_factory=KdsSection)
+    access: AccessSection = field(default_factory=AccessSection)
+    dbus: DbusSection = field(default_factory=DbusSection)
+    varlink: VarlinkSection = field(default_factory=VarlinkSection)
+    emulator: EmulatorSection = field(default_factory=EmulatorSection)
+    log: LogSection = field(default_factory=LogSection)
+    # [policy.NAME] tables, by name.
+    policies: Mapping[str, AppraisalPolicy] = field(
+        default_factory=lambda: types.MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise _error(name, f"expected a {cls.__name__}")
+        if not isinstance(self.policies, Mapping):
+            raise _error(POLICY_SECTION, "expected a mapping of names to AppraisalPolicy")
+        for name, policy in self.policies.items():
+            if not isinstance(name, str) or not isinstance(policy, AppraisalPolicy):
+                raise _error(f"{POLICY_SECTION}.{_key(name)}", "expected an AppraisalPolicy")
+        object.__setattr__(self, "policies", types.MappingProxyType(dict(self.policies)))
+        if not self.dbus.enabled and not self.varlink.enabled:
+            raise _error("varlink.enabled", "false together with dbus.enabled = false "
+                                            "leaves the daemon no transport to serve")
+
+    @classmethod
+    def sections(cls) -> Mapping[str, Type[_Section]]:
+        """The ``[NAME]`` sections with fixed keys, by name (``policy`` aside)."""
+        return types.MappingProxyType(_SECTIONS)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, object], *, source: str = DEFAULT_SOURCE) -> Config:
+        """Build from a parsed document (TOML, or the JSON of :meth:`to_json`).
+        Raises ConfigError only; its message starts with ``source``."""
+        try:
+            return cls._from_mapping(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def _from_mapping(cls, data: object) -> Config:
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"expected a TOML document (a table), got {_show(data)}")
+        kwargs: Dict[str, Any] = {}
+        for key, value in data.items():
+            if key == POLICY_SECTION:
+                table: Any = value  # policies_from_mapping checks that it is a table
+                kwargs["policies"] = policies_from_mapping(table, name=POLICY_SECTION)
+            elif isinstance(key, str) and key in _SECTIONS:
+                kwargs[key] = _SECTIONS[key].from_mapping(value)
+            else:
+                known = ", ".join(sorted([*_SECTIONS, POLICY_SECTION]))
+                raise _error(_key(key), f"unknown section (known: {known})")
+        return cls(**kwargs)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready values under the TOML names; :meth:`from_mapping` reads it back."""
+        out: Dict[str, Any] = {name: getattr(self, name).to_dict() for name in _SECTIONS}
+        out[POLICY_SECTION] = {name: _policy_to_dict(p) for name, p in self.policies.items()}
+        return out
+
+    def to_json(self, *, indent: Optional[int] = 2) -> str:
+        """For ``snpd --check-config --json`` and the daemon's status."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+
+# ---------------------------------------------------------------------------
+# Reading
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_END = re.compile(r"\s*\(at end of document\)\s*$")
+
+
+def _toml_error(exc: Exception) -> str:
+    """``line L, column C: invalid TOML: WHAT`` from tomllib's or tomli's message
+    (only newer tomli has lineno/colno attributes; the message always has both)."""
+    message = str(exc)
+    m = _TOML_POSITION.search(message)
+    if m:
+        return (f"line {m.group(1)}, column {m.group(2)}: invalid TOML: "
+                f"{message[:m.start()]}")
+    m = _TOML_END.search(message)
+    if m:
+        return f"at end of document: invalid TOML: {message[:m.start()]}"
+    return f"invalid TOML: {message}"
+
+
+def parse_config(text: str, *, source: str = DEFAULT_SOURCE) -> Config:
+    """Parse TOML text. ``source`` (the file name) starts every error message."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{source}: expected TOML text, got {type(text).__name__}")
+    if len(text) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_SIZE} bytes")
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: {_toml_error(exc)}") from None
+    except ValueError as exc:  # an integer beyond Python's digit limit
+        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
+    return Config.from_mapping(doc, source=source)
+
+
+def load_config(path: Optional[Path] = None, *,
+                default_path: Optional[Path] = None) -> Config:
+    """Read the configuration file.
+
+    ``path`` None means the default file (``DEFAULT_CONFIG_PATH`` unless
+    ``default_path`` says otherwise), and if that does not exist the defaults
+    apply: a fresh install needs no file. A ``path`` given explicitly must exist,
+    because ``--config`` naming a file that is not there is a mistake to report,
+    not to paper over.
+    """
+    explicit = path is not None
+    target = Path(path) if path is not None else (default_path or DEFAULT_CONFIG_PATH)
+    source = str(target)
+    try:
+        # O_NONBLOCK: a FIFO named by mistake must not hang the daemon's start.
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if not explicit:
+            return Config()
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot open: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{source}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CONFIG_SIZE + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_SIZE} bytes")
+    try:
+        text = data.decode("utf-8-sig")  # tolerate a BOM some editors write
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    return parse_config(text, source=source)

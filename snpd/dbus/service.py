@@ -1,0 +1,789 @@
+"""org.snpd.Snpd1 on the system bus: a thin dbus-fast front for :mod:`snpd.service`.
+
+Each method does four things and nothing else: establish who is calling (from the
+bus, never from anything the caller says), decode the arguments (the Variants of
+an ``a{sv}`` become plain Python values), await the matching Service coroutine,
+and encode its result. All authorization and validation lives in the Service, so
+the varlink twin of every method behaves the same; the bus policy
+(conf/dbus/org.snpd.Snpd1.conf) is the first layer, the Service's re-check the
+second.
+
+Errors: a :class:`~snpd.errors.SnpdError` travels as its own
+``org.snpd.Snpd1.Error.<Kind>``; anything else is a bug, logged here with its
+traceback and sent as ``org.snpd.Snpd1.Error.Internal`` with a generic message
+(no paths, no argument values), and the loop keeps serving.
+
+Caller identity. dbus-fast hands a method its arguments but not the message, so
+a message handler (which dbus-fast runs for every incoming message before it
+dispatches, in the same synchronous step) records the method call in a
+:class:`contextvars.ContextVar`; the task dbus-fast then creates for the method
+copies that context, so the coroutine sees exactly its own message. Each record
+can be claimed once and must name the member being served, so a change in
+dbus-fast's dispatch fails closed (Internal) rather than misattributing a call.
+The sender's uid, pid and groups come from the bus's
+``GetConnectionCredentials`` and are cached per unique name: a unique name is
+never reused on a bus and its credentials are fixed when it connects (they are
+what the bus itself applies its policy to), so the cache is exact; entries are
+dropped on NameOwnerChanged and the cache is bounded.
+
+dbus-fast 1.84 (Debian bookworm) to 5.x: only the public API is used (plus
+``ServiceInterface.introspect``), :class:`MessageBus` is created inside the
+running loop (dbus-fast 5 requires it), and D-Bus signatures are given to
+dbus-fast through ``__signature__`` so that the Python annotations stay real
+types for mypy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import dataclasses
+import inspect
+import logging
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Set,
+    Tuple,
+    TypeVar,
+    cast,
+)
+
+from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply, Variant
+from dbus_fast import introspection as intr
+from dbus_fast.aio.message_bus import MessageBus
+from dbus_fast.constants import PropertyAccess
+from dbus_fast.service import ServiceInterface, dbus_property, method
+
+from snpd.errors import DBUS_PREFIX, Busy, Internal, PermissionDenied, SnpdError
+from snpd.service import Caller
+
+BUS_NAME = "org.snpd.Snpd1"
+OBJECT_PATH = "/org/snpd/Snpd1"
+ATTESTATION = "org.snpd.Snpd1.Attestation"
+KEYS = "org.snpd.Snpd1.Keys"
+MANAGER = "org.snpd.Snpd1.Manager"
+INTERFACES = (ATTESTATION, KEYS, MANAGER)
+INTROSPECTION_FILE = "org.snpd.Snpd1.xml"
+INTERNAL_ERROR = DBUS_PREFIX + "Internal"
+DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"  # the D-Bus spec default
+CREDENTIALS_CACHE_SIZE = 4096
+
+_DBUS = "org.freedesktop.DBus"
+_DBUS_PATH = "/org/freedesktop/DBus"
+_ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+_EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
+# Only disappearances matter to the credentials cache (arg2 = new owner = none).
+_VANISHED_RULE = (f"type='signal',sender='{_DBUS}',path='{_DBUS_PATH}',interface='{_DBUS}',"
+                  "member='NameOwnerChanged',arg2=''")
+
+# Property name -> (signature, EmitsChangedSignal). "true" is D-Bus's default and
+# is not written out; "const" and "false" are annotated and never emitted.
+PROPERTIES: Mapping[str, Mapping[str, Tuple[str, str]]] = {
+    ATTESTATION: {
+        "Backend": ("s", "true"),
+        "Product": ("s", "true"),
+        "Vmpl": ("u", "true"),
+        "ReportedTcb": ("t", "true"),
+        "State": ("s", "true"),
+        "StateReason": ("s", "true"),
+    },
+    MANAGER: {
+        "Version": ("s", "const"),
+        "SevStatus": ("a{sv}", "true"),
+        "Statistics": ("a{st}", "false"),
+    },
+}
+# VerifyReport's result keys with fixed types; any other key is encoded by value.
+_RESULT_TYPES = {"valid": "b", "product": "s", "failures": "as", "checks": "a(sss)"}
+
+_log = logging.getLogger(__name__)
+
+_R = TypeVar("_R")
+_E = TypeVar("_E")
+_F = TypeVar("_F", bound=Callable[..., Any])
+CertificateList = Sequence[Tuple[str, bytes]]
+
+
+class ServiceAPI(Protocol):
+    """What the transport needs from :class:`snpd.service.Service` (tests pass fakes)."""
+
+    async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
+                         options: Mapping[str, Any]) -> bytes: ...
+
+    async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
+                                  options: Mapping[str, Any]
+                                  ) -> Tuple[bytes, CertificateList]: ...
+
+    async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
+                               ) -> CertificateList: ...
+
+    async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
+                            ) -> Mapping[str, object]: ...
+
+    async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
+                           options: Mapping[str, Any]) -> Tuple[str, bytes]: ...
+
+    async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str], vmpl: int,
+                         guest_svn: int, tcb_version: int, options: Mapping[str, Any]
+                         ) -> bytes: ...
+
+    async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
+                                 options: Mapping[str, Any]) -> bytes: ...
+
+    async def refresh_certificates(self, caller: Caller) -> None: ...
+
+    def properties(self) -> Mapping[str, Mapping[str, object]]: ...
+
+    def subscribe(self, listener: Callable[[str, Dict[str, object]], None]) -> None: ...
+
+
+def introspection_xml() -> str:
+    """The checked-in introspection XML, the API's contract (package data)."""
+    from importlib import resources
+
+    return resources.files(__package__).joinpath(INTROSPECTION_FILE).read_text(encoding="utf-8")
+
+
+# -- values: D-Bus <-> plain Python ----------------------------------------------------------
+
+
+def plain(value: Any, type_: Any) -> Any:
+    """A decoded D-Bus value as plain Python, guided by its signature type: Variants
+    unwrapped, ``ay`` bytes, structs tuples, arrays lists, dicts dicts. D-Bus limits
+    nesting to 64 levels, so the recursion is bounded."""
+    token = type_.token
+    if token == "v":
+        return plain(value.value, value.type)
+    if token == "a":
+        child = type_.children[0]
+        if child.token == "{":
+            key_type, value_type = child.children
+            return {plain(k, key_type): plain(v, value_type) for k, v in value.items()}
+        if child.token == "y":
+            return bytes(value)
+        return [plain(item, child) for item in value]
+    if token == "(":
+        return tuple(plain(item, t) for item, t in zip(value, type_.children))
+    return value
+
+
+def decode_options(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """``a{sv}`` -> ``{key: plain value}``; the Service rejects keys it does not know."""
+    return {str(key): plain(variant.value, variant.type) for key, variant in options.items()}
+
+
+def _guess(value: object) -> Tuple[str, Any]:
+    """(signature, D-Bus value) for a plain value of a free-form ``a{sv}``."""
+    if isinstance(value, Variant):
+        return "v", value
+    if isinstance(value, bool):
+        return "b", value
+    if isinstance(value, int):
+        if -(1 << 63) <= value < 1 << 63:
+            return "x", value
+        if 0 <= value < 1 << 64:
+            return "t", value
+        raise ValueError(f"integer {value} does not fit 64 bits")
+    if isinstance(value, float):
+        return "d", value
+    if isinstance(value, str):
+        return "s", value
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "ay", bytes(value)
+    if isinstance(value, Mapping):
+        return "a{sv}", variant_dict(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = [_guess(item) for item in value if item is not None]
+        kinds = {sig for sig, _ in items}
+        if not items:
+            return "as", []
+        if len(kinds) == 1 and "v" not in kinds:
+            return "a" + kinds.pop(), [v for _, v in items]
+        return "av", [v if sig == "v" else Variant(sig, v) for sig, v in items]
+    raise ValueError(f"cannot send a {type(value).__name__} over D-Bus")
+
+
+def to_variant(value: object) -> Variant:
+    sig, encoded = _guess(value)
+    return encoded if sig == "v" else Variant(sig, encoded)
+
+
+def variant_dict(values: Mapping[Any, object]) -> Dict[str, Variant]:
+    """A free-form ``a{sv}``. D-Bus has no null: a None value leaves its key out."""
+    return {str(k): to_variant(v) for k, v in values.items() if v is not None}
+
+
+def _ay(value: object) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return bytes(value)
+
+
+def _certificates(value: CertificateList) -> List[List[Any]]:
+    out: List[List[Any]] = []
+    for kind, der in value:
+        if not isinstance(kind, str):
+            raise TypeError("certificate kind must be str")
+        out.append([kind, _ay(der)])
+    return out
+
+
+def _seq(value: object) -> List[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"expected a sequence, got {type(value).__name__}")
+    return list(value)
+
+
+def _verify_result(value: Mapping[str, object]) -> Dict[str, Variant]:
+    out: Dict[str, Variant] = {}
+    for key, item in value.items():
+        sig = _RESULT_TYPES.get(key)
+        if sig == "a(sss)":
+            out[key] = Variant(sig, [[str(x) for x in _seq(row)] for row in _seq(item)])
+        elif sig == "as":
+            out[key] = Variant(sig, [str(x) for x in _seq(item)])
+        elif sig is not None:
+            out[key] = Variant(sig, item)
+        elif item is not None:
+            out[key] = to_variant(item)
+    return out
+
+
+def _int(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected int, got {type(value).__name__}")
+    return value
+
+
+def encode_property(signature: str, value: object) -> Any:
+    """A Service property value in the form dbus-fast sends for ``signature``."""
+    if signature == "a{sv}":
+        if not isinstance(value, Mapping):
+            raise TypeError("expected a mapping")
+        return variant_dict(value)
+    if signature == "a{st}":
+        if not isinstance(value, Mapping):
+            raise TypeError("expected a mapping")
+        return {str(k): _int(v) for k, v in value.items()}
+    if signature in ("u", "t"):
+        return _int(value)
+    if signature == "s":
+        if not isinstance(value, str):
+            raise TypeError(f"expected str, got {type(value).__name__}")
+        return value
+    raise ValueError(f"no encoder for properties of type {signature}")
+
+
+# -- declaring members with D-Bus signatures -----------------------------------------------
+
+
+def _dbus_method(member: str, returns: str, **args: str) -> Callable[[_F], _F]:
+    """dbus-fast's ``method`` with the signatures given here rather than as string
+    annotations (which mypy would read as undefined names). The keyword order must be
+    the function's parameter order; a mismatch is a TypeError at import."""
+
+    def decorate(fn: _F) -> _F:
+        params = list(inspect.signature(fn).parameters)
+        if params[1:] != list(args):
+            raise TypeError(f"{fn.__qualname__}: D-Bus arguments {list(args)} do not match "
+                            f"the parameters {params[1:]}")
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter(params[0], kind)]
+            + [inspect.Parameter(name, kind, annotation=sig) for name, sig in args.items()],
+            return_annotation=returns or inspect.Signature.empty)
+        return cast(_F, method(name=member)(fn))
+
+    return decorate
+
+
+def _dbus_property(interface: str, name: str) -> Callable[[Callable[[Any], Any]], Any]:
+    """A read-only dbus-fast property whose signature comes from :data:`PROPERTIES`."""
+    signature = PROPERTIES[interface][name][0]
+
+    def decorate(fn: Callable[[Any], Any]) -> Any:
+        fn.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)],
+            return_annotation=signature)
+        return dbus_property(access=PropertyAccess.READ, name=name)(fn)
+
+    return decorate
+
+
+class _Documented(intr.Interface):  # type: ignore[misc,unused-ignore]
+    """dbus-fast's generated introspection plus what it cannot express on every
+    supported version: names of out arguments and property annotations (1.84 has no
+    annotations at all), so the live XML can equal the checked-in contract."""
+
+    def __init__(self, base: Any, out_args: Mapping[str, Sequence[str]],
+                 emits: Mapping[str, str]) -> None:
+        super().__init__(base.name, base.methods, base.signals, base.properties)
+        self._snpd_out_args = out_args
+        self._snpd_emits = emits
+
+    def to_xml(self) -> ET.Element:
+        element: ET.Element = super().to_xml()
+        for member in element.findall("method"):
+            names = iter(self._snpd_out_args.get(member.get("name", ""), ()))
+            for arg in member.findall("arg"):
+                if arg.get("direction") == "out" and not arg.get("name"):
+                    name = next(names, None)
+                    if name:
+                        arg.set("name", name)
+        for prop in element.findall("property"):
+            emits = self._snpd_emits.get(prop.get("name", ""), "true")
+            present = {a.get("name") for a in prop.findall("annotation")}
+            if emits != "true" and _EMITS not in present:
+                ET.SubElement(prop, "annotation", {"name": _EMITS, "value": emits})
+        return element
+
+
+# -- the interfaces --------------------------------------------------------------------------
+
+
+class _Interface(ServiceInterface):  # type: ignore[misc,unused-ignore]
+    """Shared plumbing; subclasses only declare members."""
+
+    OUT_ARGS: Mapping[str, Sequence[str]] = {}
+
+    def __init__(self, name: str, server: _Server) -> None:
+        super().__init__(name)
+        self._server = server
+
+    def introspect(self) -> Any:
+        emits = {prop: spec[1] for prop, spec in PROPERTIES.get(self.name, {}).items()}
+        return _Documented(super().introspect(), self.OUT_ARGS, emits)
+
+    async def _call(self, member: str, options: Optional[Mapping[str, Any]],
+                    invoke: Callable[[Caller, Dict[str, Any]], Awaitable[_R]],
+                    encode: Callable[[_R], _E]) -> _E:
+        return await self._server.call(self.name, member, options, invoke, encode)
+
+    def _property(self, name: str) -> Any:
+        return self._server.property_value(self.name, name)
+
+
+class AttestationInterface(_Interface):
+    OUT_ARGS = {
+        "GetReport": ("report",),
+        "GetExtendedReport": ("report", "certificates"),
+        "GetCertificates": ("certificates",),
+        "VerifyReport": ("result",),
+        "GetEvidence": ("media_type", "evidence"),
+    }
+
+    def __init__(self, server: _Server) -> None:
+        super().__init__(ATTESTATION, server)
+
+    @_dbus_method("GetReport", "ay", report_data="ay", vmpl="u", options="a{sv}")
+    async def get_report(self, report_data: bytes, vmpl: int, options: Mapping[str, Any]
+                         ) -> bytes:
+        core = self._server.core
+        return await self._call(
+            "GetReport", options,
+            lambda caller, opts: core.get_report(caller, report_data, vmpl, opts), _ay)
+
+    @_dbus_method("GetExtendedReport", "aya(say)", report_data="ay", vmpl="u",
+                  options="a{sv}")
+    async def get_extended_report(self, report_data: bytes, vmpl: int,
+                                  options: Mapping[str, Any]) -> List[Any]:
+        core = self._server.core
+        return await self._call(
+            "GetExtendedReport", options,
+            lambda caller, opts: core.get_extended_report(caller, report_data, vmpl, opts),
+            lambda result: [_ay(result[0]), _certificates(result[1])])
+
+    @_dbus_method("GetCertificates", "a(say)", options="a{sv}")
+    async def get_certificates(self, options: Mapping[str, Any]) -> List[List[Any]]:
+        core = self._server.core
+        return await self._call("GetCertificates", options, core.get_certificates,
+                                _certificates)
+
+    @_dbus_method("VerifyReport", "a{sv}", report="ay", options="a{sv}")
+    async def verify_report(self, report: bytes, options: Mapping[str, Any]
+                            ) -> Dict[str, Variant]:
+        core = self._server.core
+        return await self._call(
+            "VerifyReport", options,
+            lambda caller, opts: core.verify_report(caller, report, opts), _verify_result)
+
+    @_dbus_method("GetEvidence", "say", format="s", nonce="ay", options="a{sv}")
+    async def get_evidence(self, format: str, nonce: bytes, options: Mapping[str, Any]
+                           ) -> List[Any]:
+        core = self._server.core
+        return await self._call(
+            "GetEvidence", options,
+            lambda caller, opts: core.get_evidence(caller, format, nonce, opts),
+            lambda result: [str(result[0]), _ay(result[1])])
+
+    @_dbus_property(ATTESTATION, "Backend")
+    def backend(self) -> Any:
+        return self._property("Backend")
+
+    @_dbus_property(ATTESTATION, "Product")
+    def product(self) -> Any:
+        return self._property("Product")
+
+    @_dbus_property(ATTESTATION, "Vmpl")
+    def vmpl(self) -> Any:
+        return self._property("Vmpl")
+
+    @_dbus_property(ATTESTATION, "ReportedTcb")
+    def reported_tcb(self) -> Any:
+        return self._property("ReportedTcb")
+
+    @_dbus_property(ATTESTATION, "State")
+    def state(self) -> Any:
+        return self._property("State")
+
+    @_dbus_property(ATTESTATION, "StateReason")
+    def state_reason(self) -> Any:
+        return self._property("StateReason")
+
+
+class KeysInterface(_Interface):
+    OUT_ARGS = {"DeriveKey": ("key",), "DeriveSealingKey": ("key",)}
+
+    def __init__(self, server: _Server) -> None:
+        super().__init__(KEYS, server)
+
+    @_dbus_method("DeriveKey", "ay", root_key="s", fields="as", vmpl="u", guest_svn="u",
+                  tcb_version="t", options="a{sv}")
+    async def derive_key(self, root_key: str, fields: List[str], vmpl: int, guest_svn: int,
+                         tcb_version: int, options: Mapping[str, Any]) -> bytes:
+        core = self._server.core
+        return await self._call(
+            "DeriveKey", options,
+            lambda caller, opts: core.derive_key(caller, root_key, fields, vmpl, guest_svn,
+                                                 tcb_version, opts), _ay)
+
+    @_dbus_method("DeriveSealingKey", "ay", label="s", fields="as", options="a{sv}")
+    async def derive_sealing_key(self, label: str, fields: List[str],
+                                 options: Mapping[str, Any]) -> bytes:
+        core = self._server.core
+        return await self._call(
+            "DeriveSealingKey", options,
+            lambda caller, opts: core.derive_sealing_key(caller, label, fields, opts), _ay)
+
+
+class ManagerInterface(_Interface):
+    def __init__(self, server: _Server) -> None:
+        super().__init__(MANAGER, server)
+
+    @_dbus_method("RefreshCertificates", "")
+    async def refresh_certificates(self) -> None:
+        core = self._server.core
+        await self._call("RefreshCertificates", None,
+                         lambda caller, _opts: core.refresh_certificates(caller),
+                         lambda _none: None)
+
+    @_dbus_property(MANAGER, "Version")
+    def version(self) -> Any:
+        return self._property("Version")
+
+    @_dbus_property(MANAGER, "SevStatus")
+    def sev_status(self) -> Any:
+        return self._property("SevStatus")
+
+    @_dbus_property(MANAGER, "Statistics")
+    def statistics(self) -> Any:
+        return self._property("Statistics")
+
+
+# -- caller identity -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Incoming:
+    """One method call as dbus-fast received it; claimed by the one coroutine serving it."""
+
+    message: Any
+    claimed: bool = False
+
+
+# The method call being dispatched. A ContextVar is the one object that can carry
+# it from dbus-fast's message handler into the method's task (see the module doc);
+# it holds no state of its own: every value lives in a task's context.
+_INCOMING: contextvars.ContextVar[Optional[_Incoming]] = contextvars.ContextVar(
+    "snpd_dbus_incoming", default=None)
+
+
+class CallerIdentity:
+    """Who is behind a unique bus name, from the bus's GetConnectionCredentials.
+
+    Concurrent first calls from one sender share a single lookup. When the bus gives
+    no UnixGroupIDs (dbus-daemon < 1.10), the groups come from /proc/<pid>/status,
+    and only if that process still belongs to the same uid.
+    """
+
+    def __init__(self, bus: Any, *, limit: int = CREDENTIALS_CACHE_SIZE,
+                 proc: Path = Path("/proc")) -> None:
+        self._bus = bus
+        self._limit = limit
+        self._proc = proc
+        self._known: Dict[str, Caller] = {}
+        self._pending: Dict[str, asyncio.Future[Caller]] = {}
+        self._vanished: Set[str] = set()
+
+    def cached_names(self) -> List[str]:
+        """The unique names whose credentials are cached (for tests and diagnostics)."""
+        return list(self._known)
+
+    async def caller(self, sender: Optional[str]) -> Caller:
+        if not sender:
+            raise PermissionDenied("the call carries no sender, so its caller is unknown")
+        known = self._known.get(sender)
+        if known is not None:
+            return known
+        pending = self._pending.get(sender)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(sender))
+            self._pending[sender] = pending
+            pending.add_done_callback(lambda fut: self._settle(sender, fut))
+        return await asyncio.shield(pending)
+
+    def forget(self, name: str) -> None:
+        """The name left the bus: its entry goes (and a lookup in flight is not kept)."""
+        self._known.pop(name, None)
+        if name in self._pending:
+            self._vanished.add(name)
+
+    def _settle(self, sender: str, fut: asyncio.Future[Caller]) -> None:
+        self._pending.pop(sender, None)
+        vanished = sender in self._vanished
+        self._vanished.discard(sender)
+        if fut.cancelled() or fut.exception() is not None or vanished:
+            return
+        while len(self._known) >= self._limit:
+            self._known.pop(next(iter(self._known)))
+        self._known[sender] = fut.result()
+
+    async def _lookup(self, sender: str) -> Caller:
+        reply = await self._bus.call(Message(
+            destination=_DBUS, path=_DBUS_PATH, interface=_DBUS,
+            member="GetConnectionCredentials", signature="s", body=[sender]))
+        if reply.message_type is MessageType.ERROR:
+            raise PermissionDenied(f"the bus cannot say who {sender} is ({reply.error_name})")
+        creds = reply.body[0]
+        if "UnixUserID" not in creds:
+            raise PermissionDenied(f"the bus does not say which uid {sender} runs as")
+        uid = int(creds["UnixUserID"].value)
+        pid = int(creds["ProcessID"].value) if "ProcessID" in creds else None
+        if "UnixGroupIDs" in creds:
+            gids = frozenset(int(g) for g in creds["UnixGroupIDs"].value)
+        else:
+            gids = self._groups_from_proc(pid, uid)
+        return Caller(uid=uid, gids=gids, pid=pid, transport="dbus", peer=sender)
+
+    def _groups_from_proc(self, pid: Optional[int], uid: int) -> FrozenSet[int]:
+        """Real gid and supplementary groups of ``pid``, if it still runs as ``uid``;
+        else none (deny by default: group-based access then fails, root's does not)."""
+        if pid is None:
+            return frozenset()
+        try:
+            with open(self._proc / str(pid) / "status", "rb") as f:
+                text = f.read(1 << 16).decode("ascii", "replace")
+        except OSError:
+            return frozenset()
+        fields = {}
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = value.split()
+        try:
+            if int(fields["Uid"][0]) != uid:
+                return frozenset()
+            return frozenset([int(fields["Gid"][0]), *(int(g) for g in fields["Groups"])])
+        except (KeyError, IndexError, ValueError):
+            return frozenset()
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+class _Server:
+    """Binds one Service to one bus connection: dispatch, properties, signals."""
+
+    def __init__(self, core: ServiceAPI, bus: Any) -> None:
+        self.core = core
+        self.bus = bus
+        self.identity = CallerIdentity(bus)
+        self.interfaces: Dict[str, _Interface] = {
+            ATTESTATION: AttestationInterface(self),
+            KEYS: KeysInterface(self),
+            MANAGER: ManagerInterface(self),
+        }
+        self.loop = asyncio.get_running_loop()
+        self.closed = False
+
+    def on_message(self, msg: Any) -> None:
+        """dbus-fast message handler, run for every incoming message before dispatch.
+        Records method calls for :meth:`call` and forgets senders that left the bus.
+        Returns None (never claims a message) and never raises."""
+        try:
+            kind = msg.message_type
+            if kind is MessageType.METHOD_CALL:
+                _INCOMING.set(_Incoming(msg) if msg.path == OBJECT_PATH else None)
+            elif (kind is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                  and msg.sender == _DBUS):
+                name, _old, new = msg.body
+                if not new:
+                    self.identity.forget(name)
+        except Exception:
+            _log.exception("D-Bus message handler failed")
+
+    async def call(self, interface: str, member: str, options: Optional[Mapping[str, Any]],
+                   invoke: Callable[[Caller, Dict[str, Any]], Awaitable[_R]],
+                   encode: Callable[[_R], _E]) -> _E:
+        incoming = _INCOMING.get()
+        try:
+            sender = self._claim(incoming, interface, member)
+            caller = await self.identity.caller(sender)
+            opts = decode_options(options) if options is not None else {}
+            return encode(await invoke(caller, opts))
+        except SnpdError as exc:
+            raise DBusError(exc.dbus_name(), str(exc)) from None
+        except DBusError:
+            raise
+        except Exception:
+            _log.exception("%s.%s failed", interface, member)
+            raise DBusError(INTERNAL_ERROR, f"{member} failed inside snpd; the daemon's log "
+                                            "has the details") from None
+
+    @staticmethod
+    def _claim(incoming: Optional[_Incoming], interface: str, member: str) -> Optional[str]:
+        msg: Any = incoming.message if incoming is not None else None
+        if (incoming is None or incoming.claimed or msg.member != member
+                or msg.interface not in (None, interface)):
+            _log.error("cannot tell which message %s.%s serves: refusing the call (is this "
+                       "dbus-fast version supported?)", interface, member)
+            raise Internal(f"{member}: the caller's identity is unavailable")
+        incoming.claimed = True
+        sender: Optional[str] = msg.sender
+        return sender
+
+    def property_value(self, interface: str, name: str) -> Any:
+        try:
+            value = self.core.properties()[interface][name]
+            return encode_property(PROPERTIES[interface][name][0], value)
+        except Exception:
+            _log.exception("property %s.%s failed", interface, name)
+            raise DBusError(INTERNAL_ERROR, f"property {name} is unavailable; the daemon's "
+                                            "log has the details") from None
+
+    def properties_changed(self, interface: str, changed: Dict[str, object]) -> None:
+        """Service listener. Safe from any thread; never raises into the Service."""
+        if self.closed:
+            return
+        try:
+            running: Optional[asyncio.AbstractEventLoop] = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self.loop:
+            self._emit(interface, dict(changed))
+            return
+        # RuntimeError: the loop is closed, so nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._emit, interface, dict(changed))
+
+    def _emit(self, interface: str, changed: Dict[str, object]) -> None:
+        target = self.interfaces.get(interface)
+        specs = PROPERTIES.get(interface, {})
+        if self.closed or target is None:
+            return
+        try:
+            encoded = {name: encode_property(specs[name][0], value)
+                       for name, value in changed.items()
+                       if name in specs and specs[name][1] == "true"}
+            if encoded:
+                target.emit_properties_changed(encoded)
+        except Exception:
+            _log.exception("cannot emit PropertiesChanged for %s", interface)
+
+
+class ServerHandle:
+    """A served connection: :meth:`close` ends it; :meth:`wait_closed` returns when
+    the bus connection ends for any reason (the daemon exits and systemd restarts it)."""
+
+    def __init__(self, server: _Server, address: str, unique_name: str) -> None:
+        self._server = server
+        self.address = address
+        self.unique_name = unique_name
+
+    @property
+    def bus(self) -> Any:
+        return self._server.bus
+
+    @property
+    def identity(self) -> CallerIdentity:
+        return self._server.identity
+
+    async def wait_closed(self) -> None:
+        try:
+            await self._server.bus.wait_for_disconnect()
+        except Exception as exc:  # the connection broke; that is what the caller waits for
+            _log.warning("D-Bus connection ended: %s", exc)
+
+    async def close(self) -> None:
+        if self._server.closed:
+            return
+        self._server.closed = True
+        self._server.bus.disconnect()
+        await self.wait_closed()
+
+
+async def serve(service: ServiceAPI, bus_address: Optional[str] = None) -> ServerHandle:
+    """Serve ``service`` as org.snpd.Snpd1 on the system bus, or on ``bus_address``.
+
+    Without an address, ``$DBUS_SYSTEM_BUS_ADDRESS`` is used, then the standard
+    system bus socket. Must run inside the event loop (dbus-fast 5 creates its bus
+    there). Raises :class:`~snpd.errors.PermissionDenied` when the bus policy does not
+    let this uid own the name, :class:`~snpd.errors.Busy` when another connection
+    owns it.
+    """
+    address = (bus_address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+               or DEFAULT_SYSTEM_BUS)
+    bus: Any = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
+    await bus.connect()
+    try:
+        server = _Server(service, bus)
+        bus.add_message_handler(server.on_message)
+        reply = await bus.call(Message(destination=_DBUS, path=_DBUS_PATH, interface=_DBUS,
+                                       member="AddMatch", signature="s",
+                                       body=[_VANISHED_RULE]))
+        if reply.message_type is MessageType.ERROR:
+            raise Internal(f"cannot watch for callers leaving the bus: {reply.error_name}")
+        for interface in server.interfaces.values():
+            bus.export(OBJECT_PATH, interface)
+        try:
+            owned = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        except DBusError as exc:
+            if exc.type == _ACCESS_DENIED:
+                raise PermissionDenied(
+                    f"the bus policy does not let uid {os.getuid()} own {BUS_NAME}: run snpd "
+                    f"as user snpd and install org.snpd.Snpd1.conf into the bus's system.d "
+                    f"({exc.text})") from None
+            raise
+        if owned not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise Busy(f"{BUS_NAME} is owned by another connection on {address} "
+                       "(is another snpd running?)")
+    except BaseException:
+        bus.disconnect()
+        with contextlib.suppress(Exception):
+            await bus.wait_for_disconnect()
+        raise
+    service.subscribe(server.properties_changed)
+    _log.info("serving %s on %s as %s", BUS_NAME, address, bus.unique_name)
+    return ServerHandle(server, address, bus.unique_name)

@@ -1,0 +1,104 @@
+"""Choose and open a backend: ``auto | ioctl | configfs | emulator``.
+
+``auto`` takes the ioctl when ``/dev/sev-guest`` opens (it is the only path to
+derived keys and works for an unprivileged daemon with a udev group), else
+configfs-tsm when its report directory exists.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from snpd.device.base import Device
+from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
+from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
+
+if TYPE_CHECKING:
+    from snpd.emulator.state import EmulatorConfig
+
+BACKENDS = ("auto", "ioctl", "configfs", "emulator")
+DEFAULT_CONFIGFS_ROOT = "/sys/kernel/config/tsm/report"
+
+
+def default_emulator_dir() -> Path:
+    """/var/lib/snpd/emulator for root, else under the user's XDG state directory."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/snpd/emulator")
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
+                                                            ".local", "state")
+    return Path(base) / "snpd" / "emulator"
+
+
+EMULATOR_TOML = "emulator.toml"
+
+
+def read_emulator_config(path: Path) -> EmulatorConfig:
+    """The emulated guest's launch configuration: the keys of snpd.toml's ``[emulator]``
+    table, from ``emulator.toml`` in the state directory; defaults when absent."""
+    from snpd.emulator.state import EmulatorConfig
+    from snpd.files import read_bounded
+
+    if not path.is_file():
+        return EmulatorConfig()
+    text = read_bounded(path, "emulator configuration", 1 << 20).decode("utf-8", "replace")
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    data.pop("state_dir", None)
+    try:
+        return EmulatorConfig.from_mapping(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def open_emulator(state_dir: Optional[Path] = None,
+                  config: Optional[EmulatorConfig] = None) -> IoctlDevice:
+    """The emulator behind the real ioctl marshalling."""
+    from snpd.emulator.kernel import EmulatedSevGuest
+
+    state_dir = state_dir or default_emulator_dir()
+    if config is None:
+        config = read_emulator_config(state_dir / EMULATOR_TOML)
+    kernel = EmulatedSevGuest.for_state_dir(state_dir, config)
+    device = IoctlDevice(DEFAULT_PATH, ops=kernel)
+    device.name = "emulator"
+    device.emulator = kernel  # type: ignore[attr-defined]  # for fault injection and status
+    return device
+
+
+def open_device(
+    backend: str = "auto",
+    *,
+    path: str = DEFAULT_PATH,
+    configfs_root: str = DEFAULT_CONFIGFS_ROOT,
+    emulator_dir: Optional[Path] = None,
+    emulator_config: Optional[EmulatorConfig] = None,
+) -> Device:
+    if backend not in BACKENDS:
+        raise InvalidArgument(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "emulator":
+        return open_emulator(emulator_dir, emulator_config)
+    if backend in ("ioctl", "auto"):
+        device = IoctlDevice(path)
+        if backend == "ioctl":
+            return device
+        try:
+            device._open()
+            return device
+        except DeviceUnavailable as ioctl_error:
+            if not Path(configfs_root).is_dir():
+                raise DeviceUnavailable(
+                    f"no SEV-SNP guest interface: {ioctl_error}; and no configfs-tsm at "
+                    f"{configfs_root}. Not an SEV-SNP guest? Use the emulator backend to "
+                    "develop without hardware") from ioctl_error
+    from snpd.device.configfs import ConfigfsDevice
+
+    return ConfigfsDevice(configfs_root)

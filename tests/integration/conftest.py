@@ -1,0 +1,94 @@
+"""Integration fixtures: a real private system-like bus loading the shipped policy,
+the D-Bus transport served by user ``snpd`` in a child process, and the test
+accounts (see dbusbus.py).
+
+These tests need root (they create users and groups and change uid), dbus-daemon,
+busctl and dbus-fast. Without them the tests are skipped, except under CI, where
+a missing prerequisite is a failure: scripts/test installs all of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import shutil
+from typing import Iterator
+
+import pytest
+from dbusbus import (  # type: ignore[import-not-found]
+    Accounts,
+    PeerProcess,
+    PrivateBus,
+    ensure_test_accounts,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+    """A private bus with the transport serving org.snpd.Snpd1 on it."""
+
+    address: str
+    daemon_name: str  # the server's unique name
+    accounts: Accounts
+    bus: PrivateBus
+
+
+def _missing() -> str:
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root")
+    missing += [tool for tool in ("dbus-daemon", "busctl", "useradd", "groupadd", "gpasswd")
+                if shutil.which(tool) is None]
+    if importlib.util.find_spec("dbus_fast") is None:
+        missing.append("the dbus-fast package")
+    return ", ".join(missing)
+
+
+@pytest.fixture(scope="session")
+def accounts() -> Accounts:
+    missing = _missing()
+    if missing:
+        message = f"D-Bus integration tests need {missing}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI is set, so this is fatal)")
+        pytest.skip(message)
+    return ensure_test_accounts()
+
+
+def _serve(bus: PrivateBus, accounts: Accounts, *, address_from_env: bool) -> Iterator[Served]:
+    peer = PeerProcess(bus.address, "snpd", accounts, address_from_env=address_from_env)
+    try:
+        if peer.ready is None:
+            pytest.fail(f"the D-Bus server did not start: {peer.failure}\n{peer.stderr()}\n"
+                        f"dbus-daemon: {bus.daemon_log()}")
+        yield Served(bus.address, peer.ready, accounts, bus)
+    finally:
+        log = peer.stderr()
+        status = peer.close()
+    assert status == 0, f"the D-Bus server exited with {status}:\n{log}"
+
+
+@pytest.fixture(scope="session")
+def strict_bus(accounts: Accounts) -> Iterator[PrivateBus]:
+    """The bus with exactly the shipped policy."""
+    bus = PrivateBus.shipped()
+    yield bus
+    bus.close()
+
+
+@pytest.fixture(scope="session")
+def strict(strict_bus: PrivateBus, accounts: Accounts) -> Iterator[Served]:
+    yield from _serve(strict_bus, accounts, address_from_env=False)
+
+
+@pytest.fixture(scope="session")
+def permissive(accounts: Accounts) -> Iterator[Served]:
+    """The shipped policy plus a mandatory allow-all for sends to org.snpd.Snpd1:
+    only the daemon's own re-check remains. This server finds its bus through
+    DBUS_SYSTEM_BUS_ADDRESS."""
+    bus = PrivateBus.shipped(permissive=True)
+    try:
+        yield from _serve(bus, accounts, address_from_env=True)
+    finally:
+        bus.close()
