@@ -1,4 +1,4 @@
-"""snpd: the daemon's entry point. For now only its configuration check.
+"""snpd: the daemon's entry point, and its configuration check.
 
 ``snpd --check-config [--config PATH] [--json]`` validates a configuration the
 way the daemon will read it, so an operator (or a package's postinst, or
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
-from snpd.errors import EXIT_OK, EXIT_USAGE, SnpdError
+from snpd.errors import EXIT_OK, SnpdError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--json", action="store_true",
         help="with --check-config: print the effective configuration as JSON")
+    parser.add_argument(
+        "--log-target", choices=("auto", "journal", "stderr"), default="auto",
+        help="where events go (auto: the journal under systemd, else stderr)")
     return parser
 
 
@@ -72,8 +75,30 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
         return int(exc.code or 0)
     if args.check_config:
         return check_config(args.config, args.json, stdout, stderr)
-    print("the snpd daemon is not implemented yet", file=stderr)
-    return EXIT_USAGE
+    from snpd.daemon import run_daemon
+
+    return run_daemon(args.config, log_target=args.log_target)
+
+
+def probe_main(argv: Optional[Sequence[str]] = None) -> int:
+    """snpd-probe: the unit's privileged ExecStartPre. Records the kernel's SEV lines and
+    sysfs facts in /run/snpd/probe.json for the unprivileged daemon."""
+    parser = argparse.ArgumentParser(prog="snpd-probe", description=probe_main.__doc__)
+    parser.add_argument("--output", type=Path, default=None, metavar="FILE",
+                        help="where to write (default /run/snpd/probe.json)")
+    args = parser.parse_args(argv)
+    from snpd.daemon import PROBE_FILE, write_probe
+
+    try:
+        doc = write_probe(args.output or PROBE_FILE)
+    except OSError as exc:
+        print(f"snpd-probe: {exc}", file=sys.stderr)
+        return 1
+    facts = doc["facts"]
+    active = isinstance(facts, dict) and facts.get("snp_active")
+    print(f"snpd-probe: SEV-SNP {'active' if active else 'not seen in the kernel log'}; "
+          f"wrote {args.output or PROBE_FILE}")
+    return 0
 
 
 if __name__ == "__main__":

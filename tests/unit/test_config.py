@@ -624,7 +624,6 @@ def test_check_config_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 
 def test_daemon_usage() -> None:
-    assert run() == (2, "", "the snpd daemon is not implemented yet\n")
     code, _, err = run("--json")
     assert code == 2 and "--json only applies to --check-config" in err
     code, _, err = run("--bogus")

@@ -23,7 +23,6 @@ from snpd.emulator.firmware import DeviceFault
 from snpd.emulator.kernel import EmulatedSevGuest
 from snpd.emulator.state import EmulatorConfig
 from snpd.errors import (
-    Busy,
     DeviceError,
     DeviceUnavailable,
     InvalidArgument,

@@ -23,7 +23,7 @@ def run(*argv: object) -> Tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def start_kds(emu: Path, tmp_path: Path, *faults: str) -> Tuple["subprocess.Popen[bytes]", str]:
+def start_kds(emu: Path, tmp_path: Path, *faults: str) -> Tuple[subprocess.Popen[bytes], str]:
     url_file = tmp_path / "url"
     argv: List[str] = [sys.executable, "-m", "snpd.cli.emu", "--emulator-dir", str(emu), "kds",
                        "--url-file", str(url_file)]

@@ -1,0 +1,392 @@
+"""The daemon's life cycle: build the parts from the configuration, serve, reload, stop.
+
+Start-up order matters to systemd: READY=1 is sent only once the varlink socket
+listens and the bus name is owned, so a client started after snpd can always
+connect. SIGTERM drains in-flight requests; SIGHUP re-reads the configuration
+(access groups, policies, log level apply at once; device, queue and transport
+settings need a restart, which the journal says).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence
+
+from snpd.broker import Broker, BrokerState
+from snpd.config import Config, load_config
+from snpd.errors import DeviceUnavailable, SnpdError
+from snpd.events import Events
+from snpd.notify import Notifier
+from snpd.service import Access, Caller, Service
+from snpd.status.probe import SevStatus, probe
+from snpd.trust.roots import AMD_ROOTS, TrustRoots
+from snpd.trust.verify import Verifier
+
+PROBE_FILE = Path("/run/snpd/probe.json")
+STARTUP_CALLER = Caller(uid=0, transport="startup", peer="snpd")
+
+
+class UnavailableDevice:
+    """Stands in when no backend can be opened: every request says why, and the
+    daemon still serves verification and certificates."""
+
+    name = "none"
+
+    def __init__(self, error: DeviceUnavailable) -> None:
+        self.error = error
+
+    def report(self, report_data: bytes, vmpl: int) -> bytes:
+        raise self.error
+
+    def extended_report(self, report_data: bytes, vmpl: int) -> Any:
+        raise self.error
+
+    def derived_key(self, request: Any) -> bytes:
+        raise self.error
+
+    def describe(self) -> Dict[str, object]:
+        return {"backend": "none", "error": str(self.error)}
+
+    def close(self) -> None:
+        pass
+
+
+def resolve_groups(names: Sequence[str], events: Events) -> FrozenSet[int]:
+    gids = set()
+    for name in names:
+        try:
+            gids.add(grp.getgrnam(name).gr_gid)
+        except KeyError:
+            events.log("warning", f"access group {name!r} does not exist; ignored")
+    return frozenset(gids)
+
+
+def status_dict(status: SevStatus) -> Dict[str, object]:
+    """SevStatus as flat, D-Bus-friendly values (a{sv}); unknowns are left out."""
+    k = status.kernel
+    out: Dict[str, object] = {
+        "snp_active": bool(status.snp_active),
+        "features": list(k.memory_encryption),
+        "sev_status": list(k.sev_status),
+        "device_node": status.device_node,
+        "configfs_tsm": status.configfs_tsm,
+        "unavailable": list(status.unavailable),
+    }
+    for key, value in (("vmpl", status.vmpl), ("vmpck", k.driver_vmpck),
+                       ("vmpck_disabled", k.vmpck_disabled),
+                       ("cpuid_table_entries", k.cpuid_table_entries)):
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def load_probe(path: Path) -> Optional[SevStatus]:
+    """The facts snpd-probe (the unit's privileged ExecStartPre) wrote, if any."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    lines = data.get("kernel_lines") if isinstance(data, dict) else None
+    if not isinstance(lines, list):
+        return None
+    return probe(Path(data.get("root", "/")), kernel_lines=[str(x) for x in lines][:20000])
+
+
+class Daemon:
+    def __init__(self, config: Config, *, config_path: Optional[Path], events: Events,
+                 notifier: Optional[Notifier] = None, probe_file: Path = PROBE_FILE,
+                 root: Path = Path("/")) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.events = events
+        self.notifier = notifier or Notifier()
+        self.probe_file = probe_file
+        self.root = root
+        self.service: Optional[Service] = None
+        self.broker: Optional[Broker] = None
+        self._transports: List[Any] = []
+        self._stop = asyncio.Event()
+        self._reload = asyncio.Event()
+        self._tasks: List[asyncio.Task[None]] = []
+        self.status: Optional[SevStatus] = None
+
+    # -- assembly ------------------------------------------------------------------------
+
+    def _device(self) -> Any:
+        from snpd.device.select import open_device
+
+        cfg = self.config
+        try:
+            return open_device(cfg.device.backend, path=str(cfg.device.path),
+                               configfs_root=str(cfg.device.configfs_root),
+                               emulator_dir=cfg.emulator.state_dir,
+                               emulator_config=cfg.emulator.emulator_config())
+        except DeviceUnavailable as exc:
+            self.events.log("err", f"no firmware channel: {exc}")
+            return UnavailableDevice(exc)
+
+    def _roots(self, device: Any) -> TrustRoots:
+        emulator = getattr(device, "emulator", None)
+        if emulator is not None:  # the emulator's root is trusted only with its backend
+            return AMD_ROOTS.with_explicit(emulator.firmware.state.ark)
+        return AMD_ROOTS
+
+    def _cache(self, roots: TrustRoots) -> Any:
+        from snpd.kds.cache import CertificateCache
+        from snpd.kds.client import KdsClient
+
+        kds = self.config.kds
+        client = None if kds.offline else KdsClient(kds.url, kds.mirrors, deadline=kds.timeout_s)
+        try:
+            return CertificateCache(kds.cache_dir, client, offline_dirs=kds.offline_dirs,
+                                    offline=kds.offline, roots=roots)
+        except OSError as exc:
+            self.events.log("warning", f"KDS cache {kds.cache_dir} unusable ({exc}); "
+                            "certificates will not be cached")
+            if client is not None:
+                client.close()
+            return None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        self.status = load_probe(self.probe_file) or probe(self.root)
+        device = self._device()
+        emulator = getattr(device, "emulator", None)
+        guest_vmpl = (emulator.firmware.state.config.guest_vmpl if emulator is not None
+                      else self.status.vmpl or 0)
+
+        def state_changed(state: BrokerState) -> None:  # called on the device thread
+            loop.call_soon_threadsafe(self._state_changed, state)
+
+        self.broker = Broker(device, max_pending=cfg.queue.max_pending,
+                             per_client=cfg.queue.per_client,
+                             min_interval=cfg.device.min_interval_ms / 1000,
+                             request_timeout=cfg.device.request_timeout_s,
+                             busy_retries=cfg.device.busy_retries,
+                             vmpck_id=self.status.kernel.driver_vmpck,
+                             on_state_change=state_changed)
+        self.broker.start()
+        roots = self._roots(device)
+        self.service = Service(
+            broker=self.broker,
+            access=Access(resolve_groups(cfg.access.report_groups, self.events),
+                          resolve_groups(cfg.access.key_groups, self.events)),
+            events=self.events, cache=self._cache(roots), verifier=Verifier(roots),
+            policies=cfg.policies, guest_vmpl=guest_vmpl, backend=device.name,
+            sev_status=({"snp_active": True, "emulated": True, "vmpl": guest_vmpl}
+                        if emulator is not None else status_dict(self.status)),
+            request_timeout=cfg.device.request_timeout_s)
+        await self._start_transports()
+        self.notifier.ready(self.status_line())
+        k = self.status.kernel
+        self.events.startup_status(
+            f"snpd {self._version()} serving: {self.status_line()}",
+            backend=device.name, snp_active=self.status.snp_active,
+            vmpl=self.status.vmpl, vmpck=k.driver_vmpck,
+            features=" ".join(k.memory_encryption) or None,
+            sev_status=" ".join(k.sev_status) or None,
+            unavailable="; ".join(self.status.unavailable) or None)
+        self._tasks.append(loop.create_task(self._learn_platform()))
+        if self.notifier.watchdog_usec:
+            self._tasks.append(loop.create_task(self._watchdog()))
+
+    async def _start_transports(self) -> None:
+        assert self.service is not None
+        cfg = self.config
+        errors = []
+        if cfg.varlink.enabled:
+            from snpd.varlink.server import VarlinkServer, activation_sockets, listen_fds
+
+            server = VarlinkServer(self.service, max_message=cfg.varlink.max_message_bytes)
+            try:
+                activated = activation_sockets(listen_fds())
+                for sock in activated:  # socket activation: snpd.socket made it already
+                    await server.adopt(sock)
+                if not activated:
+                    cfg.varlink.socket.parent.mkdir(parents=True, exist_ok=True)
+                    await server.bind(str(cfg.varlink.socket))
+                self._transports.append(server)
+            except (OSError, SnpdError, RuntimeError) as exc:
+                errors.append(f"varlink on {cfg.varlink.socket}: {exc}")
+                await server.close()
+        if cfg.dbus.enabled:
+            try:
+                from snpd.dbus import service as dbus_service
+
+                address = None if cfg.dbus.bus == "system" else cfg.dbus.bus
+                self._transports.append(await dbus_service.serve(self.service, address))
+            except (OSError, SnpdError, ImportError) as exc:
+                errors.append(f"D-Bus: {exc}")
+        for error in errors:
+            self.events.log("err", f"cannot serve {error}")
+        if not self._transports:
+            raise SnpdError("no transport could be started: " + "; ".join(errors))
+
+    async def _learn_platform(self) -> None:
+        """One report at start-up names the product and TCB for status displays."""
+        assert self.service is not None
+        with contextlib.suppress(SnpdError):
+            await self.service.get_report(STARTUP_CALLER, b"", 0xFFFFFFFF, {})
+        self.notifier.status(self.status_line())
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_usec / 2e6
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
+
+    def _state_changed(self, state: BrokerState) -> None:
+        if state.state == "degraded":
+            self.events.vmpck_disabled(state.reason)
+        else:
+            self.events.log("crit", f"firmware channel {state.state}: {state.reason}")
+        if self.service is not None:
+            self.service.notify("org.snpd.Snpd1.Attestation",
+                                {"State": state.state, "StateReason": state.reason})
+        self.notifier.status(self.status_line())
+
+    @staticmethod
+    def _version() -> str:
+        from snpd import __version__
+
+        return __version__
+
+    def status_line(self) -> str:
+        """What ``systemctl status snpd`` shows: backend, product, VMPL, state, counts."""
+        if self.service is None or self.broker is None:
+            return "starting"
+        state = self.broker.state
+        stats = self.broker.stats()
+        product = self.service.product.value if self.service.product else "product unknown"
+        head = (f"{self.service.backend} backend, {product}, VMPL {self.service.guest_vmpl}")
+        counts = (f"{stats.get('report.ok', 0) + stats.get('extended_report.ok', 0)} reports, "
+                  f"{stats.get('derived_key.ok', 0)} keys, "
+                  f"{stats.get('queue.rejected_busy', 0)} busy")
+        if state.state != "ready":
+            return f"{state.state.upper()}: {state.reason} ({head}; {counts})"
+        return f"ready: {head}; {counts}"
+
+    # -- running -------------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        try:
+            await self.start()
+            while not self._stop.is_set():
+                stop = asyncio.ensure_future(self._stop.wait())
+                reload = asyncio.ensure_future(self._reload.wait())
+                await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+                for waiter in (stop, reload):
+                    waiter.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await waiter
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    self.reload()
+        finally:
+            await self.shutdown()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+        return 0
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except SnpdError as exc:
+            self.events.log("err", f"reload refused, keeping the running configuration: {exc}")
+            self.notifier.ready(self.status_line())
+            return
+        old, self.config = self.config, new
+        if self.service is not None:
+            self.service.access = Access(resolve_groups(new.access.report_groups, self.events),
+                                         resolve_groups(new.access.key_groups, self.events))
+            self.service.policies = dict(new.policies)
+        from snpd.events import PRIORITIES
+
+        self.events.max_priority = PRIORITIES.get(new.log.level, 6)
+        restart = [name for name in ("device", "queue", "kds", "dbus", "varlink", "emulator")
+                   if getattr(old, name).to_dict() != getattr(new, name).to_dict()]
+        note = f"; restart snpd to apply [{'], ['.join(restart)}]" if restart else ""
+        self.events.log("notice", f"configuration reloaded (access, policies, log level){note}")
+        self.notifier.ready(self.status_line())
+
+    async def shutdown(self) -> None:
+        self.notifier.stopping(f"stopping: draining {self.broker.pending() if self.broker else 0}"
+                               " requests")
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for transport in self._transports:
+            with contextlib.suppress(Exception):
+                await transport.close()
+        self._transports.clear()
+        if self.broker is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.broker.close(drain=True),
+                                       self.config.device.request_timeout_s + 5)
+            self.broker = None
+        if self.service is not None and self.service.cache is not None:
+            client = getattr(self.service.cache, "client", None)
+            if client is not None:
+                client.close()
+        self.notifier.close()
+
+
+def run_daemon(config_path: Optional[Path], *, log_target: str = "auto") -> int:
+    """Load the configuration, run until SIGTERM. Exit codes: 0 clean stop, 2 bad
+    configuration, 1 the daemon could not start (the journal says why)."""
+    from snpd.events import choose_sink
+
+    events = Events(choose_sink(log_target))
+    try:
+        config = load_config(config_path)
+    except SnpdError as exc:
+        events.log("err", str(exc))
+        return exc.exit_code
+    events.max_priority = {"debug": 7, "info": 6, "notice": 5, "warning": 4,
+                           "error": 3}.get(config.log.level, 6)
+    daemon = Daemon(config, config_path=config_path, events=events)
+    try:
+        return asyncio.run(daemon.run())
+    except SnpdError as exc:
+        events.log("err", f"snpd could not start: {exc}")
+        return 1
+
+
+def write_probe(path: Path = PROBE_FILE, root: Path = Path("/")) -> Dict[str, object]:
+    """What snpd-probe records for the unprivileged daemon: the kernel's SEV lines and
+    the sysfs facts (the daemon cannot read the kernel log itself)."""
+    from snpd.files import atomic_write
+    from snpd.status.kernel_log import parse_kernel_log
+    from snpd.status.probe import read_kernel_log
+
+    lines, why = read_kernel_log(root)
+    keep = [line for line in lines if any(
+        word in line for word in ("SEV", "sev-guest", "VMPCK", "vmpck", "Memory Encryption",
+                                  "ASP"))]
+    doc: Dict[str, object] = {"root": str(root), "kernel_lines": keep[:2000],
+                              "kernel_log_error": why,
+                              "facts": parse_kernel_log(keep).to_json()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(doc, indent=1).encode())
+    os.chmod(path, 0o644)
+    return doc

@@ -1,0 +1,713 @@
+"""snpd's varlink server: an asyncio AF_UNIX stream server in front of the Service.
+
+It is a transport and nothing more (DESIGN.md): it establishes who is calling
+from the kernel (``SO_PEERCRED``, ``SO_PEERGROUPS``), decodes each call with the
+sans-IO :mod:`snpd.varlink.protocol`, calls the same :class:`~snpd.service.Service`
+coroutine the D-Bus method calls, and encodes the result or maps the typed error.
+Authorization is the service's job, on every call.
+
+Why in-tree and not a library: spec/STACK.md §6 — no maintained varlink library
+is packaged in the distributions; the protocol is small enough to own, and the
+tests hold it to an independent client.
+
+Shape of a connection: calls are read and answered strictly in order (varlink
+clients may pipeline; replies must keep the calls' order), one at a time, so a
+connection holds at most one request in the broker. Different connections run
+concurrently. The server limits the number of connections (in total and per
+uid), closes connections that stay idle, and never lets one connection's bad
+input or a bug in a method affect another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno as errno_module
+import importlib.resources
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    Mapping,
+    MutableMapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+)
+
+from snpd import __version__
+from snpd.errors import DeviceError, SnpdError
+from snpd.service import DEFAULT_VMPL, Caller
+from snpd.varlink.protocol import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_MESSAGE,
+    SERVICE_INTERFACE,
+    UINT32_MAX,
+    UINT64_MAX,
+    CallError,
+    Field,
+    Framer,
+    Kind,
+    ProtocolError,
+    check_parameters,
+    decode_call,
+    encode_bytes,
+    encode_error,
+    encode_reply,
+    interface_not_found,
+    invalid_parameter,
+    method_not_found,
+    split_method,
+    to_json,
+)
+
+INTERFACES = ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Manager")
+TRANSPORT = "varlink"
+READ_CHUNK = 1 << 16
+LISTEN_BACKLOG = 128
+SD_LISTEN_FDS_START = 3
+ACTIVATION_NAME = "varlink"  # FileDescriptorName= in snpd.socket
+# asm-generic value, used by x86-64 (the only SEV-SNP guest architecture) and
+# arm64; Python's socket module does not export it. Elsewhere: /proc only.
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
+_PEERGROUPS_MACHINES = frozenset({"x86_64", "aarch64"})
+_UCRED = struct.Struct("iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+_PEERGROUPS_BUFFER = 1024  # the most socket.getsockopt() accepts: 256 gid_t
+
+# The standard interface's definition, verbatim from varlink.org (with the later
+# PermissionDenied and ExpectedMore errors), served by GetInterfaceDescription.
+SERVICE_DESCRIPTION = """\
+# The Varlink Service Interface is provided by every varlink service. It
+# describes the service and the interfaces it implements.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+# The requested interface was not found.
+error InterfaceNotFound (interface: string)
+
+# The requested method was not found
+error MethodNotFound (method: string)
+
+# The interface defines the requested method, but the service does not
+# implement it.
+error MethodNotImplemented (method: string)
+
+# One of the passed parameters is invalid.
+error InvalidParameter (parameter: string)
+
+# Client is denied access
+error PermissionDenied ()
+
+# Method is expected to be called with 'more' set to true, but wasn't
+error ExpectedMore ()
+"""
+
+
+class ServiceLike(Protocol):
+    """What the server needs of :class:`snpd.service.Service` (tests pass fakes)."""
+
+    async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
+                         options: Mapping[str, Any]) -> bytes: ...
+
+    async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
+                                  options: Mapping[str, Any]
+                                  ) -> Tuple[bytes, List[Tuple[str, bytes]]]: ...
+
+    async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
+                               ) -> List[Tuple[str, bytes]]: ...
+
+    async def verify_report(self, caller: Caller, report: bytes,
+                            options: Mapping[str, Any]) -> Dict[str, object]: ...
+
+    async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
+                           options: Mapping[str, Any]) -> Tuple[str, bytes]: ...
+
+    async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str],
+                         vmpl: int, guest_svn: int, tcb_version: int,
+                         options: Mapping[str, Any]) -> bytes: ...
+
+    async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
+                                 options: Mapping[str, Any]) -> bytes: ...
+
+    async def refresh_certificates(self, caller: Caller) -> None: ...
+
+    def properties(self) -> Dict[str, Dict[str, object]]: ...
+
+
+Params = Dict[str, Any]
+Handler = Callable[[Caller, Params], Awaitable[Params]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """A method's parameters (checked before the handler runs) and its handler."""
+
+    fields: Tuple[Field, ...]
+    handler: Handler
+
+
+# -- socket activation and binding ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenFd:
+    """One socket-activated file descriptor and its FileDescriptorName=."""
+
+    fd: int
+    name: str
+
+
+def listen_fds(environ: Optional[MutableMapping[str, str]] = None, *,
+               pid: Optional[int] = None, unset: bool = True) -> List[ListenFd]:
+    """The descriptors systemd passed, as sd_listen_fds_with_names(3) reads them.
+
+    ``LISTEN_PID`` must be this process (``pid``, default os.getpid()): the
+    variables are inherited by children, which must not take the sockets for
+    theirs. With ``unset`` the three variables are removed whether or not they
+    applied, for the same reason. Returns [] when nothing was passed; raises
+    ValueError on malformed variables (a broken unit should fail loudly).
+    """
+    env = os.environ if environ is None else environ
+    raw_pid = env.get("LISTEN_PID")
+    raw_fds = env.get("LISTEN_FDS")
+    raw_names = env.get("LISTEN_FDNAMES")
+    if unset:
+        for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+            env.pop(key, None)
+    if raw_pid is None or raw_fds is None:
+        return []
+    try:
+        listen_pid = int(raw_pid)
+        count = int(raw_fds)
+    except ValueError:
+        raise ValueError(f"malformed LISTEN_PID={raw_pid!r} or LISTEN_FDS={raw_fds!r}"
+                         ) from None
+    if listen_pid != (os.getpid() if pid is None else pid):
+        return []
+    if not 0 <= count <= 4096:
+        raise ValueError(f"LISTEN_FDS={count} is out of range")
+    names = raw_names.split(":") if raw_names is not None else ["unknown"] * count
+    if len(names) != count:
+        raise ValueError(f"LISTEN_FDNAMES names {len(names)} descriptors, "
+                         f"LISTEN_FDS says {count}")
+    return [ListenFd(SD_LISTEN_FDS_START + i, names[i]) for i in range(count)]
+
+
+def adopt_socket(fd: int) -> socket.socket:
+    """Wrap an inherited listening AF_UNIX stream socket (close-on-exec, non-blocking).
+
+    Raises ValueError, leaving ``fd`` open, if it is anything else: a unit that
+    passes the wrong socket must not be served half-working.
+    """
+    sock = socket.socket(fileno=fd)
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM or not listening:
+            raise ValueError(f"fd {fd} is not a listening AF_UNIX stream socket")
+    except BaseException:
+        sock.detach()
+        raise
+    os.set_inheritable(fd, False)
+    sock.setblocking(False)
+    return sock
+
+
+def activation_sockets(fds: Sequence[ListenFd], name: str = ACTIVATION_NAME
+                       ) -> List[socket.socket]:
+    """The passed sockets named ``name`` (all of them when systemd named none)."""
+    chosen = [f for f in fds if f.name == name] or [f for f in fds if f.name == "unknown"]
+    sockets: List[socket.socket] = []
+    try:
+        for item in chosen:
+            sockets.append(adopt_socket(item.fd))
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def remove_stale_socket(path: str) -> None:
+    """Remove a socket file a dead server left behind; refuse to touch anything else.
+
+    A socket someone still listens on is not stale (EADDRINUSE): two daemons must
+    not steal each other's socket. A path that is not a socket is never removed.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(errno_module.EEXIST, "exists and is not a socket", path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)
+        return
+    except BlockingIOError:
+        pass  # a live listener with a full backlog
+    except FileNotFoundError:
+        return
+    finally:
+        probe.close()
+    raise OSError(errno_module.EADDRINUSE, "another server is listening on", path)
+
+
+def bind_socket(path: str, mode: int = 0o660) -> socket.socket:
+    """A listening socket at ``path`` with ``mode``, set before listen() so nobody
+    connects through a wider mode in between."""
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, mode)
+        sock.listen(LISTEN_BACKLOG)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# -- peer identity ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerCredentials:
+    """The kernel's record of a connected peer (effective ids at connect())."""
+
+    pid: int
+    uid: int
+    gid: int
+    groups: FrozenSet[int]
+
+
+def _peer_groups_sockopt(sock: Any) -> Optional[FrozenSet[int]]:
+    """The peer's supplementary groups as the kernel recorded them at connect(),
+    or None where that is unavailable: kernels before 4.13 (ENOPROTOOPT), and
+    peers in more than 256 groups, because Python caps getsockopt() buffers at
+    1024 bytes (ERANGE)."""
+    if not hasattr(socket, "SO_PEERGROUPS") and os.uname().machine not in _PEERGROUPS_MACHINES:
+        return None
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, _PEERGROUPS_BUFFER)
+    except OSError:
+        return None
+    count = len(raw) // 4
+    return frozenset(struct.unpack(f"{count}I", raw[:count * 4]))
+
+
+def _peer_groups_proc(pid: int, uid: int, proc: str = "/proc") -> FrozenSet[int]:
+    """The supplementary groups from ``/proc/<pid>/status`` (kernels before 4.13).
+
+    This is racy where SO_PEERGROUPS is not: it reads the groups *now*, not at
+    connect(); the peer may have changed them (setgroups) since, or exited and
+    its pid been reused by another process. The effective uid on the ``Uid:``
+    line must match SO_PEERCRED's, else no supplementary groups are granted
+    (fail closed). A pidfd (SO_PEERPIDFD, Linux 6.5) would pin the process and
+    close the pid-reuse half of the race.
+    """
+    try:
+        with open(f"{proc}/{pid}/status", "rb") as f:
+            text = f.read(1 << 20).decode("ascii", "replace")
+    except OSError:
+        return frozenset()
+    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+    try:
+        effective_uid = int(fields.get("Uid", "").split()[1])
+        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
+    except (IndexError, ValueError):
+        return frozenset()
+    return groups if effective_uid == uid else frozenset()
+
+
+def peer_credentials(sock: Any) -> PeerCredentials:
+    """Who is on the other end of a connected AF_UNIX socket, from the kernel.
+
+    uid and gid are the effective ids at connect() time (SO_PEERCRED). Groups
+    include the effective gid.
+    """
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                  _UCRED.size))
+    groups = _peer_groups_sockopt(sock)
+    if groups is None:
+        groups = _peer_groups_proc(pid, uid)
+    return PeerCredentials(pid, uid, gid, groups | {gid})
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+class _Connection:
+    """One client connection's mutable bookkeeping (the server's, not a value)."""
+
+    def __init__(self, number: int, caller: Caller, task: asyncio.Task[None]) -> None:
+        self.number = number
+        self.caller = caller
+        self.task = task
+        self.busy = False
+
+
+def _snpd_error(interface: str, exc: SnpdError) -> bytes:
+    parameters: Dict[str, Any] = {"message": str(exc)}
+    if isinstance(exc, DeviceError):
+        for key in ("errno", "fw_error", "vmm_error"):
+            value = getattr(exc, key)
+            if value is not None:
+                parameters[key] = value
+    return encode_error(exc.varlink_name(interface), parameters)
+
+
+def _certificates(pairs: Sequence[Tuple[str, bytes]]) -> List[Dict[str, str]]:
+    return [{"kind": kind, "data": encode_bytes(der)} for kind, der in pairs]
+
+
+def _options(value: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    return dict(value or {})
+
+
+_OPTIONS = Field("options", Kind.OBJECT, optional=True)
+_VMPL = Field("vmpl", Kind.INT, optional=True, maximum=UINT32_MAX)
+
+
+class VarlinkServer:
+    """Serves the org.snpd.* interfaces and org.varlink.service on Unix sockets.
+
+    ``await bind(path)`` or ``await adopt(sock)`` (socket activation), any number
+    of times; ``await close()`` stops accepting, lets calls in flight finish and
+    answers them, then closes every connection.
+    """
+
+    def __init__(
+        self,
+        service: ServiceLike,
+        *,
+        vendor: str = "snpd",
+        product: str = "snpd",
+        version: str = __version__,
+        url: str = "",
+        max_connections: int = 256,
+        max_connections_per_uid: int = 64,
+        idle_timeout: float = 60.0,
+        max_message: int = MAX_MESSAGE,
+        logger: Optional[logging.Logger] = None,
+    ) -> None:
+        self.service = service
+        self.info = {"vendor": vendor, "product": product, "version": version, "url": url,
+                     "interfaces": [SERVICE_INTERFACE, *INTERFACES]}
+        self.max_connections = max_connections
+        self.max_connections_per_uid = max_connections_per_uid
+        self.idle_timeout = idle_timeout
+        self.max_message = max_message
+        self.log = logger or logging.getLogger(__name__)
+        self.descriptions = {SERVICE_INTERFACE: SERVICE_DESCRIPTION}
+        package = importlib.resources.files(__package__ or "snpd.varlink")
+        for name in INTERFACES:
+            self.descriptions[name] = package.joinpath(f"{name}.varlink").read_text(
+                encoding="utf-8")
+        self.methods: Dict[str, Method] = self._method_table()
+        self._servers: List[asyncio.AbstractServer] = []
+        self._bound: List[Tuple[str, int, int]] = []  # path, st_dev, st_ino
+        self._connections: Dict[int, _Connection] = {}
+        self._accepted = 0
+        self._closing = False
+
+    # -- listening ------------------------------------------------------------------------
+
+    async def bind(self, path: str, mode: int = 0o660) -> None:
+        """Listen on ``path`` (mode 0660: owner and group; a stale socket is replaced)."""
+        if self._closing:
+            raise RuntimeError("the server is closed")
+        sock = bind_socket(path, mode)
+        st = os.stat(path)
+        self._bound.append((path, st.st_dev, st.st_ino))
+        await self.adopt(sock)
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve on an already listening socket (socket activation); takes ownership."""
+        if self._closing:
+            sock.close()
+            raise RuntimeError("the server is closed")
+        # Python 3.13 unlinks the socket's path when the server closes; an activated
+        # socket's file belongs to systemd (the next start needs it), and bind()
+        # removes its own file in close().
+        extra: Dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
+        server = await asyncio.start_unix_server(self._accepted_cb, sock=sock, **extra)
+        self._servers.append(server)
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    async def close(self, timeout: Optional[float] = None) -> None:
+        """Stop accepting; let calls in flight finish (cancel them after ``timeout``
+        seconds, if given) and send their replies; close every connection; remove
+        the socket files this server bound."""
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections.values()):
+            if not conn.busy:
+                conn.task.cancel()
+        tasks = [conn.task for conn in self._connections.values()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        for path, dev, ino in self._bound:
+            with contextlib.suppress(OSError):
+                st = os.lstat(path)
+                if (st.st_dev, st.st_ino) == (dev, ino):
+                    os.unlink(path)
+        self._bound.clear()
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _accepted_cb(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Runs synchronously in connection_made, so the connection is tracked from
+        its first moment and close() cannot miss it."""
+        if self._closing:
+            writer.close()
+            return
+        try:
+            creds = peer_credentials(writer.get_extra_info("socket"))
+        except (OSError, struct.error) as exc:
+            self.log.warning("varlink: cannot read peer credentials: %s", exc)
+            writer.close()
+            return
+        same_uid = sum(1 for c in self._connections.values() if c.caller.uid == creds.uid)
+        if (len(self._connections) >= self.max_connections
+                or same_uid >= self.max_connections_per_uid):
+            self.log.warning("varlink: too many connections; refusing uid %d pid %d",
+                             creds.uid, creds.pid)
+            writer.close()
+            return
+        self._accepted += 1
+        number = self._accepted
+        caller = Caller(uid=creds.uid, gids=creds.groups, pid=creds.pid,
+                        transport=TRANSPORT, peer=f"varlink#{number}")
+        task = asyncio.get_running_loop().create_task(self._serve(number, reader, writer))
+        self._connections[number] = _Connection(number, caller, task)
+
+    async def _serve(self, number: int, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        conn = self._connections[number]
+        framer = Framer(self.max_message)
+        try:
+            while True:
+                try:
+                    message = framer.next_message()
+                except ProtocolError as exc:
+                    self.log.info("varlink: %s: %s; closing", conn.caller.describe(),
+                                  exc.reason)
+                    await self._write(writer, exc.encode())
+                    return
+                if message is None:
+                    if self._closing:
+                        return
+                    try:
+                        data = await asyncio.wait_for(reader.read(READ_CHUNK),
+                                                      self.idle_timeout)
+                    except asyncio.TimeoutError:
+                        self.log.debug("varlink: %s idle; closing", conn.caller.describe())
+                        return
+                    if not data:
+                        return
+                    framer.feed(data)
+                    continue
+                conn.busy = True
+                try:
+                    reply, fatal = await self._handle(conn.caller, message)
+                    if reply is not None:
+                        await self._write(writer, reply)
+                finally:
+                    conn.busy = False
+                if fatal or self._closing:
+                    return
+        except (ConnectionError, asyncio.TimeoutError):
+            pass  # the peer went away, or stopped reading its replies
+        except Exception:
+            self.log.exception("varlink: connection %d failed", number)
+        finally:
+            del self._connections[number]
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        writer.write(data)
+        await asyncio.wait_for(writer.drain(), self.idle_timeout)
+
+    async def _handle(self, caller: Caller, message: bytes) -> Tuple[Optional[bytes], bool]:
+        """One message in, (reply or None for oneway, close-after) out; never raises
+        except for cancellation."""
+        try:
+            call = decode_call(message)
+        except ProtocolError as exc:
+            self.log.info("varlink: %s: %s; closing", caller.describe(), exc.reason)
+            return exc.encode(), True
+        interface = call.interface
+        try:
+            if call.upgrade:
+                raise invalid_parameter("upgrade", "no snpd method supports 'upgrade'")
+            result = await self._dispatch(caller, call.method, call.parameters)
+            reply = encode_reply(result)
+        except CallError as exc:
+            self.log.debug("varlink: %s: %s: %s", caller.describe(), call.method, exc.reason)
+            reply = exc.encode()
+        except SnpdError as exc:
+            reply = _snpd_error(interface, exc)
+        except Exception:
+            self.log.exception("varlink: %s failed for %s", call.method, caller.describe())
+            reply = encode_error(f"{interface}.Internal", {
+                "message": f"internal error in {call.method}; the daemon's journal has "
+                           "the details"})
+        return (None if call.oneway else reply), False
+
+    async def _dispatch(self, caller: Caller, name: str, parameters: Mapping[str, Any]
+                        ) -> Params:
+        interface, member = split_method(name)
+        if interface == SERVICE_INTERFACE:
+            return self._service_method(member, name, parameters)
+        if interface not in INTERFACES:
+            raise interface_not_found(interface)
+        method = self.methods.get(name)
+        if method is None:
+            raise method_not_found(name)
+        return await method.handler(caller, check_parameters(parameters, method.fields))
+
+    def _service_method(self, member: str, name: str, parameters: Mapping[str, Any]
+                        ) -> Params:
+        if member == "GetInfo":
+            check_parameters(parameters, ())
+            return dict(self.info)
+        if member == "GetInterfaceDescription":
+            wanted = check_parameters(parameters, (Field("interface", Kind.STRING),))
+            description = self.descriptions.get(wanted["interface"])
+            if description is None:
+                raise interface_not_found(wanted["interface"])
+            return {"description": description}
+        raise method_not_found(name)
+
+    # -- org.snpd.* -----------------------------------------------------------------------------
+
+    def _method_table(self) -> Dict[str, Method]:
+        report_fields = (Field("report_data", Kind.BYTES), _VMPL, _OPTIONS)
+        return {
+            "org.snpd.Attestation.GetReport": Method(report_fields, self._get_report),
+            "org.snpd.Attestation.GetExtendedReport": Method(report_fields,
+                                                             self._get_extended_report),
+            "org.snpd.Attestation.GetCertificates": Method((_OPTIONS,),
+                                                           self._get_certificates),
+            "org.snpd.Attestation.VerifyReport": Method((
+                Field("report", Kind.BYTES),
+                Field("certificates", Kind.CERTIFICATES, optional=True),
+                Field("at", Kind.INT, optional=True, minimum=INT64_MIN, maximum=INT64_MAX),
+                Field("policy", Kind.STRING, optional=True),
+                Field("product", Kind.STRING, optional=True),
+            ), self._verify_report),
+            "org.snpd.Attestation.GetEvidence": Method((
+                Field("format", Kind.STRING), Field("nonce", Kind.BYTES), _OPTIONS,
+            ), self._get_evidence),
+            "org.snpd.Keys.DeriveKey": Method((
+                Field("root_key", Kind.STRING),
+                Field("fields", Kind.STRINGS),
+                _VMPL,
+                Field("guest_svn", Kind.INT, optional=True, maximum=UINT32_MAX),
+                Field("tcb_version", Kind.INT, optional=True, maximum=UINT64_MAX),
+                _OPTIONS,
+            ), self._derive_key),
+            "org.snpd.Keys.DeriveSealingKey": Method((
+                Field("label", Kind.STRING),
+                Field("fields", Kind.STRINGS, optional=True),
+                _OPTIONS,
+            ), self._derive_sealing_key),
+            "org.snpd.Manager.RefreshCertificates": Method((), self._refresh_certificates),
+            "org.snpd.Manager.GetProperties": Method((), self._get_properties),
+        }
+
+    async def _get_report(self, caller: Caller, p: Params) -> Params:
+        report = await self.service.get_report(
+            caller, p["report_data"], _default(p["vmpl"], DEFAULT_VMPL), _options(p["options"]))
+        return {"report": encode_bytes(report)}
+
+    async def _get_extended_report(self, caller: Caller, p: Params) -> Params:
+        report, certs = await self.service.get_extended_report(
+            caller, p["report_data"], _default(p["vmpl"], DEFAULT_VMPL), _options(p["options"]))
+        return {"report": encode_bytes(report), "certificates": _certificates(certs)}
+
+    async def _get_certificates(self, caller: Caller, p: Params) -> Params:
+        certs = await self.service.get_certificates(caller, _options(p["options"]))
+        return {"certificates": _certificates(certs)}
+
+    async def _verify_report(self, caller: Caller, p: Params) -> Params:
+        options = {k: p[k] for k in ("certificates", "at", "policy", "product")
+                   if p[k] is not None}
+        result = await self.service.verify_report(caller, p["report"], options)
+        failures: Any = result["failures"]
+        checks: Any = result["checks"]
+        return {
+            "valid": bool(result["valid"]),
+            "product": str(result["product"]),
+            "failures": [str(f) for f in failures],
+            "checks": [{"name": str(n), "status": str(s), "detail": str(d)}
+                       for n, s, d in checks],
+        }
+
+    async def _get_evidence(self, caller: Caller, p: Params) -> Params:
+        media_type, evidence = await self.service.get_evidence(
+            caller, p["format"], p["nonce"], _options(p["options"]))
+        return {"media_type": media_type, "evidence": encode_bytes(evidence)}
+
+    async def _derive_key(self, caller: Caller, p: Params) -> Params:
+        key = await self.service.derive_key(
+            caller, p["root_key"], p["fields"], _default(p["vmpl"], DEFAULT_VMPL),
+            _default(p["guest_svn"], 0), _default(p["tcb_version"], 0), _options(p["options"]))
+        return {"key": encode_bytes(key)}
+
+    async def _derive_sealing_key(self, caller: Caller, p: Params) -> Params:
+        key = await self.service.derive_sealing_key(
+            caller, p["label"], p["fields"] or [], _options(p["options"]))
+        return {"key": encode_bytes(key)}
+
+    async def _refresh_certificates(self, caller: Caller, p: Params) -> Params:
+        await self.service.refresh_certificates(caller)
+        return {}
+
+    async def _get_properties(self, caller: Caller, p: Params) -> Params:
+        return {"properties": to_json(self.service.properties())}
+
+
+def _default(value: Optional[int], default: int) -> int:
+    return default if value is None else value

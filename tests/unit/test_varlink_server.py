@@ -1,0 +1,961 @@
+"""The varlink server on a real socket, with a fake Service, called through snpd's
+own client and through the independent PyPI ``varlink`` client.
+
+The server runs on its own event loop in a thread, so that the synchronous
+clients can be called from the test; every socket, loop and thread is closed
+by the fixtures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+import pytest
+import varlink  # type: ignore[import-untyped]  # the independent client, test-only
+
+from snpd import errors
+from snpd.service import DEFAULT_VMPL, Caller
+from snpd.varlink import client as vclient
+from snpd.varlink import server as vserver
+from snpd.varlink.client import AsyncVarlinkClient, TransportError, VarlinkClient
+from snpd.varlink.protocol import Kind
+from snpd.varlink.server import ListenFd, VarlinkServer
+
+REPO = Path(__file__).resolve().parents[2]
+IDL_DIR = REPO / "snpd" / "varlink"
+SNPD_INTERFACES = ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Manager")
+ONE_METHOD = {  # a cheap method of each interface, to raise errors from
+    "org.snpd.Attestation": ("org.snpd.Attestation.GetCertificates", {}),
+    "org.snpd.Keys": ("org.snpd.Keys.DeriveSealingKey", {"label": "x"}),
+    "org.snpd.Manager": ("org.snpd.Manager.RefreshCertificates", {}),
+}
+WAIT = 30.0  # only a guard against hangs; no test asserts on time
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+class FakeService:
+    """The Service's coroutine signatures; records each call and its caller."""
+
+    def __init__(self) -> None:
+        self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
+        self.callers: List[Caller] = []
+        self.fail: Optional[BaseException] = None
+        self.entered = threading.Event()
+        self._release: Optional[asyncio.Event] = None
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+
+    async def _record(self, name: str, caller: Caller, *args: Any) -> None:
+        self.calls.append((name, args))
+        self.callers.append(caller)
+        if self.fail is not None:
+            raise self.fail
+
+    async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
+                         options: Mapping[str, Any]) -> bytes:
+        await self._record("get_report", caller, report_data, vmpl, dict(options))
+        if options.get("block"):
+            self.loop = asyncio.get_running_loop()
+            self._release = asyncio.Event()
+            self.entered.set()
+            await self._release.wait()
+        return b"REPORT" + report_data
+
+    def release(self) -> None:
+        assert self.loop is not None and self._release is not None
+        self.loop.call_soon_threadsafe(self._release.set)
+
+    async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
+                                  options: Mapping[str, Any]
+                                  ) -> Tuple[bytes, List[Tuple[str, bytes]]]:
+        await self._record("get_extended_report", caller, report_data, vmpl, dict(options))
+        return b"EXT" + report_data, [("ark", b"\x30\x01"), ("vcek", b"\x30\x02\xff")]
+
+    async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
+                               ) -> List[Tuple[str, bytes]]:
+        await self._record("get_certificates", caller, dict(options))
+        return [("ask", b"\x30\x03"), ("crl", b"")]
+
+    async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
+                            ) -> Dict[str, object]:
+        await self._record("verify_report", caller, report, dict(options))
+        return {"valid": False, "product": "Genoa", "failures": ["signature"],
+                "checks": [("chain", "pass", "ARK->ASK->VCEK"),
+                           ("signature", "fail", "bad"), ("policy", "skipped", "none")]}
+
+    async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
+                           options: Mapping[str, Any]) -> Tuple[str, bytes]:
+        await self._record("get_evidence", caller, fmt, nonce, dict(options))
+        return "application/x-test", b'{"nonce":"' + nonce.hex().encode() + b'"}'
+
+    async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str], vmpl: int,
+                         guest_svn: int, tcb_version: int, options: Mapping[str, Any]) -> bytes:
+        await self._record("derive_key", caller, root_key, list(fields), vmpl, guest_svn,
+                           tcb_version, dict(options))
+        return bytes(range(32))
+
+    async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
+                                 options: Mapping[str, Any]) -> bytes:
+        await self._record("derive_sealing_key", caller, label, list(fields), dict(options))
+        return bytes(32)
+
+    async def refresh_certificates(self, caller: Caller) -> None:
+        await self._record("refresh_certificates", caller)
+
+    def properties(self) -> Dict[str, Dict[str, object]]:
+        if self.fail is not None:
+            raise self.fail
+        return {"org.snpd.Snpd1.Attestation": {"Backend": "emulator", "Vmpl": 0,
+                                               "ReportedTcb": 1 << 63},
+                "org.snpd.Snpd1.Manager": {"Version": "0.1.0",
+                                           "SevStatus": {"vmpck": 0, "raw": b"\x01",
+                                                         "features": ("SNP", "VMPL")},
+                                           "Statistics": {"reports": 3}}}
+
+
+class Harness:
+    """A VarlinkServer on its own loop in a thread, bound to a short temp path."""
+
+    def __init__(self, directory: str, service: FakeService, **options: Any) -> None:
+        self.path = os.path.join(directory, "snpd.varlink")
+        self.service = service
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = VarlinkServer(service, url="https://example.invalid/snpd", **options)
+        self.closed = False
+        try:
+            self.run(self.server.bind(self.path))
+        except BaseException:
+            self.stop()
+            raise
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def submit(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def connections(self) -> int:
+        async def count() -> int:
+            return self.server.connections
+        return int(self.run(count()))
+
+    def close_server(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.run(self.server.close(timeout=WAIT))
+
+    def stop(self) -> None:
+        try:
+            self.close_server()
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(WAIT)
+            self.loop.close()
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    """sun_path holds 108 bytes; pytest's tmp_path can be longer."""
+    with tempfile.TemporaryDirectory(prefix="snpd-vl-") as directory:
+        yield directory
+
+
+@pytest.fixture
+def make_harness(short_dir: str) -> Iterator[Callable[..., Harness]]:
+    made: List[Harness] = []
+
+    def make(service: Optional[FakeService] = None, **options: Any) -> Harness:
+        sub = tempfile.mkdtemp(dir=short_dir)
+        harness = Harness(sub, service or FakeService(), **options)
+        made.append(harness)
+        return harness
+
+    yield make
+    for harness in made:
+        harness.stop()
+
+
+@pytest.fixture
+def h(make_harness: Callable[..., Harness]) -> Harness:
+    return make_harness()
+
+
+@pytest.fixture
+def client(h: Harness) -> Iterator[VarlinkClient]:
+    with VarlinkClient(h.path, timeout=WAIT) as c:
+        yield c
+
+
+class Independent:
+    """The PyPI varlink client: it fetches and parses our interface descriptions
+    itself (GetInterfaceDescription) before it can call anything."""
+
+    def __init__(self, path: str) -> None:
+        self.client = varlink.Client(address=f"unix:{path}")
+        self.conns: List[Any] = []
+
+    def open(self, interface: str) -> Any:
+        conn = self.client.open(interface)
+        self.conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.close()
+        self.client.cleanup()
+
+
+@pytest.fixture
+def independent(h: Harness) -> Iterator[Independent]:
+    ind = Independent(h.path)
+    yield ind
+    ind.close()
+
+
+def raw_session(path: str, data: bytes, *, shut: bool = True) -> List[Any]:
+    """Send raw bytes, read until the server closes; the replies, decoded.
+    A reset (the server closed with our bytes unread) ends the reading too."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(WAIT)
+        s.connect(path)
+        try:
+            s.sendall(data)
+            if shut:
+                s.shutdown(socket.SHUT_WR)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            received += chunk
+    assert received == b"" or received.endswith(b"\0")
+    return [json.loads(m) for m in received.split(b"\0")[:-1]]
+
+
+def wait_until(predicate: Callable[[], bool]) -> None:
+    """Poll for a state change the server makes asynchronously (bounded by WAIT)."""
+    for _ in range(int(WAIT / 0.01)):
+        if predicate():
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("condition not reached")
+
+
+def call_message(method: str, parameters: Optional[Dict[str, Any]] = None, **flags: Any
+                 ) -> bytes:
+    return json.dumps({"method": method, "parameters": parameters or {}, **flags}).encode() + \
+        b"\0"
+
+
+# -- org.varlink.service ------------------------------------------------------------------------
+
+
+def test_get_info(client: VarlinkClient, independent: Independent) -> None:
+    info = client.call("org.varlink.service.GetInfo")
+    assert info == {"vendor": "snpd", "product": "snpd", "version": "0.1.0",
+                    "url": "https://example.invalid/snpd",
+                    "interfaces": ["org.varlink.service", *SNPD_INTERFACES]}
+    assert independent.client.get_interfaces() == info["interfaces"]
+
+
+def test_interface_descriptions_round_trip(client: VarlinkClient) -> None:
+    for name in client.call("org.varlink.service.GetInfo")["interfaces"]:
+        text = client.call("org.varlink.service.GetInterfaceDescription",
+                           {"interface": name})["description"]
+        assert varlink.Interface(text).name == name
+        if name != "org.varlink.service":
+            assert text == (IDL_DIR / f"{name}.varlink").read_text(encoding="utf-8")
+    with pytest.raises(errors.NotSupported):
+        client.call("org.varlink.service.GetInterfaceDescription", {"interface": "org.x.Y"})
+
+
+def test_unknown_interface_and_method(h: Harness) -> None:
+    replies = raw_session(h.path, b"".join([
+        call_message("org.example.Nope.Method"),
+        call_message("org.snpd.Attestation.GetNothing"),
+        call_message("org.varlink.service.Explode"),
+        call_message("not-a-method"),
+        call_message("org.varlink.service.GetInterfaceDescription", {"interface": "x.y"}),
+        call_message("org.varlink.service.GetInfo", {"unexpected": 1}),
+        call_message("org.varlink.service.GetInfo"),
+    ]))
+    assert [(r.get("error"), r["parameters"]) for r in replies[:6]] == [
+        ("org.varlink.service.InterfaceNotFound", {"interface": "org.example.Nope"}),
+        ("org.varlink.service.MethodNotFound", {"method": "org.snpd.Attestation.GetNothing"}),
+        ("org.varlink.service.MethodNotFound", {"method": "org.varlink.service.Explode"}),
+        ("org.varlink.service.MethodNotFound", {"method": "not-a-method"}),
+        ("org.varlink.service.InterfaceNotFound", {"interface": "x.y"}),
+        ("org.varlink.service.InvalidParameter", {"parameter": "unexpected"}),
+    ]
+    assert replies[6]["parameters"]["vendor"] == "snpd"  # the connection stayed usable
+
+
+# -- the interface files ---------------------------------------------------------------------------
+
+IDL_TYPES = {Kind.STRING: "string", Kind.BYTES: "string", Kind.INT: "int", Kind.BOOL: "bool",
+             Kind.OBJECT: "object", Kind.STRINGS: "[]string",
+             Kind.CERTIFICATES: "[]Certificate"}
+
+
+def _idl_type(t: Any) -> Tuple[str, bool]:
+    """(type, optional) of a varlink-package type node."""
+    from varlink import scanner
+
+    if isinstance(t, scanner._Maybe):
+        return _idl_type(t.element_type)[0], True
+    if isinstance(t, scanner._Array):
+        return "[]" + _idl_type(t.element_type)[0], False
+    if isinstance(t, scanner._CustomType):
+        return t.name, False
+    if isinstance(t, scanner._Object):
+        return "object", False
+    for python, name in ((bool, "bool"), (int, "int"), (float, "float"), (str, "string")):
+        if type(t) is python:
+            return name, False
+    raise AssertionError(f"unexpected IDL type {t!r}")
+
+
+def test_idl_files_parse_and_match_the_method_table(h: Harness) -> None:
+    from varlink import scanner
+
+    table: Dict[str, List[Tuple[str, str, bool]]] = {}
+    for name in SNPD_INTERFACES:
+        iface = varlink.Interface((IDL_DIR / f"{name}.varlink").read_text(encoding="utf-8"))
+        assert iface.name == name
+        for member in iface.members.values():
+            if isinstance(member, scanner._Method):
+                table[f"{name}.{member.name}"] = [
+                    (field, *_idl_type(t)) for field, t in member.in_type.fields.items()]
+    assert set(table) == set(h.server.methods)
+    for method, spec in h.server.methods.items():
+        assert table[method] == [(f.name, IDL_TYPES[f.kind], f.optional) for f in spec.fields], \
+            method
+
+
+def test_idl_declares_every_error_kind_with_a_message() -> None:
+    from varlink import scanner
+
+    for name in SNPD_INTERFACES:
+        iface = varlink.Interface((IDL_DIR / f"{name}.varlink").read_text(encoding="utf-8"))
+        declared = {m.name: m for m in iface.members.values() if isinstance(m, scanner._Error)}
+        assert set(declared) == set(errors.ALL_KINDS)
+        for error in declared.values():
+            fields = {k: _idl_type(t) for k, t in error.type.fields.items()}
+            assert fields["message"] == ("string", False)
+        assert set(declared["DeviceError"].type.fields) == {"message", "errno", "fw_error",
+                                                            "vmm_error"}
+
+
+def test_idl_is_package_data() -> None:
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    for name in SNPD_INTERFACES:
+        assert f"varlink/{name}.varlink" in text or "varlink/*.varlink" in text
+
+
+# -- org.snpd.* argument mapping ------------------------------------------------------------------
+
+
+def test_get_report(client: VarlinkClient, h: Harness) -> None:
+    out = client.call("org.snpd.Attestation.GetReport", {"report_data": b64(b"\x00nonce\xff")})
+    assert out == {"report": b64(b"REPORT\x00nonce\xff")}
+    out = client.call("org.snpd.Attestation.GetReport",
+                      {"report_data": "", "vmpl": 2, "options": {"timeout": 5}})
+    assert base64.b64decode(out["report"]) == b"REPORT"
+    assert h.service.calls == [("get_report", (b"\x00nonce\xff", DEFAULT_VMPL, {})),
+                               ("get_report", (b"", 2, {"timeout": 5}))]
+
+
+def test_get_extended_report(client: VarlinkClient, h: Harness) -> None:
+    out = client.call("org.snpd.Attestation.GetExtendedReport",
+                      {"report_data": b64(b"n"), "vmpl": None, "options": None})
+    assert out == {"report": b64(b"EXTn"),
+                   "certificates": [{"kind": "ark", "data": b64(b"\x30\x01")},
+                                    {"kind": "vcek", "data": b64(b"\x30\x02\xff")}]}
+    assert h.service.calls == [("get_extended_report", (b"n", DEFAULT_VMPL, {}))]
+
+
+def test_get_certificates(client: VarlinkClient, h: Harness) -> None:
+    out = client.call("org.snpd.Attestation.GetCertificates",
+                      {"options": {"crl": True, "endorser": "vlek"}})
+    assert out == {"certificates": [{"kind": "ask", "data": b64(b"\x30\x03")},
+                                    {"kind": "crl", "data": ""}]}
+    assert h.service.calls == [("get_certificates", ({"crl": True, "endorser": "vlek"},))]
+
+
+def test_verify_report(client: VarlinkClient, h: Harness) -> None:
+    out = client.call("org.snpd.Attestation.VerifyReport", {
+        "report": b64(b"\x01" * 1184),
+        "certificates": [{"kind": "ark", "data": b64(b"A")}, {"kind": "vcek", "data": ""}],
+        "at": 1700000000, "policy": "strict", "product": "Genoa"})
+    assert out == {"valid": False, "product": "Genoa", "failures": ["signature"],
+                   "checks": [{"name": "chain", "status": "pass", "detail": "ARK->ASK->VCEK"},
+                              {"name": "signature", "status": "fail", "detail": "bad"},
+                              {"name": "policy", "status": "skipped", "detail": "none"}]}
+    client.call("org.snpd.Attestation.VerifyReport", {"report": "", "at": None})
+    assert h.service.calls == [
+        ("verify_report", (b"\x01" * 1184, {"certificates": [("ark", b"A"), ("vcek", b"")],
+                                            "at": 1700000000, "policy": "strict",
+                                            "product": "Genoa"})),
+        ("verify_report", (b"", {})),
+    ]
+
+
+def test_get_evidence(client: VarlinkClient, h: Harness) -> None:
+    out = client.call("org.snpd.Attestation.GetEvidence",
+                      {"format": "trustee", "nonce": b64(b"\xab")})
+    assert out == {"media_type": "application/x-test", "evidence": b64(b'{"nonce":"ab"}')}
+    assert h.service.calls == [("get_evidence", ("trustee", b"\xab", {}))]
+
+
+def test_derive_key(client: VarlinkClient, h: Harness) -> None:
+    out = client.call("org.snpd.Keys.DeriveKey", {"root_key": "vcek", "fields": []})
+    assert base64.b64decode(out["key"]) == bytes(range(32))
+    client.call("org.snpd.Keys.DeriveKey", {
+        "root_key": "vmrk", "fields": ["measurement", "policy"], "vmpl": 1, "guest_svn": 7,
+        "tcb_version": (1 << 64) - 1, "options": {"timeout": 1.5}})
+    assert h.service.calls == [
+        ("derive_key", ("vcek", [], DEFAULT_VMPL, 0, 0, {})),
+        ("derive_key", ("vmrk", ["measurement", "policy"], 1, 7, (1 << 64) - 1,
+                        {"timeout": 1.5})),
+    ]
+
+
+def test_derive_sealing_key(client: VarlinkClient, h: Harness) -> None:
+    assert client.call("org.snpd.Keys.DeriveSealingKey", {"label": "app"}) == {
+        "key": b64(bytes(32))}
+    client.call("org.snpd.Keys.DeriveSealingKey",
+                {"label": "app", "fields": ["image_id"], "options": {}})
+    assert h.service.calls == [("derive_sealing_key", ("app", [], {})),
+                               ("derive_sealing_key", ("app", ["image_id"], {}))]
+
+
+def test_manager(client: VarlinkClient, h: Harness) -> None:
+    assert client.call("org.snpd.Manager.RefreshCertificates") == {}
+    assert h.service.calls == [("refresh_certificates", ())]
+    props = client.call("org.snpd.Manager.GetProperties")["properties"]
+    assert props["org.snpd.Snpd1.Attestation"] == {"Backend": "emulator", "Vmpl": 0,
+                                                   "ReportedTcb": 1 << 63}
+    assert props["org.snpd.Snpd1.Manager"]["SevStatus"] == {
+        "vmpck": 0, "raw": b64(b"\x01"), "features": ["SNP", "VMPL"]}
+
+
+def test_every_method_through_the_independent_client(independent: Independent,
+                                                      h: Harness) -> None:
+    att = independent.open("org.snpd.Attestation")
+    assert att.GetReport(report_data=b64(b"x"))["report"] == b64(b"REPORTx")
+    assert att.GetReport(report_data=b64(b"y"), vmpl=3, options={"timeout": 2}) == {
+        "report": b64(b"REPORTy")}
+    ext = att.GetExtendedReport(report_data=b64(b"z"))
+    assert ext["certificates"][1] == {"kind": "vcek", "data": b64(b"\x30\x02\xff")}
+    assert att.GetCertificates()["certificates"][0]["kind"] == "ask"
+    verdict = att.VerifyReport(report=b64(b"r"), certificates=[{"kind": "ark", "data": "QQ=="}],
+                               at=5)
+    assert verdict["valid"] is False and verdict["checks"][0]["name"] == "chain"
+    assert att.GetEvidence(format="trustee", nonce="")["media_type"] == "application/x-test"
+    keys = independent.open("org.snpd.Keys")
+    assert keys.DeriveKey(root_key="vcek", fields=["policy"], guest_svn=1)["key"] == \
+        b64(bytes(range(32)))
+    assert keys.DeriveSealingKey(label="l", fields=["measurement"])["key"] == b64(bytes(32))
+    manager = independent.open("org.snpd.Manager")
+    assert manager.RefreshCertificates() == {}
+    assert manager.GetProperties()["properties"]["org.snpd.Snpd1.Manager"]["Version"] == "0.1.0"
+    assert [name for name, _ in h.service.calls] == [
+        "get_report", "get_report", "get_extended_report", "get_certificates", "verify_report",
+        "get_evidence", "derive_key", "derive_sealing_key", "refresh_certificates"]
+    assert h.service.calls[1][1] == (b"y", 3, {"timeout": 2})
+    assert h.service.calls[4][1] == (b"r", {"certificates": [("ark", b"A")], "at": 5})
+    assert h.service.calls[6][1] == ("vcek", ["policy"], DEFAULT_VMPL, 1, 0, {})
+
+
+def test_oneway_call_through_the_independent_client(independent: Independent,
+                                                     h: Harness) -> None:
+    manager = independent.open("org.snpd.Manager")
+    assert manager.RefreshCertificates(_oneway=True) is None
+    assert "version" in independent.open("org.varlink.service").GetInfo()
+    assert h.service.calls == [("refresh_certificates", ())]
+
+
+@pytest.mark.parametrize("parameters, bad", [
+    ({"report_data": "%%%"}, "report_data"),
+    ({"report_data": "AAA"}, "report_data"),
+    ({}, "report_data"),
+    ({"report_data": "", "vmpl": -1}, "vmpl"),
+    ({"report_data": "", "vmpl": 1 << 32}, "vmpl"),
+    ({"report_data": "", "vmpl": "0"}, "vmpl"),
+    ({"report_data": "", "options": [1]}, "options"),
+    ({"report_data": "", "nonce": ""}, "nonce"),
+])
+def test_invalid_parameters_are_named(h: Harness, client: VarlinkClient,
+                                      parameters: Dict[str, Any], bad: str) -> None:
+    reply = raw_session(h.path, call_message("org.snpd.Attestation.GetReport", parameters))
+    assert reply == [{"error": "org.varlink.service.InvalidParameter",
+                      "parameters": {"parameter": bad}}]
+    with pytest.raises(errors.InvalidArgument, match=bad):
+        client.call("org.snpd.Attestation.GetReport", parameters)
+    assert h.service.calls == []
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+KIND_CLASSES = {cls.kind: cls for cls in (
+    errors.InvalidArgument, errors.PermissionDenied, errors.Busy, errors.Timeout,
+    errors.DeviceError, errors.VmpckDisabled, errors.NotSupported,
+    errors.CertificatesUnavailable, errors.Internal)}
+
+
+@pytest.mark.parametrize("interface", SNPD_INTERFACES)
+@pytest.mark.parametrize("kind", errors.ALL_KINDS)
+def test_each_error_kind_maps_to_its_varlink_name(h: Harness, client: VarlinkClient,
+                                                  interface: str, kind: str) -> None:
+    method, parameters = ONE_METHOD[interface]
+    h.service.fail = KIND_CLASSES[kind](f"{kind} happened")
+    reply = raw_session(h.path, call_message(method, parameters))
+    assert reply == [{"error": f"{interface}.{kind}",
+                      "parameters": {"message": f"{kind} happened"}}]
+    with pytest.raises(errors.SnpdError) as info:
+        client.call(method, parameters)
+    assert type(info.value) is KIND_CLASSES[kind]
+    assert str(info.value) == f"{kind} happened"
+    assert client.call("org.varlink.service.GetInfo")["vendor"] == "snpd"  # still connected
+
+
+def test_error_subclasses_travel_as_their_kind(h: Harness, client: VarlinkClient) -> None:
+    h.service.fail = errors.ReportFormatError("not a report")
+    with pytest.raises(errors.InvalidArgument, match="not a report"):
+        client.call("org.snpd.Attestation.GetCertificates")
+    h.service.fail = errors.DeviceUnavailable("no /dev/sev-guest")
+    reply = raw_session(h.path, call_message("org.snpd.Keys.DeriveSealingKey", {"label": "x"}))
+    assert reply[0] == {"error": "org.snpd.Keys.DeviceError",
+                        "parameters": {"message": "no /dev/sev-guest"}}
+
+
+def test_device_error_carries_its_codes(h: Harness, client: VarlinkClient,
+                                        independent: Independent) -> None:
+    h.service.fail = errors.DeviceError("firmware said no", errno=5, fw_error=0x16,
+                                        vmm_error=0x100000000)
+    reply = raw_session(h.path, call_message("org.snpd.Attestation.GetReport",
+                                             {"report_data": ""}))
+    assert reply == [{"error": "org.snpd.Attestation.DeviceError", "parameters": {
+        "message": "firmware said no (errno=5, fw_error=0x16, vmm_error=0x100000000)",
+        "errno": 5, "fw_error": 0x16, "vmm_error": 0x100000000}}]
+    with pytest.raises(errors.DeviceError) as info:
+        client.call("org.snpd.Attestation.GetReport", {"report_data": ""})
+    assert (info.value.errno, info.value.fw_error, info.value.vmm_error) == (5, 0x16, 1 << 32)
+    assert str(info.value).startswith("firmware said no (errno=5")
+    with pytest.raises(varlink.VarlinkError) as vinfo:
+        independent.open("org.snpd.Attestation").GetReport(report_data="")
+    assert vinfo.value.error() == "org.snpd.Attestation.DeviceError"
+    assert vinfo.value.parameters()["fw_error"] == 0x16
+
+
+def test_unexpected_exception_is_internal_without_traceback(
+        h: Harness, client: VarlinkClient, caplog: pytest.LogCaptureFixture) -> None:
+    h.service.fail = ZeroDivisionError("secret detail")
+    reply = raw_session(h.path, call_message("org.snpd.Manager.RefreshCertificates"))
+    assert reply[0]["error"] == "org.snpd.Manager.Internal"
+    text = json.dumps(reply)
+    assert "secret" not in text and "Traceback" not in text and "ZeroDivision" not in text
+    with pytest.raises(errors.Internal):
+        client.call("org.snpd.Manager.GetProperties")
+    h.service.fail = None
+    assert client.call("org.snpd.Manager.RefreshCertificates") == {}
+    assert any("ZeroDivisionError" in (r.exc_text or "") for r in caplog.records)
+
+
+def test_error_from_reply() -> None:
+    exc = vclient.error_from_reply("org.snpd.Keys.Busy", {"message": "later"})
+    assert type(exc) is errors.Busy and str(exc) == "later"
+    assert type(vclient.error_from_reply("org.snpd.Keys.Nope", {"message": "m"})) is \
+        errors.Internal
+    assert type(vclient.error_from_reply("com.other.Busy", {"message": "m"})) is errors.Internal
+    assert type(vclient.error_from_reply("org.snpd.Keys.Busy", {})) is errors.Internal
+    assert type(vclient.error_from_reply("org.varlink.service.InvalidParameter",
+                                         {"parameter": "x"})) is errors.InvalidArgument
+    for name in ("InterfaceNotFound", "MethodNotFound", "MethodNotImplemented"):
+        assert type(vclient.error_from_reply(f"org.varlink.service.{name}", {})) is \
+            errors.NotSupported
+    assert type(vclient.error_from_reply("org.varlink.service.PermissionDenied", {})) is \
+        errors.PermissionDenied
+    assert type(vclient.error_from_reply("org.varlink.service.ExpectedMore", {})) is \
+        errors.Internal
+
+
+# -- protocol on the wire ---------------------------------------------------------------------
+
+
+def test_pipelined_calls_are_answered_in_order(h: Harness) -> None:
+    replies = raw_session(h.path, b"".join(
+        call_message("org.snpd.Attestation.GetReport", {"report_data": b64(bytes([i]))})
+        for i in range(20)))
+    assert [r["parameters"]["report"] for r in replies] == [
+        b64(b"REPORT" + bytes([i])) for i in range(20)]
+
+
+def test_oneway_gets_no_reply_more_gets_one_upgrade_is_refused(h: Harness) -> None:
+    replies = raw_session(h.path, b"".join([
+        call_message("org.snpd.Manager.RefreshCertificates", oneway=True),
+        call_message("org.snpd.Attestation.GetNothing", oneway=True),  # errors too are silent
+        call_message("org.snpd.Attestation.GetReport", {"report_data": ""}, more=True),
+        call_message("org.snpd.Attestation.GetReport", {"report_data": ""}, upgrade=True),
+        call_message("org.varlink.service.GetInfo"),
+    ]))
+    assert replies[0] == {"parameters": {"report": b64(b"REPORT")}}  # no "continues"
+    assert replies[1] == {"error": "org.varlink.service.InvalidParameter",
+                          "parameters": {"parameter": "upgrade"}}
+    assert replies[2]["parameters"]["vendor"] == "snpd"
+    assert len(replies) == 3
+    assert [name for name, _ in h.service.calls] == ["refresh_certificates", "get_report"]
+
+
+@pytest.mark.parametrize("garbage, parameter", [
+    (b"{this is not json}\0", ""),
+    (b"\xff\xfe\0", ""),
+    (b"[1,2]\0", ""),
+    (b'{"method": 5}\0', "method"),
+    (b'{"method": "org.varlink.service.GetInfo", "bogus": true}\0', "bogus"),
+])
+def test_malformed_messages_get_an_error_then_disconnect(h: Harness, garbage: bytes,
+                                                         parameter: str) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.connect(h.path)  # a connection open across the bad one
+        replies = raw_session(h.path, call_message("org.varlink.service.GetInfo") + garbage
+                              + call_message("org.varlink.service.GetInfo"), shut=False)
+        assert replies[0]["parameters"]["vendor"] == "snpd"  # before the garbage: served
+        assert replies[1:] == [{"error": "org.varlink.service.InvalidParameter",
+                                "parameters": {"parameter": parameter}}]  # then closed
+        other.sendall(call_message("org.varlink.service.GetInfo"))
+        other.settimeout(WAIT)
+        assert other.recv(65536).endswith(b"\0")
+    with VarlinkClient(h.path, timeout=WAIT) as fresh:
+        assert fresh.call("org.varlink.service.GetInfo")["vendor"] == "snpd"
+
+
+def test_a_10_mb_message_gets_an_error_then_disconnect(h: Harness) -> None:
+    replies = raw_session(h.path, b'{"method":"org.varlink.service.GetInfo","parameters":{"x":"'
+                          + b"A" * (10 << 20), shut=False)
+    assert replies == [{"error": "org.varlink.service.InvalidParameter",
+                        "parameters": {"parameter": ""}}]
+    with VarlinkClient(h.path, timeout=WAIT) as fresh:
+        assert fresh.call("org.varlink.service.GetInfo")["vendor"] == "snpd"
+    wait_until(lambda: h.connections() == 0)
+
+
+def test_own_client_reports_the_oversize_reason(h: Harness) -> None:
+    with VarlinkClient(h.path, timeout=WAIT) as c, pytest.raises(errors.InvalidArgument):
+        c.call("org.snpd.Attestation.GetReport", {"report_data": "A" * (2 << 20)})
+
+
+def test_message_limit_is_configurable(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness(max_message=200)
+    with VarlinkClient(h.path, timeout=WAIT) as c:
+        assert c.call("org.snpd.Attestation.GetReport", {"report_data": "AA=="})
+        with pytest.raises(errors.InvalidArgument):
+            c.call("org.snpd.Attestation.GetReport", {"report_data": "A" * 400})
+
+
+# -- identity, socket, activation ----------------------------------------------------------------
+
+
+def test_peer_credentials_reach_the_service(client: VarlinkClient, h: Harness) -> None:
+    client.call("org.snpd.Attestation.GetReport", {"report_data": ""})
+    client.call("org.snpd.Attestation.GetCertificates")
+    with VarlinkClient(h.path, timeout=WAIT) as second:
+        second.call("org.snpd.Manager.RefreshCertificates")
+    first, again, other = h.service.callers
+    assert first.uid == os.geteuid() and first.pid == os.getpid()
+    assert first.transport == "varlink"
+    assert first.gids == frozenset(os.getgroups()) | {os.getegid()}
+    assert first.client_key == again.client_key != other.client_key
+
+
+GROUPS_CHILD = """
+import sys
+from snpd.varlink.client import VarlinkClient
+with VarlinkClient(sys.argv[1], timeout=30) as c:
+    c.call("org.snpd.Attestation.GetCertificates")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="setting supplementary groups needs root")
+@pytest.mark.parametrize("source", ["SO_PEERGROUPS", "/proc"])
+def test_supplementary_groups_reach_the_service(h: Harness, monkeypatch: pytest.MonkeyPatch,
+                                                source: str) -> None:
+    if source == "/proc":
+        monkeypatch.setattr(vserver, "_peer_groups_sockopt", lambda sock: None)
+    child = subprocess.run([sys.executable, "-c", GROUPS_CHILD, h.path],
+                           extra_groups=[4242, 4343], capture_output=True, text=True,
+                           timeout=WAIT)
+    assert child.returncode == 0, child.stderr
+    (caller,) = h.service.callers
+    assert caller.uid == 0 and caller.pid != os.getpid()
+    assert caller.gids == {0, 4242, 4343}
+
+
+def test_peer_groups_from_proc(tmp_path: Path) -> None:
+    status = tmp_path / "42" / "status"
+    status.parent.mkdir()
+    status.write_text("Name:\tx\nUid:\t1000\t1001\t1001\t1001\nGid:\t5\t5\t5\t5\n"
+                      "Groups:\t4 24 27 \n")
+    assert vserver._peer_groups_proc(42, 1001, str(tmp_path)) == {4, 24, 27}
+    assert vserver._peer_groups_proc(42, 1000, str(tmp_path)) == frozenset()  # not effective
+    assert vserver._peer_groups_proc(43, 1001, str(tmp_path)) == frozenset()  # gone
+    status.write_text("Uid:\t1\t1\t1\t1\nGroups:\n")
+    assert vserver._peer_groups_proc(42, 1, str(tmp_path)) == frozenset()
+    mine = vserver._peer_groups_proc(os.getpid(), os.geteuid())
+    assert mine == frozenset(os.getgroups())
+
+
+def test_socket_mode_and_stale_socket(short_dir: str, make_harness: Callable[..., Harness]
+                                      ) -> None:
+    h = make_harness()
+    assert stat.S_IMODE(os.stat(h.path).st_mode) == 0o660
+    assert stat.S_ISSOCK(os.stat(h.path).st_mode)
+    with pytest.raises(OSError, match="another server"):  # a live socket is not taken over
+        h.run(VarlinkServer(FakeService()).bind(h.path))
+    stale = os.path.join(short_dir, "stale.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
+        dead.bind(stale)
+    server = VarlinkServer(FakeService())
+    h.run(server.bind(stale, mode=0o600))
+    try:
+        assert stat.S_IMODE(os.stat(stale).st_mode) == 0o600
+        with VarlinkClient(stale, timeout=WAIT) as c:
+            assert c.call("org.varlink.service.GetInfo")["vendor"] == "snpd"
+    finally:
+        h.run(server.close())
+    assert not os.path.exists(stale)  # close removes what it bound
+    regular = os.path.join(short_dir, "file")
+    Path(regular).write_text("keep me")
+    with pytest.raises(FileExistsError):
+        h.run(VarlinkServer(FakeService()).bind(regular))
+    assert Path(regular).read_text() == "keep me"
+
+
+def test_listen_fds_parsing() -> None:
+    pid = 4242
+    env = {"LISTEN_PID": str(pid), "LISTEN_FDS": "3", "LISTEN_FDNAMES": "varlink:other:x",
+           "HOME": "/root"}
+    assert vserver.listen_fds(env, pid=pid) == [ListenFd(3, "varlink"), ListenFd(4, "other"),
+                                                ListenFd(5, "x")]
+    assert env == {"HOME": "/root"}  # unset after use
+    env = {"LISTEN_PID": str(pid), "LISTEN_FDS": "2"}
+    assert vserver.listen_fds(env, pid=pid, unset=False) == [ListenFd(3, "unknown"),
+                                                            ListenFd(4, "unknown")]
+    assert "LISTEN_FDS" in env
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "varlink"}
+    assert vserver.listen_fds(env, pid=pid) == []  # meant for another process
+    assert env == {}
+    assert vserver.listen_fds({}, pid=pid) == []
+    for bad in ({"LISTEN_PID": "x", "LISTEN_FDS": "1"},
+                {"LISTEN_PID": str(pid), "LISTEN_FDS": "-1"},
+                {"LISTEN_PID": str(pid), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a"}):
+        with pytest.raises(ValueError):
+            vserver.listen_fds(dict(bad), pid=pid)
+
+
+def test_adopting_an_activated_socket(short_dir: str, h: Harness) -> None:
+    path = os.path.join(short_dir, "activated.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    fds = [ListenFd(listener.detach(), "varlink")]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unrelated:
+        fds.append(ListenFd(unrelated.fileno(), "other"))
+        sockets = vserver.activation_sockets(fds)
+    assert len(sockets) == 1 and not os.get_inheritable(sockets[0].fileno())
+    server = VarlinkServer(FakeService())
+    h.run(server.adopt(sockets[0]))
+    try:
+        with VarlinkClient(path, timeout=WAIT) as c:
+            assert c.call("org.snpd.Keys.DeriveSealingKey", {"label": "a"})["key"]
+    finally:
+        h.run(server.close())
+    assert os.path.exists(path)  # systemd owns an activated socket's file
+
+
+def test_adopting_refuses_a_non_listening_socket() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(ValueError):
+            vserver.adopt_socket(a.fileno())
+        assert a.fileno() >= 0  # left open for its owner
+
+
+ACTIVATED_CHILD = r"""
+import asyncio, os, sys
+sys.path.insert(0, sys.argv[1])
+os.dup2(int(os.environ.pop("TEST_FD")), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="varlink")
+from test_varlink_server import FakeService
+from snpd.varlink import server as vserver
+
+async def main():
+    fds = vserver.listen_fds()
+    assert "LISTEN_FDS" not in os.environ
+    server = vserver.VarlinkServer(FakeService())
+    for sock in vserver.activation_sockets(fds):
+        await server.adopt(sock)
+    print("ready", [(f.fd, f.name) for f in fds], flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await server.close()
+
+asyncio.run(main())
+"""
+
+
+def test_socket_activation_in_a_real_process(short_dir: str) -> None:
+    path = os.path.join(short_dir, "activated.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(8)
+        child = subprocess.Popen(
+            [sys.executable, "-c", ACTIVATED_CHILD, str(Path(__file__).parent)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            pass_fds=(listener.fileno(),),
+            env={**os.environ, "TEST_FD": str(listener.fileno())})
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        assert child.stdout.readline().strip() == "ready [(3, 'varlink')]"
+        with VarlinkClient(path, timeout=WAIT) as c:
+            assert c.call("org.varlink.service.GetInfo")["vendor"] == "snpd"
+            assert c.call("org.snpd.Attestation.GetReport", {"report_data": "QQ=="}) == {
+                "report": b64(b"REPORTA")}
+        child.stdin.close()
+        assert child.wait(WAIT) == 0
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+
+
+# -- connections -------------------------------------------------------------------------------
+
+
+def test_connection_limits(make_harness: Callable[..., Harness]) -> None:
+    h = make_harness(max_connections=2, max_connections_per_uid=2)
+    with VarlinkClient(h.path, timeout=WAIT) as one, VarlinkClient(h.path, timeout=WAIT) as two:
+        one.call("org.varlink.service.GetInfo")
+        two.call("org.varlink.service.GetInfo")
+        assert raw_session(h.path, call_message("org.varlink.service.GetInfo")) == []
+        assert h.connections() == 2
+    wait_until(lambda: h.connections() == 0)
+    with VarlinkClient(h.path, timeout=WAIT) as three:  # slots free again
+        assert three.call("org.varlink.service.GetInfo")["vendor"] == "snpd"
+
+
+def test_idle_connections_are_closed_and_the_client_reconnects(
+        make_harness: Callable[..., Harness]) -> None:
+    h = make_harness(idle_timeout=0.05)
+    with VarlinkClient(h.path, timeout=WAIT) as c:
+        assert c.call("org.snpd.Attestation.GetReport", {"report_data": ""})
+        assert c._sock is not None
+        c._sock.settimeout(WAIT)
+        assert c._sock.recv(1) == b""  # the server closed the idle connection
+        assert c.call("org.snpd.Attestation.GetReport", {"report_data": ""})  # resent once
+    assert len(h.service.calls) == 2
+
+
+def test_close_waits_for_calls_in_flight(h: Harness) -> None:
+    with VarlinkClient(h.path, timeout=WAIT) as busy, \
+            VarlinkClient(h.path, timeout=WAIT) as idle:
+        idle.call("org.varlink.service.GetInfo")
+        result: Dict[str, Any] = {}
+        caller = threading.Thread(target=lambda: result.update(busy.call(
+            "org.snpd.Attestation.GetReport", {"report_data": "", "options": {"block": True}})))
+        caller.start()
+        assert h.service.entered.wait(WAIT)
+        closing = h.submit(h.server.close())
+        assert idle._sock is not None
+        idle._sock.settimeout(WAIT)
+        assert idle._sock.recv(1) == b""  # idle connections close at once
+        assert not closing.done()
+        h.service.release()
+        closing.result(WAIT)
+        h.closed = True
+        caller.join(WAIT)
+        assert result == {"report": b64(b"REPORT")}  # the call in flight was answered
+    assert not os.path.exists(h.path)
+
+
+def test_client_timeout_and_unreachable_socket(short_dir: str) -> None:
+    path = os.path.join(short_dir, "silent.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as silent:
+        silent.bind(path)
+        silent.listen(1)
+        with VarlinkClient(path, timeout=0.05) as c, pytest.raises(errors.Timeout):
+            c.call("org.varlink.service.GetInfo")
+    with pytest.raises(FileNotFoundError), VarlinkClient(os.path.join(short_dir, "none")) as c:
+        c.call("org.varlink.service.GetInfo")
+
+
+def test_client_rejects_non_varlink_replies(short_dir: str) -> None:
+    path = os.path.join(short_dir, "odd.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as odd:
+        odd.bind(path)
+        odd.listen(1)
+        for answer in (b"not json\0", b"[]\0", b'{"parameters":{},"continues":true}\0',
+                       b"truncated"):
+            with VarlinkClient(path, timeout=WAIT) as c:
+                c.connect()
+                peer, _ = odd.accept()
+                with peer:
+                    peer.sendall(answer)
+                    peer.shutdown(socket.SHUT_WR)
+                    with pytest.raises(TransportError):
+                        c.call("org.varlink.service.GetInfo")
+
+
+def test_async_client(h: Harness) -> None:
+    async def main() -> None:
+        async with AsyncVarlinkClient(h.path, timeout=WAIT) as c:
+            info = await c.call("org.varlink.service.GetInfo")
+            assert info["vendor"] == "snpd"
+            results = await asyncio.gather(*(
+                c.call("org.snpd.Attestation.GetReport", {"report_data": b64(bytes([i]))})
+                for i in range(5)))
+            assert [r["report"] for r in results] == [b64(b"REPORT" + bytes([i]))
+                                                      for i in range(5)]
+            h.service.fail = errors.Busy("queue full")
+            with pytest.raises(errors.Busy, match="queue full"):
+                await c.call("org.snpd.Keys.DeriveSealingKey", {"label": "x"})
+            h.service.fail = None
+            assert await c.call("org.snpd.Manager.RefreshCertificates", oneway=True) == {}
+            assert (await c.call("org.snpd.Keys.DeriveSealingKey", {"label": "x"}))["key"]
+        with pytest.raises(OSError):
+            await AsyncVarlinkClient(h.path + ".missing").connect()
+
+    asyncio.run(main())
+
+
+def test_client_module_imports_only_what_snpctl_can_afford() -> None:
+    code = ("import sys; import snpd.varlink.client; "
+            "print(' '.join(sorted(sys.modules)))")
+    modules = set(subprocess.run([sys.executable, "-c", code], check=True,
+                                 capture_output=True, text=True).stdout.split())
+    assert "snpd.varlink.client" in modules
+    for heavy in ("asyncio", "dataclasses", "cryptography", "dbus_fast", "snpd.service", "socket",
+                  "snpd.varlink.protocol", "snpd.varlink.server", "inspect"):
+        assert heavy not in modules, heavy
