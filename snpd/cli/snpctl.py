@@ -334,25 +334,80 @@ def cmd_fetch_crl(args: argparse.Namespace, out: Output) -> int:
 # -- firmware (direct mode) -----------------------------------------------------------------
 
 
+def _direct(args: argparse.Namespace) -> bool:
+    return bool(args.direct or args.backend is not None or args.emulator_dir)
+
+
 def _device(args: argparse.Namespace) -> Any:
-    """The backend for --direct (until the daemon exists, the default)."""
+    """The backend for --direct."""
     from snpd.device.select import open_device
 
     emulator_dir = Path(args.emulator_dir) if args.emulator_dir else None
-    return open_device(args.backend, path=args.device, configfs_root=args.configfs_root,
+    backend = args.backend or ("emulator" if emulator_dir else "auto")
+    return open_device(backend, path=args.device, configfs_root=args.configfs_root,
                        emulator_dir=emulator_dir)
 
 
-def _default_vmpl(args: argparse.Namespace, device: Any) -> int:
+def _client(args: argparse.Namespace) -> Any:
+    """The daemon: varlink when its socket answers, else D-Bus (exit 3 if neither)."""
+    from snpd.client import SnpdClient
+
+    return SnpdClient(socket=args.socket, bus=args.bus)
+
+
+class _GuestVmpl:
+    """A key request whose VMPL the daemon fills in (the guest's own)."""
+
+    def __init__(self, request: Any) -> None:
+        self.root_key, self.fields = request.root_key, request.fields
+        self.guest_svn, self.tcb_version, self.vmpl = request.guest_svn, \
+            request.tcb_version, None
+
+
+class _DaemonDevice:
+    """The daemon behind the Device-like calls the commands make."""
+
+    name = "daemon"
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.client = _client(args)
+        self.name = f"daemon ({self.client.transport})"
+
+    def report(self, data: bytes, vmpl: Optional[int]) -> bytes:
+        result: bytes = self.client.get_report(data, vmpl)
+        return result
+
+    def extended_report(self, data: bytes, vmpl: Optional[int]) -> Any:
+        return self.client.get_extended_report(data, vmpl)
+
+    def derived_key(self, request: Any) -> bytes:
+        result: bytes = self.client.derive_key(request.root_key.value, request.fields,
+                                               request.vmpl, request.guest_svn,
+                                               request.tcb_version)
+        return result
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _default_vmpl(args: argparse.Namespace, device: Any) -> Any:
     """The guest's own VMPL: asking for another is how snpguest users meet 0x16."""
     if args.vmpl is not None:
         return int(args.vmpl)
+    if isinstance(device, _DaemonDevice):
+        return None  # the daemon knows the guest's VMPL
     emulator = getattr(device, "emulator", None)
     if emulator is not None:
         return int(emulator.firmware.state.config.guest_vmpl)
     from snpd.status.probe import probe
 
     return probe(kernel_lines=[]).vmpl or 0
+
+
+def parse_vmpl(report: bytes) -> int:
+    from snpd.abi.report import AttestationReport
+
+    return AttestationReport.from_bytes(report).vmpl
 
 
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
@@ -366,10 +421,11 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
             raise UsageError(f"{args.request_file} holds {len(data)} bytes; report data is "
                              "at most 64")
         data = data.ljust(64, b"\0")
-    device = _device(args)
+    device = _device(args) if _direct(args) else _DaemonDevice(args)
     try:
         vmpl = _default_vmpl(args, device)
         report = device.report(data, vmpl)
+        vmpl = parse_vmpl(report)
     finally:
         device.close()
     from snpd.files import atomic_write
@@ -390,19 +446,26 @@ def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
     from snpd.certsdir import write_certs_dir
     from snpd.trust.certset import CertificateSet
 
-    device = _device(args)
-    try:
-        extended = device.extended_report(os.urandom(64), _default_vmpl(args, device))
-    finally:
-        device.close()
-    certs = CertificateSet.from_table(extended.certificates)
+    if _direct(args):
+        device = _device(args)
+        try:
+            extended = device.extended_report(os.urandom(64), _default_vmpl(args, device))
+        finally:
+            device.close()
+        certs = CertificateSet.from_table(extended.certificates)
+        entries = len(extended.certificates)
+    else:
+        with _client(args) as client:
+            _, pairs = client.get_extended_report(os.urandom(64), args.vmpl)
+        certs = CertificateSet.from_kinds(pairs)
+        entries = len(pairs)
     if not any(True for _ in certs.items()):
         out.json({"written": [], "entries": 0})
         out.result("the host provided no certificates (an empty table, as upstream KVM "
                    "gives); use 'snpctl fetch ca' and 'snpctl fetch vcek'")
         return EXIT_OK
     paths = write_certs_dir(args.dir, certs, args.encoding)
-    out.json({"written": [str(p) for p in paths], "entries": len(extended.certificates)})
+    out.json({"written": [str(p) for p in paths], "entries": entries})
     out.result(f"wrote {', '.join(str(p) for p in paths)}")
     return EXIT_OK
 
@@ -418,11 +481,14 @@ def _int(text: str) -> int:
 def cmd_key(args: argparse.Namespace, out: Output) -> int:
     from snpd.abi.uapi import DerivedKeyRequest, RootKey
 
-    device = _device(args)
+    device = _device(args) if _direct(args) else _DaemonDevice(args)
     try:
         vmpl = _default_vmpl(args, device)
-        request = DerivedKeyRequest(RootKey(args.root_key), args.guest_field_select, vmpl,
-                                    args.guest_svn, args.tcb_version)
+        request: Any = DerivedKeyRequest(RootKey(args.root_key), args.guest_field_select,
+                                    0 if vmpl is None else vmpl, args.guest_svn,
+                                    args.tcb_version)
+        if vmpl is None:
+            request = _GuestVmpl(request)
         key = device.derived_key(request)
     finally:
         device.close()
@@ -430,16 +496,77 @@ def cmd_key(args: argparse.Namespace, out: Output) -> int:
 
     atomic_write(Path(args.key_file), key, mode=0o600)
     out.json({"key_file": args.key_file, "root_key": args.root_key, "vmpl": vmpl,
+              "via": device.name,
               "guest_field_select": args.guest_field_select, "fields": list(request.fields)})
     out.result(f"wrote {args.key_file} (32-byte {args.root_key.upper()}-rooted key, "
                f"fields {', '.join(request.fields) or 'none'})")
     return EXIT_OK
 
 
+def _daemon_properties(args: argparse.Namespace) -> Dict[str, Any]:
+    with _client(args) as client:
+        props: Dict[str, Any] = client.properties()
+        props["transport"] = client.transport
+    return props
+
+
+def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    props = _daemon_properties(args)
+    att = props.get("org.snpd.Snpd1.Attestation", {})
+    man = props.get("org.snpd.Snpd1.Manager", {})
+    out.json(props)
+    out.line(f"  state        {att.get('State')}" + (f" ({att.get('StateReason')})"
+                                                       if att.get("StateReason") else ""))
+    out.line(f"  backend      {att.get('Backend')}   product {att.get('Product') or '?'}   "
+             f"VMPL {att.get('Vmpl')}")
+    tcb = att.get("ReportedTcb") or 0
+    out.line(f"  reported TCB 0x{int(tcb):016x}   version {man.get('Version')}")
+    stats = man.get("Statistics", {})
+    shown = {k: v for k, v in sorted(stats.items()) if v}
+    out.line("  statistics   " + (", ".join(f"{k}={v}" for k, v in shown.items()) or "none"))
+    ok = att.get("State") == "ready"
+    out.result(f"{'OK' if ok else 'NOT READY'}: snpd {att.get('State')} "
+               f"(via {props['transport']})")
+    return EXIT_OK if ok else EXIT_CHECK_FAILED
+
+
+def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
+    import os
+
+    from snpd.files import atomic_write
+
+    if args.nonce_file:
+        nonce = read_file(args.nonce_file, "nonce file", limit=64)
+    else:
+        nonce = os.urandom(32)
+    with _client(args) as client:
+        media_type, evidence = client.get_evidence(args.format, nonce)
+    atomic_write(Path(args.file), evidence)
+    out.json({"file": args.file, "format": args.format, "media_type": media_type,
+              "size": len(evidence)})
+    out.result(f"wrote {args.file} ({len(evidence)} bytes, {media_type})")
+    return EXIT_OK
+
+
 def cmd_ok(args: argparse.Namespace, out: Output) -> int:
     from snpd.status.probe import probe
 
-    if args.backend == "emulator":
+    if not _direct(args):
+        props = _daemon_properties(args)
+        sev = props.get("org.snpd.Snpd1.Manager", {}).get("SevStatus", {})
+        att = props.get("org.snpd.Snpd1.Attestation", {})
+        out.json({"snp_active": bool(sev.get("snp_active")), "daemon": props})
+        out.line(f"  {'PASS' if sev.get('snp_active') else 'FAIL'}  SEV-SNP              "
+                 + ("emulated" if sev.get("emulated") else " ".join(sev.get("features", []))
+                    or "not active"))
+        out.line(f"  PASS  VMPL                 {att.get('Vmpl')}")
+        out.line(f"  {'PASS' if att.get('State') == 'ready' else 'FAIL'}  firmware channel     "
+                 f"{att.get('State')} {att.get('StateReason') or ''}")
+        ok = bool(sev.get("snp_active")) and att.get("State") == "ready"
+        out.result(f"{'OK' if ok else 'FAIL'}: SEV-SNP {'active' if ok else 'not usable'} "
+                   f"(daemon via {props['transport']})")
+        return EXIT_OK if ok else EXIT_CHECK_FAILED
+    if (args.backend or ("emulator" if args.emulator_dir else "")) == "emulator":
         device = _device(args)
         try:
             facts = device.describe()
@@ -531,10 +658,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     firmware = argparse.ArgumentParser(add_help=False)
     firmware.add_argument("--direct", action="store_true",
-                          help="open the firmware channel directly (root; the default until "
-                               "the daemon exists)")
+                          help="open the firmware channel yourself instead of asking the "
+                               "daemon (root)")
     firmware.add_argument("--backend", choices=("auto", "ioctl", "configfs", "emulator"),
-                          default="auto", help="firmware backend for --direct")
+                          help="firmware backend for --direct (implies --direct)")
+    firmware.add_argument("--socket", metavar="PATH",
+                          help="the daemon's varlink socket (default /run/snpd/snpd.varlink)")
+    firmware.add_argument("--bus", metavar="ADDRESS",
+                          help="talk to the daemon over D-Bus ('system' or an address)")
     firmware.add_argument("--emulator-dir", metavar="DIR",
                           help="emulator state directory (keys, chain, chip ID)")
     firmware.add_argument("--device", default="/dev/sev-guest", metavar="PATH")
@@ -570,6 +701,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "tcb_version")
     p.add_argument("-s", "--guest-svn", type=_int, default=0, metavar="N")
     p.add_argument("-t", "--tcb-version", type=_int, default=0, metavar="N")
+    p = add_fw("status", cmd_status, "show the daemon's state, platform and statistics")
+    p = add_fw("evidence", cmd_evidence, "get attestation evidence for a fleet verifier")
+    p.add_argument("file", help="where to write the evidence")
+    p.add_argument("--format", default="trustee", choices=("trustee",))
+    p.add_argument("--nonce-file", metavar="FILE",
+                   help="up to 64 bytes to bind (default: 32 random bytes)")
     p = add_fw("ok", cmd_ok, "check that SEV-SNP is active and the guest interface usable")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
 

@@ -129,6 +129,7 @@ class DeviceFault:
 class _Pending:
     fault: DeviceFault
     remaining: Optional[int]
+    skip: int = 0  # exchanges this fault lets pass before it applies
 
 
 class FaultQueue:
@@ -138,12 +139,15 @@ class FaultQueue:
         self._lock = threading.Lock()
         self._pending: List[_Pending] = []
 
-    def push(self, fault: DeviceFault, count: Optional[int] = 1) -> None:
-        """Apply ``fault`` to the next ``count`` exchanges it concerns (None: until cleared)."""
+    def push(self, fault: DeviceFault, count: Optional[int] = 1, *, after: int = 0) -> None:
+        """Apply ``fault`` to the next ``count`` exchanges it concerns (None: until
+        cleared), after letting ``after`` of them pass."""
         if count is not None and count <= 0:
             raise ValueError("count must be positive or None")
+        if after < 0:
+            raise ValueError("after must not be negative")
         with self._lock:
-            self._pending.append(_Pending(fault, count))
+            self._pending.append(_Pending(fault, count, after))
 
     def clear(self) -> None:
         with self._lock:
@@ -159,6 +163,9 @@ class FaultQueue:
         with self._lock:
             for pending in self._pending:
                 if pending.fault.kind != "latency" and applies(pending.fault):
+                    if pending.skip:
+                        pending.skip -= 1
+                        continue
                     self._use(pending)
                     return pending.fault
         return None
@@ -168,6 +175,9 @@ class FaultQueue:
         with self._lock:
             total = 0.0
             for pending in [p for p in self._pending if p.fault.kind == "latency"]:
+                if pending.skip:
+                    pending.skip -= 1
+                    continue
                 total += pending.fault.seconds
                 self._use(pending)
             return total
@@ -223,6 +233,8 @@ class Firmware:
         self.clock = clock
         self.sleep = sleep
         self.faults = FaultQueue()
+        for spec in state.config.faults:  # scheduled in the configuration
+            self.faults.push(spec.fault(), spec.times, after=spec.after)
         self.requests: Counter[str] = collections.Counter()
         self.report_id = random(32)
         self._lock = threading.Lock()

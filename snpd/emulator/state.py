@@ -37,7 +37,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -50,6 +50,9 @@ from snpd.errors import CertificateFormatError, ConfigError
 from snpd.files import atomic_write, remove_stale_temporaries
 from snpd.trust.certset import CertificateSet
 from snpd.trust.x509 import Certificate, Crl, load_certificate, load_crl
+
+if TYPE_CHECKING:
+    from snpd.emulator.firmware import DeviceFault
 
 Now = Callable[[], datetime.datetime]
 
@@ -76,6 +79,42 @@ _TCB_NAMES = ("reported", "current", "committed", "launch")
 
 def default_tcb(product: Product) -> TcbVersion:
     return TcbVersion.from_parts(product, **DEFAULT_TCB[product])
+
+
+FAULT_KINDS = ("busy", "host_error", "fw_error", "body_status", "tamper", "invalid_len",
+               "wipe", "latency")
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultSpec:
+    """A fault as the emulator configuration schedules it:
+    ``{kind = "wipe", after = 3}`` or ``{kind = "busy", count = 4, after = 1}``.
+    ``count`` 0 means every exchange from then on."""
+
+    kind: str
+    count: int = 1
+    after: int = 0
+    status: int = 0x16
+    pages: int = 4
+    seconds: float = 0.0
+
+    def fault(self) -> DeviceFault:
+        from snpd.emulator.firmware import DeviceFault
+
+        builders: Dict[str, Callable[[], DeviceFault]] = {
+            "busy": DeviceFault.busy, "host_error": DeviceFault.host_error,
+            "fw_error": lambda: DeviceFault.fw_error(self.status),
+            "body_status": lambda: DeviceFault.body_status(self.status),
+            "tamper": DeviceFault.tamper, "wipe": DeviceFault.wipe,
+            "invalid_len": lambda: DeviceFault.invalid_len(self.pages),
+            "latency": lambda: DeviceFault.latency(self.seconds),
+        }
+        return builders[self.kind]()
+
+    @property
+    def times(self) -> Optional[int]:
+        return self.count or None
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +165,7 @@ class EmulatorConfig:
     device: str = "present"
     chip_id: Optional[bytes] = None
     latency: float = 0.0
+    faults: Tuple[FaultSpec, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.product, Product):
@@ -177,6 +217,9 @@ class EmulatorConfig:
         if (isinstance(self.latency, bool) or not isinstance(self.latency, (int, float))
                 or not 0 <= self.latency <= 3600):
             raise _error("latency", "expected seconds between 0 and 3600")
+        if not isinstance(self.faults, tuple) or not all(
+                isinstance(f, FaultSpec) for f in self.faults):
+            raise _error("faults", "expected a tuple of FaultSpec")
 
     # -- resolved values ------------------------------------------------------
 
@@ -281,6 +324,41 @@ def _read_bool(key: str, value: object, _product: Product) -> bool:
     return value
 
 
+def _read_faults(key: str, value: object, _product: Product) -> Tuple[FaultSpec, ...]:
+    """``faults = [{kind = "wipe", after = 3}, {kind = "busy", count = 4}]``."""
+    if not isinstance(value, list) or len(value) > 64:
+        raise _error(key, "expected a list of at most 64 tables")
+    specs = []
+    fields = {"kind": str, "count": int, "after": int, "status": int, "pages": int,
+              "seconds": (int, float)}
+    for index, item in enumerate(value):
+        where = f"{key}[{index}]"
+        if not isinstance(item, dict):
+            raise _error(where, "expected a table such as {kind = \"busy\", count = 2}")
+        for name, val in item.items():
+            kind = fields.get(name)
+            if kind is None:
+                raise _error(f"{where}.{name}", f"unknown key (known: {', '.join(fields)})")
+            if isinstance(val, bool) or not isinstance(val, kind):  # type: ignore[arg-type]
+                raise _error(f"{where}.{name}", f"wrong type {type(val).__name__}")
+        if item.get("kind") not in FAULT_KINDS:
+            raise _error(f"{where}.kind", f"expected one of {', '.join(FAULT_KINDS)}")
+        for name in ("count", "after", "status", "pages"):
+            if name in item and not 0 <= item[name] < 1 << 32:
+                raise _error(f"{where}.{name}", "expected an integer 0..2**32-1")
+        if not 0 <= float(item.get("seconds", 0)) <= 3600:
+            raise _error(f"{where}.seconds", "expected 0..3600")
+        spec = FaultSpec(kind=item["kind"], count=item.get("count", 1),
+                         after=item.get("after", 0), status=item.get("status", 0x16),
+                         pages=item.get("pages", 4), seconds=float(item.get("seconds", 0)))
+        try:
+            spec.fault()
+        except ValueError as exc:
+            raise _error(where, str(exc)) from None
+        specs.append(spec)
+    return tuple(specs)
+
+
 def _read_float(key: str, value: object, _product: Product) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _error(key, f"expected a number of seconds, got {value!r}")
@@ -373,6 +451,7 @@ _READERS: Dict[str, Callable[[str, object, Product], object]] = {
     "device": _read_str,
     "chip_id": _read_chip_id,
     "latency": _read_float,
+    "faults": _read_faults,
 }
 
 
