@@ -169,6 +169,7 @@ class Broker:
         self._abort = threading.Event()  # set by a non-draining stop: cut sleeps short
         self._sleep: Callable[[float], None] = sleep or self._interruptible_sleep
         self._vmpck = f"VMPCK{vmpck_id}" if vmpck_id is not None else "the VMPCK"
+        self._suspect: Optional[str] = None  # an EIO that probably cost the VMPCK
         self._on_state_change = on_state_change
 
         self._cond = threading.Condition(threading.Lock())
@@ -575,8 +576,9 @@ class Broker:
                                          f"restart snpd.")
         cause: Optional[str] = None
         if isinstance(error, VmpckDisabled):
+            earlier = self._suspect or "an earlier failed request"
             cause = (f"the kernel refuses guest requests (ENOTTY during {op}): {key} was "
-                     f"disabled after an earlier failed request (see the kernel log)")
+                     f"disabled after {earlier} (see the kernel log)")
         elif isinstance(error, Timeout):
             cause = (f"the host kept the firmware busy past the kernel's 60 s retry window "
                      f"(ETIMEDOUT during {op}) and the kernel disabled {key} to prevent IV "
@@ -589,8 +591,11 @@ class Broker:
             codes = "".join(f", {name} 0x{value:x}" for name, value in
                             (("fw_error", error.fw_error), ("vmm_error", error.vmm_error))
                             if value is not None)
-            cause = (f"the kernel disabled {key} after a failed guest request "
-                     f"(EIO during {op}{codes})")
+            # Most kernels wipe the key after such an EIO, but 5.19-6.0 did not, and
+            # the errno alone cannot tell: the next request's ENOTTY confirms a wipe
+            # (SYSTEM.md §5.5). Remember the EIO for that message; stay ready.
+            self._suspect = f"a failed guest request (EIO during {op}{codes})"
+            return None
         if cause is None:
             return None
         return BrokerState("degraded", f"{cause}: no firmware request can succeed. {remedy}")

@@ -209,10 +209,10 @@ def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
 
     return {
         "get_report": lambda data, vmpl: bytes(dbus.call(
-            A, "GetReport", "aya{sv}", [data, vmpl_arg(vmpl), {}])[0]),
+            A, "GetReport", "ayua{sv}", [data, vmpl_arg(vmpl), {}])[0]),
         "get_extended_report": lambda data, vmpl: (lambda r: (bytes(r[0]), [
             (k, bytes(d)) for k, d in r[1]]))(dbus.call(
-                A, "GetExtendedReport", "aya{sv}", [data, vmpl_arg(vmpl), {}])),
+                A, "GetExtendedReport", "ayua{sv}", [data, vmpl_arg(vmpl), {}])),
         "get_certificates": lambda crl: [(k, bytes(d)) for k, d in dbus.call(
             A, "GetCertificates", "a{sv}",
             [{"crl": Variant("b", True)} if crl else {}])[0]],

@@ -145,7 +145,8 @@ class Daemon:
         client = None if kds.offline else KdsClient(kds.url, kds.mirrors, deadline=kds.timeout_s)
         try:
             return CertificateCache(kds.cache_dir, client, offline_dirs=kds.offline_dirs,
-                                    offline=kds.offline, roots=roots)
+                                    offline=kds.offline, roots=roots,
+                                    observer=self.events.kds_fetch)
         except OSError as exc:
             self.events.log("warning", f"KDS cache {kds.cache_dir} unusable ({exc}); "
                             "certificates will not be cached")

@@ -2,8 +2,8 @@
 
 The journal's native protocol is spoken directly over its datagram socket (a
 few lines of stdlib), so the daemon needs no C extension and the tests can
-bind the socket anywhere. Never logged: report_data, key bytes, full chip IDs
-(a short hash stands in for the chip).
+bind the socket anywhere (``SNPD_JOURNAL_SOCKET`` names it). Never logged:
+report_data, key bytes, full chip IDs (a short hash stands in for the chip).
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from snpd.service import Caller
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# Overrides JOURNAL_SOCKET: for tests and containers (see journal_socket_path).
+JOURNAL_SOCKET_ENV = "SNPD_JOURNAL_SOCKET"
 IDENTIFIER = "snpd"
 
 # MESSAGE_IDs (systemd-id128 new), one per event type; the catalog documents each.
@@ -97,14 +99,23 @@ class StderrSink:
                 pass
 
 
+def journal_socket_path() -> str:
+    """journald's native socket: ``$SNPD_JOURNAL_SOCKET`` when set (for tests and for
+    containers that forward a journal socket from elsewhere), else the fixed path
+    libsystemd uses, ``/run/systemd/journal/socket``."""
+    return os.environ.get(JOURNAL_SOCKET_ENV) or JOURNAL_SOCKET
+
+
 def choose_sink(target: str = "auto") -> Sink:
     """journal when running under systemd with journald (JOURNAL_STREAM or INVOCATION_ID
-    and the socket exists), stderr otherwise; ``target`` forces one."""
+    and the socket exists), stderr otherwise; ``target`` forces one. The journal's
+    socket is :func:`journal_socket_path` (``$SNPD_JOURNAL_SOCKET`` overrides it)."""
     if target == "stderr":
         return StderrSink()
+    path = journal_socket_path()
     under_systemd = bool(os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"))
-    if target == "journal" or (under_systemd and os.path.exists(JOURNAL_SOCKET)):
-        return JournalSink(fallback=StderrSink())
+    if target == "journal" or (under_systemd and os.path.exists(path)):
+        return JournalSink(path, fallback=StderrSink())
     return StderrSink()
 
 

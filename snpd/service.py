@@ -302,7 +302,7 @@ class Service:
 
     async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
                             ) -> Dict[str, object]:
-        self.access.check(caller, Permission.PUBLIC, "VerifyReport")
+        self.access.check(caller, Permission.REPORT, "VerifyReport")
         opts = _options(options, {"certificates": list, "at": int, "policy": str,
                                   "product": str}, "VerifyReport")
         data = _bytes(report, "report", max_len=4096)

@@ -37,7 +37,7 @@ import json
 import os
 import secrets
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -326,14 +326,14 @@ def _read_bool(key: str, value: object, _product: Product) -> bool:
 
 def _read_faults(key: str, value: object, _product: Product) -> Tuple[FaultSpec, ...]:
     """``faults = [{kind = "wipe", after = 3}, {kind = "busy", count = 4}]``."""
-    if not isinstance(value, list) or len(value) > 64:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) > 64:
         raise _error(key, "expected a list of at most 64 tables")
     specs = []
     fields = {"kind": str, "count": int, "after": int, "status": int, "pages": int,
               "seconds": (int, float)}
     for index, item in enumerate(value):
         where = f"{key}[{index}]"
-        if not isinstance(item, dict):
+        if not isinstance(item, Mapping):
             raise _error(where, "expected a table such as {kind = \"busy\", count = 2}")
         for name, val in item.items():
             kind = fields.get(name)

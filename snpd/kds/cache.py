@@ -71,6 +71,7 @@ class CertificateCache:
         roots: TrustRoots = AMD_ROOTS,
         clock: Clock = _utc_now,
         crl_retry_after: datetime.timedelta = datetime.timedelta(minutes=5),
+        observer: Optional[Callable[[str, str], None]] = None,
     ) -> None:
         self.root = Path(root)
         self.client = client
@@ -80,6 +81,7 @@ class CertificateCache:
         self.clock = clock
         self.crl_retry_after = crl_retry_after
         self.stats = CacheStats()
+        self.observer = observer  # observer(what, outcome) after every KDS fetch
         self._lock = threading.Lock()
         self._inflight: Dict[Hashable, concurrent.futures.Future] = {}  # type: ignore[type-arg]
         self._crl_failed_until: Dict[Tuple[Product, Endorser], datetime.datetime] = {}
@@ -304,10 +306,15 @@ class CertificateCache:
             raise CertificatesUnavailable(f"{what} is not cached and snpd is offline")
         self.stats.fetches += 1
         try:
-            return call(self.client)
-        except CertificatesUnavailable:
+            body = call(self.client)
+        except CertificatesUnavailable as exc:
             self.stats.fetch_failures += 1
+            if self.observer is not None:
+                self.observer(what, f"failed: {exc}")
             raise
+        if self.observer is not None:
+            self.observer(what, f"fetched {len(body)} bytes")
+        return body
 
     def _admit(self, what: str, admit: Callable[[], T]) -> T:
         """Run an admission check on a KDS answer; count and explain a rejection."""

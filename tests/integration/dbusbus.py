@@ -66,38 +66,7 @@ TEST_USERS: Mapping[str, Optional[str]] = {
 }
 
 # spec/STACK.md §5.1, verbatim but for the comment.
-BUS_CONF_TEMPLATE = """\
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <!-- private "system-like" bus for snpd's tests: the real system bus's default policy -->
-  <type>system</type>
-  <listen>unix:path=@SOCKET@</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Properties"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Peer"/>
-  </policy>
-  <!-- the project's own policy file (the one shipped to /usr/share/dbus-1/system.d) -->
-  <includedir>system.d</includedir>
-  <limit name="max_incoming_bytes">133169152</limit>
-  <limit name="max_outgoing_bytes">133169152</limit>
-</busconfig>
-"""
+BUS_CONF_TEMPLATE = (REPO_ROOT / "conf" / "dbus" / "private-system-bus.conf.in").read_text()
 
 # Added beside the shipped policy for the layer-2 tests: "mandatory" rules apply
 # after every other, so anyone may call anything and only the daemon's own

@@ -514,11 +514,10 @@ DEGRADING: List[Callable[[], SnpdError]] = [
     lambda: VmpckDisabled("ENOTTY"),
     lambda: Timeout("ETIMEDOUT"),
     lambda: DeviceError("bad message", errno=errno.EBADMSG),
-    lambda: DeviceError("guest request failed", errno=errno.EIO, fw_error=0x27),
 ]
 
 
-@pytest.mark.parametrize("make_error", DEGRADING, ids=["ENOTTY", "ETIMEDOUT", "EBADMSG", "EIO"])
+@pytest.mark.parametrize("make_error", DEGRADING, ids=["ENOTTY", "ETIMEDOUT", "EBADMSG"])
 def test_key_losing_errors_degrade_and_later_requests_fail_fast(
         make_error: Callable[[], SnpdError]) -> None:
     async def main() -> None:
@@ -560,14 +559,33 @@ def test_key_losing_errors_degrade_and_later_requests_fail_fast(
     run(main)
 
 
-def test_eio_reason_carries_the_firmware_error() -> None:
+def test_eio_is_confirmed_by_the_next_enotty_and_named_in_the_reason() -> None:
+    """5.19-6.0 kernels returned EIO without wiping: only ENOTTY proves the key is gone."""
     async def main() -> None:
         device = FakeDevice()
         device.script.append(DeviceError("failed", errno=errno.EIO, fw_error=0x27))
+        device.script.append(VmpckDisabled("VMPCK disabled"))
         async with running(device) as broker:
             with pytest.raises(DeviceError):
                 await broker.submit("a", "report", data(1), 0)
+            assert broker.state.state == "ready"
+            with pytest.raises(VmpckDisabled):
+                await broker.submit("a", "report", data(2), 0)
+            assert broker.state.state == "degraded"
             assert "EIO" in broker.state.reason and "fw_error 0x27" in broker.state.reason
+
+    run(main)
+
+
+def test_eio_on_a_kernel_that_kept_the_key_stays_ready() -> None:
+    async def main() -> None:
+        device = FakeDevice()
+        device.script.append(DeviceError("failed", errno=errno.EIO, vmm_error=2))
+        async with running(device) as broker:
+            with pytest.raises(DeviceError):
+                await broker.submit("a", "report", data(1), 0)
+            await broker.submit("a", "report", data(2), 0)
+            assert broker.state.state == "ready"
 
     run(main)
 
