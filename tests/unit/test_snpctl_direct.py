@@ -99,3 +99,17 @@ def test_no_guest_interface_is_exit_3(tmp_path: Path) -> None:
                        "--device", tmp_path / "nonexistent", "--configfs-root",
                        tmp_path / "none")
     assert code == 3 and "emulator" in err
+
+
+@pytest.mark.parametrize("command", [["report", "r.bin", "q.bin", "--random"], ["status"],
+                                     ["key", "k.bin", "vcek"], ["evidence", "e.json"], ["ok"],
+                                     ["certificates", "pem", "certs"]])
+def test_daemon_not_running_is_exit_3_with_a_hint(command: list, tmp_path: Path,  # type: ignore[type-arg]
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    code, _, err = run(*command, "--socket", tmp_path / "no-socket")
+    assert code == 3, err
+    assert "daemon not running" in err and "--direct" in err
+    code, _, err = run(*command, "--bus", f"unix:path={tmp_path}/no-bus")
+    assert code == 3 and "--direct" in err
