@@ -652,6 +652,11 @@ def _toml_error(exc: Exception) -> str:
 
 def parse_config(text: str, *, source: str = DEFAULT_SOURCE) -> Config:
     """Parse TOML text. ``source`` (the file name) starts every error message."""
+    return Config.from_mapping(load_toml(text, source=source), source=source)
+
+
+def load_toml(text: str, *, source: str = DEFAULT_SOURCE) -> Dict[str, Any]:
+    """TOML text as a dict; every failure a ConfigError starting with ``source``."""
     if not isinstance(text, str):
         raise ConfigError(f"{source}: expected TOML text, got {type(text).__name__}")
     if len(text) > MAX_CONFIG_SIZE:
@@ -668,7 +673,7 @@ def parse_config(text: str, *, source: str = DEFAULT_SOURCE) -> Config:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     except RecursionError:
         raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
-    return Config.from_mapping(doc, source=source)
+    return doc
 
 
 def load_config(path: Optional[Path] = None, *,

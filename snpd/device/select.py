@@ -8,7 +8,6 @@ configfs-tsm when its report directory exists.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -43,15 +42,10 @@ def read_emulator_config(path: Path) -> EmulatorConfig:
 
     if not path.is_file():
         return EmulatorConfig()
+    from snpd.config import load_toml
+
     text = read_bounded(path, "emulator configuration", 1 << 20).decode("utf-8", "replace")
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    data = load_toml(text, source=str(path))
     data.pop("state_dir", None)
     try:
         return EmulatorConfig.from_mapping(data)
