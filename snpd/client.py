@@ -16,11 +16,13 @@ answers.
 from __future__ import annotations
 
 import base64
-import datetime
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from snpd.errors import EXIT_UNAVAILABLE, SnpdError
+
+if TYPE_CHECKING:
+    import datetime
 
 DEFAULT_SOCKET = "/run/snpd/snpd.varlink"
 DEFAULT_VMPL = 0xFFFFFFFF

@@ -32,6 +32,39 @@ PROBE_FILE = Path("/run/snpd/probe.json")
 STARTUP_CALLER = Caller(uid=0, transport="startup", peer="snpd")
 
 
+class LazyKdsClient:
+    """A KdsClient made on the first fetch: most daemons never fetch (the host's table
+    or the cache answers), and requests with TLS costs megabytes of memory."""
+
+    def __init__(self, url: str, mirrors: Sequence[str], deadline: float) -> None:
+        self._args = (url, tuple(mirrors), deadline)
+        self._client: Any = None
+
+    def _get(self) -> Any:
+        if self._client is None:
+            from snpd.kds.client import KdsClient
+
+            url, mirrors, deadline = self._args
+            self._client = KdsClient(url, mirrors, deadline=deadline)
+        return self._client
+
+    def fetch_cert_chain(self, *args: Any) -> bytes:
+        result: bytes = self._get().fetch_cert_chain(*args)
+        return result
+
+    def fetch_vcek(self, *args: Any) -> bytes:
+        result: bytes = self._get().fetch_vcek(*args)
+        return result
+
+    def fetch_crl(self, *args: Any) -> bytes:
+        result: bytes = self._get().fetch_crl(*args)
+        return result
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
 class UnavailableDevice:
     """Stands in when no backend can be opened: every request says why, and the
     daemon still serves verification and certificates."""
@@ -111,8 +144,10 @@ class Daemon:
         self.service: Optional[Service] = None
         self.broker: Optional[Broker] = None
         self._transports: List[Any] = []
-        self._stop = asyncio.Event()
-        self._reload = asyncio.Event()
+        # Events are made in run(): on Python 3.9 an Event binds to the loop current
+        # at construction, and asyncio.run() makes a new one.
+        self._stop: Optional[asyncio.Event] = None
+        self._reload: Optional[asyncio.Event] = None
         self._tasks: List[asyncio.Task[None]] = []
         self.status: Optional[SevStatus] = None
 
@@ -139,10 +174,9 @@ class Daemon:
 
     def _cache(self, roots: TrustRoots) -> Any:
         from snpd.kds.cache import CertificateCache
-        from snpd.kds.client import KdsClient
 
         kds = self.config.kds
-        client = None if kds.offline else KdsClient(kds.url, kds.mirrors, deadline=kds.timeout_s)
+        client = None if kds.offline else LazyKdsClient(kds.url, kds.mirrors, kds.timeout_s)
         try:
             return CertificateCache(kds.cache_dir, client, offline_dirs=kds.offline_dirs,
                                     offline=kds.offline, roots=roots,
@@ -277,28 +311,32 @@ class Daemon:
     # -- running -------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        self._stop.set()
+        if self._stop is not None:
+            self._stop.set()
 
     def request_reload(self) -> None:
-        self._reload.set()
+        if self._reload is not None:
+            self._reload.set()
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        self._stop = stop_event = asyncio.Event()
+        self._reload = reload_event = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.start()
-            while not self._stop.is_set():
-                stop = asyncio.ensure_future(self._stop.wait())
-                reload = asyncio.ensure_future(self._reload.wait())
+            while not stop_event.is_set():
+                stop = asyncio.ensure_future(stop_event.wait())
+                reload = asyncio.ensure_future(reload_event.wait())
                 await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
                 for waiter in (stop, reload):
                     waiter.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await waiter
-                if self._reload.is_set() and not self._stop.is_set():
-                    self._reload.clear()
+                if reload_event.is_set() and not stop_event.is_set():
+                    reload_event.clear()
                     self.reload()
         finally:
             await self.shutdown()

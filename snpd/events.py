@@ -155,9 +155,8 @@ class Events:
     def startup_status(self, summary: str, **facts: object) -> None:
         self.emit("STARTUP_STATUS", "notice", summary, **facts)
 
-    def report_issued(self, caller: Caller, vmpl: int, report: bytes,
+    def report_issued(self, caller: Caller, vmpl: int, parsed: AttestationReport,
                       product: Optional[Product]) -> None:
-        parsed = AttestationReport.from_bytes(report)
         self.emit("REPORT_ISSUED", "info",
                   f"report issued to {caller.describe()} (VMPL {vmpl}, version "
                   f"{parsed.version})", vmpl=vmpl, report_version=parsed.version,

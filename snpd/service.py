@@ -195,7 +195,7 @@ class Service:
                                   "guest's own)")
         return vmpl
 
-    def _learn(self, report: bytes) -> None:
+    def _learn(self, report: bytes) -> AttestationReport:
         """Remember the platform's product and TCB from a report the firmware produced."""
         parsed = AttestationReport.from_bytes(report)
         product = parsed.cpuid_product or self.product
@@ -209,6 +209,7 @@ class Service:
         self._chip_id = parsed.chip_id
         if changed:
             self.notify("org.snpd.Snpd1.Attestation", changed)
+        return parsed
 
     async def _firmware(self, caller: Caller, op: str, *args: object,
                         deadline: float) -> Any:
@@ -229,8 +230,7 @@ class Service:
         report: bytes = await self._firmware(caller, "report", data.ljust(REPORT_DATA_SIZE,
                                                                           b"\0"), level,
                                              deadline=self._deadline(opts))
-        self._learn(report)
-        self.events.report_issued(caller, level, report, self.product)
+        self.events.report_issued(caller, level, self._learn(report), self.product)
         return report
 
     async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
@@ -243,9 +243,8 @@ class Service:
                                         data.ljust(REPORT_DATA_SIZE, b"\0"), level,
                                         deadline=self._deadline(opts))
         report: bytes = extended.report
-        self._learn(report)
-        self.events.report_issued(caller, level, report, self.product)
-        parsed = AttestationReport.from_bytes(report)
+        parsed = self._learn(report)
+        self.events.report_issued(caller, level, parsed, self.product)
         certs = await self._certificates_for(parsed, extended.certificates)
         return report, certs
 

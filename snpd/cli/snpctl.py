@@ -11,10 +11,8 @@ the standard library at load time; each command imports what it needs.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from snpd.errors import (
@@ -26,6 +24,8 @@ from snpd.errors import (
 )
 
 if TYPE_CHECKING:
+    import datetime
+
     from snpd.abi.product import Endorser, Product
     from snpd.abi.report import AttestationReport
     from snpd.kds.client import KdsClient
@@ -33,6 +33,13 @@ if TYPE_CHECKING:
     from snpd.trust.x509 import Certificate
 
 PRODUCTS = ("Milan", "Genoa", "Turin")
+
+
+def _path(name: str) -> Any:
+    """pathlib only when a command needs it: snpctl's start-up time is a budget."""
+    from pathlib import Path
+
+    return Path(name)
 
 
 class UsageError(SnpdError):
@@ -45,6 +52,8 @@ class UsageError(SnpdError):
 
 def parse_time(text: str) -> datetime.datetime:
     """RFC 3339, e.g. ``2025-06-01T00:00:00Z``; a time without a zone is refused."""
+    import datetime
+
     value = text.strip()
     if value.endswith(("Z", "z")):
         value = value[:-1] + "+00:00"
@@ -104,6 +113,8 @@ class Output:
 
     def json(self, doc: Dict[str, Any]) -> None:
         if self.as_json:
+            import json
+
             json.dump(doc, self.out, indent=2, sort_keys=False)
             self.out.write("\n")
 
@@ -202,11 +213,13 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
         from snpd.trust.appraisal import AppraisalPolicy
 
         text = read_file(args.policy, "policy").decode("utf-8", "replace")
-        policy = AppraisalPolicy.from_toml(text, name=Path(args.policy).name)
+        policy = AppraisalPolicy.from_toml(text, name=os.path.basename(args.policy))
     verdict = _verifier(args).verify(report, certs, at=args.at, policy=policy,
                                      product=product_arg(args.product))
     doc = verdict.to_json()
     doc["report"] = args.report
+    import datetime
+
     doc["at"] = (args.at or datetime.datetime.now(datetime.timezone.utc)).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
     out.json(doc)
@@ -342,7 +355,7 @@ def _device(args: argparse.Namespace) -> Any:
     """The backend for --direct."""
     from snpd.device.select import open_device
 
-    emulator_dir = Path(args.emulator_dir) if args.emulator_dir else None
+    emulator_dir = _path(args.emulator_dir) if args.emulator_dir else None
     backend = args.backend or ("emulator" if emulator_dir else "auto")
     return open_device(backend, path=args.device, configfs_root=args.configfs_root,
                        emulator_dir=emulator_dir)
@@ -431,8 +444,8 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
     from snpd.files import atomic_write
 
     if args.random:
-        atomic_write(Path(args.request_file), data)
-    atomic_write(Path(args.report_file), report)
+        atomic_write(_path(args.request_file), data)
+    atomic_write(_path(args.report_file), report)
     out.json({"report": args.report_file, "request": args.request_file, "vmpl": vmpl,
               "backend": device.name, "size": len(report)})
     out.result(f"wrote {args.report_file} ({len(report)} bytes, VMPL {vmpl}, "
@@ -494,7 +507,7 @@ def cmd_key(args: argparse.Namespace, out: Output) -> int:
         device.close()
     from snpd.files import atomic_write
 
-    atomic_write(Path(args.key_file), key, mode=0o600)
+    atomic_write(_path(args.key_file), key, mode=0o600)
     out.json({"key_file": args.key_file, "root_key": args.root_key, "vmpl": vmpl,
               "via": device.name,
               "guest_field_select": args.guest_field_select, "fields": list(request.fields)})
@@ -541,7 +554,7 @@ def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
         nonce = os.urandom(32)
     with _client(args) as client:
         media_type, evidence = client.get_evidence(args.format, nonce)
-    atomic_write(Path(args.file), evidence)
+    atomic_write(_path(args.file), evidence)
     out.json({"file": args.file, "format": args.format, "media_type": media_type,
               "size": len(evidence)})
     out.result(f"wrote {args.file} ({len(evidence)} bytes, {media_type})")
@@ -581,7 +594,7 @@ def cmd_ok(args: argparse.Namespace, out: Output) -> int:
         out.line(f"  PASS  VMPL                 {doc['vmpl']}")
         out.result("OK: SEV-SNP emulator ready")
         return EXIT_OK
-    status = probe(Path(args.root))
+    status = probe(_path(args.root))
     doc = status.to_json()
     out.json(doc)
     k = status.kernel

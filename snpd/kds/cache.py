@@ -23,7 +23,7 @@ import datetime
 import hashlib
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Hashable, Optional, Sequence, Tuple, TypeVar
+from typing import Callable, Dict, Hashable, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
@@ -34,8 +34,15 @@ from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import AMD_ROOTS, TrustRoots
 from snpd.trust.x509 import Certificate, Crl, load_certificate, load_certificates, load_crl
 
-if TYPE_CHECKING:
-    from snpd.kds.client import KdsClient
+
+class KdsFetcher(Protocol):
+    """What the cache needs of a KDS client (snpd.kds.client.KdsFetcher, or a lazy one)."""
+
+    def fetch_cert_chain(self, product: Product, endorser: Endorser) -> bytes: ...
+
+    def fetch_vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes: ...
+
+    def fetch_crl(self, product: Product, endorser: Endorser) -> bytes: ...
 
 T = TypeVar("T")
 Clock = Callable[[], datetime.datetime]
@@ -64,7 +71,7 @@ class CertificateCache:
     def __init__(
         self,
         root: Path,
-        client: Optional[KdsClient] = None,
+        client: Optional[KdsFetcher] = None,
         *,
         offline_dirs: Sequence[Path] = (),
         offline: bool = False,
@@ -301,7 +308,7 @@ class CertificateCache:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _fetch(self, call: Callable[[KdsClient], bytes], what: str) -> bytes:
+    def _fetch(self, call: Callable[[KdsFetcher], bytes], what: str) -> bytes:
         if self.offline or self.client is None:
             raise CertificatesUnavailable(f"{what} is not cached and snpd is offline")
         self.stats.fetches += 1

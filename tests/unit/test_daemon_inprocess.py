@@ -1,0 +1,62 @@
+"""The daemon's life cycle in-process on every supported Python: start, serve over
+varlink, reload, stop (the full subprocess tests with D-Bus are in tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+from pathlib import Path
+
+from snpd.config import parse_config
+from snpd.daemon import Daemon
+from snpd.events import Events, StderrSink
+from snpd.notify import Notifier
+from snpd.varlink.client import VarlinkClient
+
+
+def test_start_serve_reload_stop(tmp_path: Path) -> None:
+    socket_path = tmp_path / "run" / "snpd.varlink"
+    config = parse_config(f"""
+[device]
+backend = "emulator"
+[emulator]
+state_dir = "{tmp_path / 'emu'}"
+[kds]
+cache_dir = "{tmp_path / 'cache'}"
+offline = true
+[varlink]
+socket = "{socket_path}"
+[dbus]
+enabled = false
+""")
+    log = io.StringIO()
+    daemon = Daemon(config, config_path=None, events=Events(StderrSink(log)),
+                    notifier=Notifier({}), probe_file=tmp_path / "probe.json", root=tmp_path)
+    answers = {}
+
+    def client_calls() -> None:
+        with VarlinkClient(str(socket_path), timeout=30) as client:
+            reply = client.call("org.snpd.Attestation.GetReport",
+                                {"report_data": base64.b64encode(b"in-process").decode()})
+            answers["report"] = base64.b64decode(reply["report"])
+            answers["props"] = client.call("org.snpd.Manager.GetProperties", {})
+
+    async def main() -> int:
+        task = asyncio.ensure_future(daemon.run())
+        for _ in range(600):  # bounded wait for the socket
+            if socket_path.exists():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, client_calls)
+        daemon.request_reload()
+        await asyncio.sleep(0)
+        daemon.request_stop()
+        return await task
+
+    assert asyncio.run(main()) == 0
+    assert len(answers["report"]) == 1184 and answers["report"][0x50:0x5A] == b"in-process"
+    attestation = answers["props"]["properties"]["org.snpd.Snpd1.Attestation"]
+    assert attestation["Backend"] == "emulator" and attestation["State"] == "ready"
+    assert not socket_path.exists()  # the bound socket is removed on stop
+    assert "serving" in log.getvalue()
