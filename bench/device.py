@@ -15,32 +15,21 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable, List
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _timing import median_us  # noqa: E402
 
 from snpd.abi.uapi import DerivedKeyRequest  # noqa: E402
 from snpd.device.ioctl import IoctlDevice  # noqa: E402
 from snpd.emulator.kernel import EmulatedSevGuest  # noqa: E402
 from snpd.emulator.sign import sign_report  # noqa: E402
 from snpd.emulator.state import EmulatorConfig  # noqa: E402
-
-
-def median_us(func: Callable[[], object], runs: int) -> float:
-    for _ in range(min(50, runs)):
-        func()
-    samples: List[float] = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        func()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
 
 
 def main() -> int:

@@ -22,26 +22,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List
+from typing import List
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from _timing import median_us  # noqa: E402
 
 from snpd.abi.report import AttestationReport  # noqa: E402
 from snpd.certsdir import load_certs_dir  # noqa: E402
 from snpd.trust import signature  # noqa: E402
 from snpd.trust.verify import Verifier  # noqa: E402
-
-
-def median_us(func: Callable[[], object], runs: int) -> float:
-    for _ in range(min(50, runs)):
-        func()
-    samples: List[float] = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        func()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e6
 
 
 def median_process_ms(argv: List[str], runs: int) -> float:
