@@ -15,8 +15,9 @@
   config's and the client's default, the group is the default report group.
 - The service unit agrees with the code and the packaging: user, bus name,
   commands, directories.
-- sysusers.d and the udev rule parse (``systemd-sysusers --dry-run`` on a scratch
-  root; ``udevadm verify`` where systemd has it, a strict syntax check always).
+- sysusers.d, tmpfiles.d and the udev rule parse and do what they should
+  (``systemd-sysusers`` and ``systemd-tmpfiles`` on a scratch root; ``udevadm
+  verify`` where systemd has it, a strict syntax check always).
 - The journal catalog compiles (``journalctl --update-catalog`` on a scratch root)
   and documents every MESSAGE_ID the daemon emits.
 - The man pages render without warnings (``man --warnings``).
@@ -45,6 +46,7 @@ UNIT_FILES = sorted(p.name for p in UNITS.iterdir() if p.suffix in (
 MAN = REPO / "man"
 SYSUSERS = REPO / "conf" / "sysusers.d" / "snpd.conf"
 UDEV_RULE = REPO / "conf" / "udev" / "60-snpd.rules"
+TMPFILES = REPO / "conf" / "tmpfiles.d" / "snpd.conf"
 CATALOG = REPO / "conf" / "snpd.catalog"
 DBUS_ACTIVATION = REPO / "conf" / "dbus" / "org.snpd.Snpd1.service"
 DBUS_POLICY = REPO / "conf" / "dbus" / "org.snpd.Snpd1.conf"
@@ -248,13 +250,19 @@ def test_service_unit_matches_the_code_and_the_package() -> None:
     assert pre[2:].split() == ["/usr/libexec/snpd/snpd-probe", "--output", str(PROBE_FILE)]
     assert "usr/libexec/snpd/snpd-probe" in DEBIAN_RULES.read_text()
     # Directories: the config defaults live where the unit lets the daemon write.
-    assert s["RuntimeDirectory"] == ["snpd"] and PROBE_FILE.parent == Path("/run/snpd")
+    # /run/snpd comes from tmpfiles.d, never RuntimeDirectory=: systemd chowns a
+    # RuntimeDirectory's contents to the service's user and group at start, which
+    # would take snpd.socket's socket away from group snpd-users.
+    assert "RuntimeDirectory" not in s
+    assert s["ReadWritePaths"] == ["/run/snpd"] and PROBE_FILE.parent == Path("/run/snpd")
     assert cfg.varlink.socket.parent == Path("/run/snpd")
+    tmpfiles = [line.split() for line in TMPFILES.read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert tmpfiles == [["d", "/run/snpd", "0755", "snpd", "snpd", "-"]]
     assert s["CacheDirectory"] == ["snpd"] and cfg.kds.cache_dir == Path("/var/cache/snpd")
     assert s["StateDirectory"] == ["snpd"]
     assert cfg.emulator.state_dir.parent == Path("/var/lib/snpd")
     assert s["ConfigurationDirectory"] == ["snpd"]
-    assert s["RuntimeDirectoryPreserve"] == ["yes"]  # keeps snpd.socket's socket
     assert s["DeviceAllow"] == ["/dev/sev-guest rw"] and s["DevicePolicy"] == ["closed"]
     # Never a hard dependency on the device (tpm2-abrmd#758).
     unit_section = svc["Unit"]
@@ -268,8 +276,9 @@ def test_service_unit_matches_the_code_and_the_package() -> None:
 # -- sysusers, udev ------------------------------------------------------------------------------
 
 
-def test_sysusers_file_creates_the_user_and_groups(tmp_path: Path) -> None:
+def test_sysusers_and_tmpfiles_create_the_user_groups_and_run_dir(tmp_path: Path) -> None:
     sysusers = tool("systemd-sysusers")
+    tmpfiles = tool("systemd-tmpfiles")
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     dry = subprocess.run([sysusers, f"--root={root}", "--dry-run", str(SYSUSERS)],
@@ -285,6 +294,13 @@ def test_sysusers_file_creates_the_user_and_groups(tmp_path: Path) -> None:
     assert passwd["snpd"][5] == "/var/lib/snpd"
     assert passwd["snpd"][6].endswith("nologin")
     assert int(passwd["snpd"][2]) < 1000  # a system user
+    # tmpfiles.d: /run/snpd, owned by the user sysusers just made in the same root.
+    done = subprocess.run([tmpfiles, f"--root={root}", "--create", str(TMPFILES)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+    st = (root / "run" / "snpd").stat()
+    assert (st.st_uid, st.st_gid) == (int(passwd["snpd"][2]), int(passwd["snpd"][3]))
+    assert st.st_mode & 0o7777 == 0o755
 
 
 UDEV_KEYS = {"ACTION", "KERNEL", "SUBSYSTEM", "DRIVER", "ATTR", "ENV", "TAG", "GROUP",
