@@ -16,6 +16,7 @@ answers.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -120,12 +121,19 @@ class _DBus:
         from dbus_fast import BusType
         from dbus_fast.aio import MessageBus
 
-        if address:
-            return await MessageBus(bus_address=address).connect()
-        env = os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
-        if env:
-            return await MessageBus(bus_address=env).connect()
-        return await MessageBus(bus_type=BusType.SYSTEM).connect()
+        address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+        _check_reachable(address or "unix:path=/var/run/dbus/system_bus_socket")
+        bus = (MessageBus(bus_address=address) if address
+               else MessageBus(bus_type=BusType.SYSTEM))
+        try:
+            return await bus.connect()
+        except BaseException:
+            # dbus-fast (1.84, Debian bookworm's) leaves its socket open when connecting
+            # fails; close it here rather than leak a descriptor per attempt.
+            for name in ("_stream", "_sock"):
+                with contextlib.suppress(Exception):
+                    getattr(bus, name).close()
+            raise
 
     def call(self, interface: str, member: str, signature: str, body: List[Any]) -> List[Any]:
         import asyncio
@@ -156,6 +164,29 @@ async def asyncio_sleep0() -> None:
     import asyncio
 
     await asyncio.sleep(0)
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse an unreachable unix:path= bus before dbus-fast tries: bookworm's dbus-fast
+    (1.84) connects in MessageBus() itself and leaks the socket when that fails."""
+    for part in address.split(";"):
+        if not part.startswith("unix:"):
+            return
+        for option in part[len("unix:"):].split(","):
+            key, _, value = option.partition("=")
+            if key == "path":
+                import socket
+
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(value)
+                    return
+                except OSError as exc:
+                    error = exc
+                finally:
+                    probe.close()
+                raise OSError(error.errno, f"{error.strerror}: {value}")
+    return
 
 
 def _dbus_error(name: str, body: Sequence[Any]) -> SnpdError:
