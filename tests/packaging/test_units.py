@@ -329,20 +329,6 @@ def test_udev_rule_parses_and_hands_the_device_to_snpd() -> None:
     assert ("ENV", "SYSTEMD_WANTS", "+=", "snpd.service") in items
 
 
-def test_udevadm_verify_where_available() -> None:
-    udevadm = shutil.which("udevadm")
-    if udevadm is None:
-        pytest.skip("udevadm is not installed")
-    probe = subprocess.run([udevadm, "verify", "--help"], capture_output=True, check=False)
-    if probe.returncode != 0:
-        pytest.skip("udevadm verify needs systemd 254 or newer")
-    done = subprocess.run([udevadm, "verify", str(UDEV_RULE)], capture_output=True,
-                          text=True, check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-
-
-# -- journal catalog, man pages ------------------------------------------------------------------
-
 
 def test_catalog_compiles_and_covers_every_message_id(tmp_path: Path) -> None:
     from snpd.events import MESSAGE_IDS
