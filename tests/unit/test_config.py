@@ -85,7 +85,7 @@ per_client = 100
 
 [kds]
 url = "http://127.0.0.1:8080/kds"
-mirrors = ["https://kds-proxy.example:8443", "https://kdsintf.amd.com"]
+mirrors = ["https://kds-proxy.example:8443", "https://kds-mirror.example"]
 timeout_s = 5
 cache_dir = "/srv/snpd/cache"
 offline = true
@@ -180,7 +180,7 @@ def test_full_example() -> None:
         request_timeout_s=12.5, busy_retries=0)
     assert cfg.queue == QueueSection(max_pending=100, per_client=100)
     assert cfg.kds.url == "http://127.0.0.1:8080/kds"
-    assert cfg.kds.mirrors == ("https://kds-proxy.example:8443", "https://kdsintf.amd.com")
+    assert cfg.kds.mirrors == ("https://kds-proxy.example:8443", "https://kds-mirror.example")
     assert cfg.kds.timeout_s == 5.0 and isinstance(cfg.kds.timeout_s, float)
     assert cfg.kds.cache_dir == Path("/srv/snpd/cache")
     assert cfg.kds.offline is True
