@@ -385,7 +385,7 @@ class Service:
                          guest_svn: int, tcb_version: int, options: Mapping[str, Any]) -> bytes:
         self.access.check(caller, Permission.KEYS, "DeriveKey")
         opts = _options(options, {"timeout": float}, "DeriveKey")
-        request = DerivedKeyRequest.from_fields(root_key, list(fields), vmpl=self._vmpl(vmpl),
+        request = DerivedKeyRequest.from_fields(root_key, _names(fields), vmpl=self._vmpl(vmpl),
                                                 guest_svn=guest_svn, tcb_version=tcb_version)
         key: bytes = await self._firmware(caller, "derived_key", request,
                                           deadline=self._deadline(opts))
@@ -400,8 +400,8 @@ class Service:
         opts = _options(options, {"timeout": float}, "DeriveSealingKey")
         if not isinstance(label, str) or not label or len(label.encode()) > MAX_LABEL:
             raise InvalidArgument(f"label must be 1-{MAX_LABEL} bytes of UTF-8")
-        chosen = tuple(fields) or DEFAULT_SEALING_FIELDS
-        unknown = [f for f in chosen if f not in GUEST_FIELDS]
+        chosen = tuple(_names(fields)) or DEFAULT_SEALING_FIELDS
+        unknown = [f for f in chosen if not isinstance(f, str) or f not in GUEST_FIELDS]
         if unknown:
             raise InvalidArgument(f"unknown guest fields {unknown}; expected "
                                   f"{', '.join(GUEST_FIELDS)}")
@@ -446,6 +446,13 @@ class Service:
                 "Statistics": stats,
             },
         }
+
+
+def _names(fields: object) -> List[str]:
+    """A list of guest-field names, as the transports pass ``as`` / ``[]string``."""
+    if not isinstance(fields, (list, tuple)) or not all(isinstance(f, str) for f in fields):
+        raise InvalidArgument("fields must be a list of guest field names")
+    return list(fields)
 
 
 def _as_list(certs: CertificateSet) -> CertificateList:

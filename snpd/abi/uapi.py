@@ -226,6 +226,10 @@ class DerivedKeyRequest:
     tcb_version: int = 0
 
     def __post_init__(self) -> None:
+        for name in ("guest_field_select", "vmpl", "guest_svn", "tcb_version"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise InvalidArgument(f"{name} must be an integer, not {type(value).__name__}")
         if not 0 <= self.guest_field_select <= GUEST_FIELD_MASK:
             raise InvalidArgument(
                 f"guest_field_select 0x{self.guest_field_select:x} sets bits outside 0-5 "
@@ -242,11 +246,11 @@ class DerivedKeyRequest:
                     ) -> DerivedKeyRequest:
         try:
             root = RootKey(root_key)
-        except ValueError:
+        except (ValueError, TypeError):
             raise InvalidArgument(f"root key {root_key!r} is neither vcek nor vmrk") from None
         select = 0
         for name in fields:
-            if name not in GUEST_FIELDS:
+            if not isinstance(name, str) or name not in GUEST_FIELDS:
                 raise InvalidArgument(f"unknown guest field {name!r}; expected "
                                       f"{', '.join(GUEST_FIELDS)}")
             select |= 1 << GUEST_FIELDS[name]

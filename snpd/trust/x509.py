@@ -150,11 +150,12 @@ def _parse_algorithm(tlv: Tlv, what: str) -> AlgorithmIdentifier:
 
 
 def _load_public_key(spki: bytes) -> PublicKeyTypes:
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_der_public_key
 
     try:
         return load_der_public_key(spki)
-    except (ValueError, TypeError) as exc:  # cryptography's "could not deserialize"
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # incl. an unknown key OID
         raise DerError(f"unusable public key: {exc}") from exc
 
 

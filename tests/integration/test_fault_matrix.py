@@ -1,0 +1,211 @@
+"""Fault-injection matrix (the short version for CI): emulator faults crossed with KDS
+faults while every method is called. The daemon never exits, each call returns a
+result or the documented typed error, and nothing wrong (above all a forged VCEK)
+lands in the cache.
+
+One daemon start per emulator fault; the KDS faults run against that daemon one after
+another, each on an emptied cache so the certificates are fetched again."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import shutil
+from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
+
+import pytest
+from daemonproc import EmulatorTemplate  # type: ignore[import-not-found]
+from dbusbus import Accounts  # type: ignore[import-not-found]
+from reliability import (  # type: ignore[import-not-found]
+    A,
+    K,
+    b64,
+    call,
+    emulator_kds,
+    new_daemon,
+    outcome,
+    scan_cache,
+    shared_cache_dir,
+)
+
+from snpd.emulator import pki
+from snpd.kds import urls
+from snpd.kds.server import Fault, KdsServer
+
+pytestmark = pytest.mark.integration
+
+FIRMWARE = ("GetReport", "GetExtendedReport", "GetEvidence", "DeriveKey", "DeriveSealingKey")
+KDS_BACKED = ("GetCertificates", "VerifyReport")
+METHODS = FIRMWARE + KDS_BACKED
+
+
+@dataclasses.dataclass(frozen=True)
+class EmuFault:
+    name: str
+    faults: Tuple[Mapping[str, Any], ...]
+    # Allowed outcomes of the firmware methods: first call after the fault is armed,
+    # then every later call.
+    first: FrozenSet[str]
+    later: FrozenSet[str]
+
+
+def _set(*names: str) -> FrozenSet[str]:
+    return frozenset(names)
+
+
+# ``after = 1`` lets the daemon's start-up report through.
+EMU_FAULTS = (
+    EmuFault("none", (), _set("ok"), _set("ok")),
+    EmuFault("busy burst absorbed", ({"kind": "busy", "count": 2, "after": 1},),
+             _set("ok"), _set("ok")),
+    EmuFault("latency", ({"kind": "latency", "seconds": 0.02, "count": 0, "after": 1},),
+             _set("ok"), _set("ok")),
+    EmuFault("fw_error", ({"kind": "fw_error", "status": 0x16, "after": 1},),
+             _set("DeviceError"), _set("VmpckDisabled")),
+    EmuFault("body_status 0x16", ({"kind": "body_status", "status": 0x16, "after": 1},),
+             _set("InvalidArgument"), _set("ok")),
+    EmuFault("tamper", ({"kind": "tamper", "after": 1},),
+             _set("DeviceError"), _set("VmpckDisabled")),
+    EmuFault("wipe", ({"kind": "wipe", "after": 1},),
+             _set("VmpckDisabled"), _set("VmpckDisabled")),
+)
+
+# KDS faults: name -> (fault to push, count); "wrong signer" replaces the VCEK.
+KDS_FAULTS: Tuple[Tuple[str, Optional[Fault], Optional[int]], ...] = (
+    ("none", None, None),
+    ("429 Retry-After 0", Fault.status(429, retry_after=0), 2),
+    ("500", Fault.status(500), 1),
+    ("hang 0.3 s", Fault.hang(0.3), 1),
+    ("truncate", Fault.truncate(), 1),
+    ("wrong signer", None, None),
+)
+KDS_OK = _set("ok")
+KDS_WRONG_SIGNER = {"GetCertificates": _set("CertificatesUnavailable"),
+                    "VerifyReport": _set("ok")}  # a verdict: valid false
+
+
+@pytest.fixture(scope="module")
+def template(accounts: Accounts) -> Iterator[EmulatorTemplate]:
+    if shutil.which("setpriv") is None:
+        pytest.skip("the daemon tests need setpriv (util-linux) to run snpd as user snpd")
+    made = EmulatorTemplate()
+    yield made
+    made.close()
+
+
+@pytest.fixture(scope="module")
+def kds(template: EmulatorTemplate) -> Iterator[KdsServer]:
+    server = emulator_kds(template)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def forged_vcek(template: EmulatorTemplate) -> bytes:
+    """A VCEK with the right chip, TCB and issuer name, signed by a key that is not the
+    ASK's."""
+    state = template.state
+    now = datetime.datetime.now(datetime.timezone.utc)
+    chain = dataclasses.replace(state.chain, ask_key=pki.new_rsa_key(2048))
+    _key, cert = pki.make_vcek(chain, state.chip_id, state.config.tcb("reported"), now=now)
+    return cert.der
+
+
+@pytest.fixture(scope="module")
+def reference_report(template: EmulatorTemplate, kds: KdsServer) -> bytes:
+    """A genuine report from a fault-free daemon, for VerifyReport."""
+    cache = shared_cache_dir()
+    daemon = new_daemon(template, kds.url, cache)
+    try:
+        daemon.start()
+        result = call(daemon, A + "GetReport", report_data=b64(b"reference"))
+        assert result["ok"], result
+        report: str = result["parameters"]["report"]
+        return report.encode()
+    finally:
+        daemon.close()
+        shutil.rmtree(cache.parent, ignore_errors=True)
+
+
+def _call_method(daemon: Any, method: str, report: str) -> Dict[str, Any]:
+    nonce = b64(os.urandom(32))
+    if method == "GetReport":
+        return call(daemon, A + method, report_data=nonce)
+    if method == "GetExtendedReport":
+        return call(daemon, A + method, report_data=nonce)
+    if method == "GetEvidence":
+        return call(daemon, A + method, format="trustee", nonce=nonce)
+    if method == "DeriveKey":
+        return call(daemon, K + method, root_key="vcek", fields=["measurement"])
+    if method == "DeriveSealingKey":
+        return call(daemon, K + method, label="fault-matrix")
+    if method == "GetCertificates":
+        return call(daemon, A + method, options={})
+    return call(daemon, A + "VerifyReport", report=report)
+
+
+def _empty(cache_dir: Any) -> None:
+    for child in cache_dir.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+@pytest.mark.parametrize("emu", EMU_FAULTS, ids=[e.name for e in EMU_FAULTS])
+def test_fault_matrix(emu: EmuFault, template: EmulatorTemplate, kds: KdsServer,
+                      forged_vcek: bytes, reference_report: bytes) -> None:
+    state = template.state
+    vcek_path = urls.vcek_path(state.config.product, state.chip_id,
+                               state.config.tcb("reported"))
+    genuine = kds.lookup(vcek_path)
+    assert genuine is not None
+    cache_dir = shared_cache_dir()
+    config: Dict[str, Dict[str, Any]] = {"emulator": {"faults": list(emu.faults)}}
+    daemon = new_daemon(template, kds.url, cache_dir, config)
+    table: List[str] = []
+    problems: List[str] = []
+    firmware_calls = 0
+    try:
+        daemon.start()
+        for kds_name, fault, count in KDS_FAULTS:
+            _empty(cache_dir)
+            kds.faults.clear()
+            if fault is not None:
+                kds.faults.push(fault, count=count)
+            if kds_name == "wrong signer":
+                kds.put(vcek_path, "application/pkix-cert", forged_vcek)
+            try:
+                for method in METHODS:
+                    result = _call_method(daemon, method, reference_report.decode())
+                    got = outcome(result)
+                    assert daemon.running(), (f"snpd exited after {method} under {emu.name} x "
+                                              f"{kds_name}\n{daemon.diagnostics()}")
+                    if method in FIRMWARE:
+                        allowed = emu.first if firmware_calls == 0 else emu.later
+                        firmware_calls += 1
+                    elif kds_name == "wrong signer":
+                        allowed = KDS_WRONG_SIGNER[method]
+                    else:
+                        allowed = KDS_OK
+                    if method == "VerifyReport" and got == "ok":
+                        verdict = result["parameters"]
+                        # Without a trustworthy VCEK the report cannot verify.
+                        assert verdict.get("valid") is (kds_name != "wrong signer"), verdict
+                    table.append(f"{emu.name:20} x {kds_name:18} {method:18} {got}")
+                    if got not in allowed:
+                        problems.append(f"{emu.name} x {kds_name}: {method} -> {got} "
+                                        f"(expected one of {sorted(allowed)}): "
+                                        f"{result.get('parameters')}")
+            finally:
+                kds.faults.clear()
+                kds.put(vcek_path, *genuine)
+            scan = scan_cache(cache_dir, template, forbidden=[forged_vcek])
+            assert not scan.problems and not scan.temporaries, (emu.name, kds_name, scan)
+        print("\n" + "\n".join(table))
+        assert not problems, "\n".join(problems)
+        assert daemon.running()
+    finally:
+        daemon.close()
+        shutil.rmtree(cache_dir.parent, ignore_errors=True)

@@ -1,0 +1,684 @@
+"""Fuzzing: every parser and validator that takes outside input lets only its documented
+typed error escape (issue 6, DESIGN.md "Security model").
+
+One property per target: arbitrary and mutated-real input either parses or raises the
+named :mod:`snpd.errors` class (or, for the varlink wire, ``ProtocolError``); never
+IndexError, struct.error, ValueError, UnicodeDecodeError, RecursionError, TypeError...
+
+Profiles (registered here, applied per test so other modules keep their settings):
+``ci`` (default; small, the module runs in well under a minute) and ``long``
+(``SNPD_FUZZ_PROFILE=long``, ``SNPD_FUZZ_EXAMPLES`` examples per target, default
+20000). Neither writes an example database. ``scripts/fuzz`` runs the long one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from snpd.abi.certtable import (
+    ARK_GUID,
+    ASK_GUID,
+    CRL_GUID,
+    EXTRA_PLATFORM_INFO_GUID,
+    GUID_KINDS,
+    VCEK_GUID,
+    VLEK_GUID,
+    CertTableEntry,
+    ExtraPlatformInfo,
+    build_cert_table,
+    parse_cert_table,
+)
+from snpd.abi.product import Product
+from snpd.abi.report import AttestationReport, parse_report
+from snpd.config import Config, parse_config
+from snpd.errors import (
+    CertificateFormatError,
+    CertTableError,
+    ConfigError,
+    InvalidArgument,
+    ReportFormatError,
+    SnpdError,
+)
+from snpd.events import Events
+from snpd.service import DEFAULT_VMPL, Access, Caller, Service
+from snpd.status.kernel_log import parse_kernel_log
+from snpd.trust.appraisal import AppraisalPolicy
+from snpd.trust.certset import CertificateSet
+from snpd.trust.vek import VekExtensions
+from snpd.trust.x509 import (
+    Certificate,
+    Crl,
+    Name,
+    build_crl,
+    load_certificate,
+    load_certificates,
+    load_crl,
+)
+from snpd.varlink.protocol import Framer, ProtocolError, decode_call
+
+# -- profiles ------------------------------------------------------------------------------
+
+_SUPPRESS = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=int(os.environ.get("SNPD_FUZZ_CI_EXAMPLES", "200")),
+                          deadline=None, database=None, suppress_health_check=_SUPPRESS)
+settings.register_profile("long", max_examples=int(os.environ.get("SNPD_FUZZ_EXAMPLES", "20000")),
+                          deadline=None, database=None, suppress_health_check=_SUPPRESS)
+PROFILE = os.environ.get("SNPD_FUZZ_PROFILE", "ci")
+fuzz = settings(settings.get_profile(PROFILE))
+
+# Per-target example counts, printed at the end of the module (scripts/fuzz reads them).
+COUNTS: Dict[str, int] = {}
+
+
+def _count(target: str) -> None:
+    COUNTS[target] = COUNTS.get(target, 0) + 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_counts() -> Iterator[None]:
+    yield
+    path = os.environ.get("SNPD_FUZZ_COUNTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as out:
+            for target, n in sorted(COUNTS.items()):
+                out.write(f"{target} {n}\n")
+
+
+def _only(allowed: Tuple[Type[BaseException], ...], fn: Callable[..., Any], *args: Any,
+          **kwargs: Any) -> Any:
+    """Call fn; a raised exception must be one of ``allowed`` (anything else propagates
+    and fails the property with its own traceback)."""
+    try:
+        return fn(*args, **kwargs)
+    except allowed:
+        return None
+
+
+# -- real material from the shared vectors -----------------------------------------------
+
+
+def _vectors_dir() -> Optional[Path]:
+    candidates = []
+    env = os.environ.get("SNPD_VECTORS")
+    if env:
+        candidates.append(Path(env))
+    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "vectors")
+    for c in candidates:
+        if (c / "cases.json").is_file():
+            return c
+    return None
+
+
+VECTORS = _vectors_dir()
+REPORTS: List[bytes] = []
+CERT_FILES: List[bytes] = []  # DER and PEM exactly as shipped
+CERT_DERS: List[bytes] = []
+if VECTORS is not None:
+    for case in json.loads((VECTORS / "cases.json").read_text()):
+        folder = VECTORS / case["dir"]
+        REPORTS.append((folder / "report.bin").read_bytes())
+        for f in sorted(folder.iterdir()):
+            if f.suffix in (".pem", ".der"):
+                CERT_FILES.append(f.read_bytes())
+    for pem in sorted((VECTORS / "roots").glob("*.pem")):
+        CERT_FILES.append(pem.read_bytes())
+    for blob in CERT_FILES:
+        CERT_DERS.extend(c.der for c in _only((CertificateFormatError,), load_certificates,
+                                              blob) or [])
+    CERT_DERS = sorted(set(CERT_DERS))
+
+needs_vectors = pytest.mark.skipif(VECTORS is None, reason="SNPD_VECTORS not found")
+
+
+def _make_crl() -> Crl:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.derive_private_key(0x5EED, ec.SECP384R1())
+    when = datetime.datetime(2025, 1, 1, tzinfo=datetime.timezone.utc)
+    return build_crl(issuer=Name.build([("CN", "ARK-Milan"), ("O", "fuzz")]),
+                     this_update=when, next_update=when + datetime.timedelta(days=30),
+                     revoked=[(7, when), (1 << 70, when)], signing_key=key)
+
+
+CRL = _make_crl()
+PEM_CERT_LABEL = b"-----BEGIN CERTIFICATE-----\n"
+
+# -- mutation strategies ---------------------------------------------------------------
+
+
+@st.composite
+def mutated(draw: st.DrawFn, seeds: Sequence[bytes]) -> bytes:
+    """A seed with a few byte flips, overwrites, splices, truncations or extensions."""
+    data = bytearray(draw(st.sampled_from(list(seeds))))
+    for _ in range(draw(st.integers(0, 6))):
+        op = draw(st.sampled_from(["flip", "set", "cut", "insert", "delete", "dup"]))
+        n = len(data)
+        if op == "flip" and n:
+            i = draw(st.integers(0, n - 1))
+            data[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set" and n:
+            i = draw(st.integers(0, n - 1))
+            data[i] = draw(st.sampled_from([0x00, 0x01, 0x7F, 0x80, 0x81, 0x82, 0x83, 0x84,
+                                             0xFF, draw(st.integers(0, 255))]))
+        elif op == "cut":
+            data = data[:draw(st.integers(0, n))]
+        elif op == "insert":
+            i = draw(st.integers(0, n))
+            data[i:i] = draw(st.binary(min_size=1, max_size=16))
+        elif op == "delete" and n:
+            i = draw(st.integers(0, n - 1))
+            del data[i:i + draw(st.integers(1, 16))]
+        elif op == "dup" and n:
+            i = draw(st.integers(0, n - 1))
+            data[i:i] = data[i:i + draw(st.integers(1, 64))]
+    return bytes(data)
+
+
+def _seeded(seeds: Sequence[bytes], max_size: int = 2048) -> st.SearchStrategy[bytes]:
+    raw = st.binary(max_size=max_size)
+    return st.one_of(raw, mutated(seeds)) if seeds else raw
+
+
+# JSON-ish values: what varlink (JSON) and D-Bus (a{sv} variants) can carry, 64-bit ints.
+_INT64 = st.integers(-(1 << 63), (1 << 64) - 1)
+_SCALARS = st.one_of(st.none(), st.booleans(), _INT64, st.floats(), st.text(max_size=20),
+                     st.binary(max_size=80))
+JSONISH = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.tuples(inner, inner),
+    st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
+
+# -- report parser ----------------------------------------------------------------------
+
+
+@needs_vectors
+@fuzz
+@given(data=_seeded(REPORTS, max_size=1300),
+       version=st.one_of(st.none(), st.integers(0, 0xFFFFFFFF)))
+def test_fuzz_report_parser(data: bytes, version: Optional[int]) -> None:
+    """AttestationReport.from_bytes / parse_report: ReportFormatError only; to_json of
+    anything that parses never raises and is JSON-serialisable."""
+    _count("report")
+    if version is not None and len(data) >= 4:
+        data = version.to_bytes(4, "little") + data[4:]
+    parsed = _only((ReportFormatError,), AttestationReport.from_bytes, data)
+    _only((ReportFormatError,), parse_report, data)
+    if parsed is not None:
+        for product in (None, *Product):
+            json.dumps(parsed.to_json(product))
+
+
+@fuzz
+@given(data=st.one_of(st.none(), st.integers(), st.text(max_size=8), st.lists(st.integers())))
+def test_fuzz_report_parser_non_bytes(data: object) -> None:
+    _count("report")
+    _only((ReportFormatError,), AttestationReport.from_bytes, data)
+
+
+# -- certificate loader ----------------------------------------------------------------
+
+_CERT_SEEDS = [*CERT_FILES, *CERT_DERS, CRL.der, CRL.to_pem().encode()]
+
+
+@st.composite
+def pem_mutations(draw: st.DrawFn) -> bytes:
+    """PEM framing variants around real and random bodies."""
+    label = draw(st.sampled_from([b"CERTIFICATE", b"X509 CRL", b"PRIVATE KEY", b"CERT"]))
+    body = draw(st.one_of(st.binary(max_size=200).map(lambda b: __import__("base64")
+                                                           .b64encode(b)),
+                          st.binary(max_size=200),
+                          st.sampled_from(_CERT_SEEDS) if _CERT_SEEDS else st.binary()))
+    end = label if draw(st.booleans()) else draw(st.sampled_from([b"CERTIFICATE", b"X"]))
+    return (b"-----BEGIN " + label + b"-----\n" + body + b"\n-----END " + end + b"-----\n"
+            ) * draw(st.integers(1, 2))
+
+
+def _exercise_certificate(cert: Certificate) -> None:
+    """Everything a verifier reads from a certificate that parsed."""
+    for fn in (lambda: cert.public_key, lambda: VekExtensions.from_certificate(cert),
+               lambda: cert.basic_constraints_ca, lambda: cert.key_cert_sign,
+               lambda: cert.crl_distribution_points, lambda: cert.is_self_issued,
+               lambda: cert.sha256, lambda: cert.spki_sha256, lambda: cert.to_pem(),
+               lambda: str(cert.subject), lambda: str(cert.issuer), lambda: repr(cert)):
+        _only((CertificateFormatError,), fn)
+    ext = _only((CertificateFormatError,), VekExtensions.from_certificate, cert)
+    if ext is not None:
+        _only((CertificateFormatError,), lambda: (ext.endorser, ext.product))
+
+
+@fuzz
+@given(data=st.one_of(_seeded(_CERT_SEEDS, max_size=4096), pem_mutations()))
+def test_fuzz_certificate_loader(data: bytes) -> None:
+    """load_certificates / load_certificate / load_crl, then every accessor and
+    VekExtensions.from_certificate on whatever parsed: CertificateFormatError only
+    (DerError and VekFormatError are its subclasses)."""
+    _count("certificates")
+    certs = _only((CertificateFormatError,), load_certificates, data) or []
+    one = _only((CertificateFormatError,), load_certificate, data)
+    crl = _only((CertificateFormatError,), load_crl, data)
+    for cert in [*certs, *([one] if one else [])]:
+        _exercise_certificate(cert)
+    if crl is not None:
+        _only((CertificateFormatError,), lambda: (crl.to_pem(), repr(crl)))
+
+
+_KINDS = st.one_of(st.sampled_from(["ark", "ask", "asvk", "vcek", "vlek", "crl"]),
+                   st.text(max_size=6))
+
+
+@fuzz
+@given(pairs=st.lists(st.tuples(_KINDS, _seeded(_CERT_SEEDS, max_size=4096)), max_size=4))
+def test_fuzz_certificate_set_from_kinds(pairs: List[Tuple[str, bytes]]) -> None:
+    """CertificateSet.from_kinds (the a(say) of D-Bus and varlink): CertificateFormatError."""
+    _count("certset_from_kinds")
+    certs = _only((CertificateFormatError,), CertificateSet.from_kinds, pairs)
+    if certs is not None:
+        list(certs.items())
+
+
+# -- certificate table -----------------------------------------------------------------
+
+_GUIDS = st.one_of(st.sampled_from([ARK_GUID, ASK_GUID, VCEK_GUID, VLEK_GUID, CRL_GUID,
+                                    EXTRA_PLATFORM_INFO_GUID]),
+                   st.uuids().filter(lambda u: u.int != 0))
+_BLOBS = st.one_of(st.sampled_from(_CERT_SEEDS) if _CERT_SEEDS else st.binary(),
+                   mutated(_CERT_SEEDS) if _CERT_SEEDS else st.binary(),
+                   st.binary(max_size=64), st.binary(min_size=8, max_size=8))
+
+
+@st.composite
+def cert_tables(draw: st.DrawFn) -> bytes:
+    entries = draw(st.lists(st.tuples(_GUIDS, _BLOBS), max_size=6))
+    pad = draw(st.sampled_from([None, 16, 4096]))
+    table = build_cert_table(entries, pad_to=pad)
+    return draw(mutated([table])) if draw(st.booleans()) else table
+
+
+@fuzz
+@given(buf=st.one_of(cert_tables(), st.binary(max_size=512)))
+def test_fuzz_cert_table(buf: bytes) -> None:
+    """parse_cert_table: CertTableError only; CertificateSet.from_table on the entries:
+    CertificateFormatError only; ExtraPlatformInfo.from_bytes: CertTableError only."""
+    _count("cert_table")
+    entries = _only((CertTableError,), parse_cert_table, buf)
+    if entries is None:
+        return
+    for entry in entries:
+        assert GUID_KINDS.get(entry.guid) == entry.kind
+        if entry.guid == EXTRA_PLATFORM_INFO_GUID:
+            info = _only((CertTableError,), ExtraPlatformInfo.from_bytes, entry.data)
+            if info is not None:
+                info.product  # noqa: B018
+    certs = _only((CertificateFormatError,), CertificateSet.from_table, entries)
+    if certs is not None:
+        list(certs.items())
+
+
+# -- varlink framing and JSON decoding -------------------------------------------------
+
+_WIRE = st.one_of(
+    st.binary(max_size=200),
+    st.sampled_from([b"\0", b'{"method":"org.snpd.Attestation.GetReport"}\0', b"[" * 50,
+                     b'{"a":' * 40, b"1e999999", b"\xff\xfe", b'"\\ud800"', b"NaN",
+                     b'{"method":"a.b.C","parameters":{},"more":true,"oneway":true}',
+                     b"99999999999999999999999"]))
+
+
+@fuzz
+@given(chunks=st.lists(_WIRE, max_size=8), limit=st.sampled_from([None, 1, 64, 1 << 20]))
+def test_fuzz_varlink_framing(chunks: List[bytes], limit: Optional[int]) -> None:
+    """Framer fed arbitrary chunks, each message through decode_call: only ProtocolError
+    (a varlink CallError: the server answers it and keeps the connection's order)."""
+    _count("varlink_framing")
+    framer = Framer() if limit is None else Framer(limit)
+    for chunk in chunks:
+        framer.feed(chunk)
+        while True:
+            try:
+                message = framer.next_message()
+            except ProtocolError:
+                return  # the connection is dropped after a framing error
+            if message is None:
+                break
+            _only((ProtocolError,), decode_call, message)
+
+
+_CALL_MEMBERS = st.sampled_from(["method", "parameters", "oneway", "more", "upgrade", "x"])
+
+
+@fuzz
+@given(value=st.one_of(JSONISH.filter(lambda v: not isinstance(v, bytes)),
+                       st.dictionaries(_CALL_MEMBERS, st.one_of(
+                           JSONISH, st.sampled_from(["org.snpd.Keys.DeriveKey", "a.b", ""])),
+                           max_size=5)),
+       nest=st.integers(0, 3000))
+def test_fuzz_varlink_decode_json_values(value: Any, nest: int) -> None:
+    """decode_call on any JSON value (and on deep nesting): ProtocolError only."""
+    _count("varlink_decode")
+    text = json.dumps(value, default=lambda b: b.hex(), allow_nan=True)
+    _only((ProtocolError,), decode_call, text.encode())
+    _only((ProtocolError,), decode_call, (b"[" * nest + b"]" * nest))
+    deep = b'{"method":' + b'{"a":' * nest + b"1" + b"}" * nest + b"}"
+    _only((ProtocolError,), decode_call, deep)
+
+
+@fuzz
+@given(data=st.binary(max_size=300), text=st.text(max_size=100))
+def test_fuzz_varlink_decode_bytes(data: bytes, text: str) -> None:
+    _count("varlink_decode")
+    _only((ProtocolError,), decode_call, data)
+    _only((ProtocolError,), decode_call, text.encode("utf-8", "surrogatepass"))
+
+
+# -- D-Bus / varlink argument validation through the transport-agnostic service ----------
+
+REPORT_GID, KEY_GID = 900, 901
+
+
+class _ListSink:
+    def __init__(self) -> None:
+        self.sent: List[Any] = []
+
+    def send(self, fields: Any) -> None:
+        self.sent.append(dict(fields))
+
+
+@dataclasses.dataclass
+class _State:
+    state: str = "ready"
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class _Extended:
+    report: bytes
+    certificates: Sequence[CertTableEntry]
+
+
+class FakeBroker:
+    """Answers like the broker would, with canned (possibly mutated) firmware output."""
+
+    def __init__(self, report: bytes, table: Sequence[CertTableEntry]) -> None:
+        self.report = report
+        self.table = table
+        self.state = _State()
+
+    def stats(self) -> Dict[str, int]:
+        return {"requests": 1}
+
+    async def submit(self, client: Any, op: str, *args: Any, deadline: float) -> Any:
+        assert math.isfinite(deadline)
+        if op == "report":
+            return self.report
+        if op == "extended_report":
+            return _Extended(self.report, self.table)
+        assert op == "derived_key"
+        return bytes(32)
+
+
+_LOOP: Optional[asyncio.AbstractEventLoop] = None
+
+
+def _run(coro: Any) -> Any:
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = asyncio.new_event_loop()
+    return _LOOP.run_until_complete(coro)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_loop() -> Iterator[None]:
+    yield
+    global _LOOP
+    if _LOOP is not None:
+        _LOOP.run_until_complete(_LOOP.shutdown_default_executor())
+        _LOOP.close()
+        _LOOP = None
+
+
+_CALLERS = st.builds(Caller, uid=st.sampled_from([0, 1000, 65534]),
+                     gids=st.sampled_from([frozenset(), frozenset({REPORT_GID}),
+                                           frozenset({KEY_GID}), frozenset({REPORT_GID, KEY_GID})]),
+                     pid=st.none() | st.integers(1, 1 << 22),
+                     transport=st.sampled_from(["dbus", "varlink"]))
+_OPTION_KEYS = st.sampled_from(["timeout", "crl", "endorser", "certificates", "at", "policy",
+                                "product", "x"])
+_CERT_OPTION = st.lists(st.one_of(st.tuples(_KINDS, _BLOBS), JSONISH), max_size=3)
+_OPTION_VALUES = st.one_of(JSONISH, _CERT_OPTION, st.sampled_from(
+    [0.0, -1.0, 600.0, 600.5, math.inf, math.nan, 1e-300, "vcek", "vlek", "milan", "strict",
+     1 << 62, -(1 << 63), True]))
+OPTIONS = st.dictionaries(st.one_of(_OPTION_KEYS, st.text(max_size=8)), _OPTION_VALUES, max_size=4)
+_U32 = st.one_of(st.sampled_from([0, 1, 3, 4, DEFAULT_VMPL]), st.integers(0, 0xFFFFFFFF))
+_FIELDS = st.lists(st.one_of(st.sampled_from(["policy", "image_id", "family_id", "measurement",
+                                              "guest_svn", "tcb_version"]), st.text(max_size=6)),
+                   max_size=7)
+# Values of the wire types (D-Bus signature / varlink interface) with arbitrary contents,
+# and of the wrong type: the service must hold its ground in both cases.
+_ANY = st.one_of(JSONISH, _INT64)
+
+
+def _policy() -> AppraisalPolicy:
+    return AppraisalPolicy.from_mapping({"allow_debug": False}, name="strict")
+
+
+@needs_vectors
+@fuzz
+@given(caller=_CALLERS, method=st.sampled_from(
+    ["get_report", "get_extended_report", "get_certificates", "verify_report", "get_evidence",
+     "derive_key", "derive_sealing_key", "refresh_certificates"]),
+    firmware=_seeded(REPORTS, max_size=1300), table=st.one_of(cert_tables(), st.just(b"")),
+    report_data=st.one_of(st.binary(max_size=80), _ANY), vmpl=st.one_of(_U32, _ANY),
+    options=st.one_of(OPTIONS, st.dictionaries(st.text(max_size=4), _ANY, max_size=3)),
+    text=st.one_of(st.text(max_size=300), st.sampled_from(["trustee", "vcek", "vmrk"]), _ANY),
+    fields=st.one_of(_FIELDS, st.lists(_ANY, max_size=3)),
+    u32=st.one_of(_U32, _ANY), u64=st.one_of(st.integers(0, (1 << 64) - 1), _ANY),
+    report=st.one_of(_seeded(REPORTS, max_size=4200), _ANY))
+def test_fuzz_service_arguments(caller: Caller, method: str, firmware: bytes, table: bytes,
+                                report_data: Any, vmpl: Any, options: Any, text: Any,
+                                fields: Any, u32: Any, u64: Any, report: Any) -> None:
+    """Every Service method with arbitrary argument values and option dicts: only
+    SnpdError subclasses escape (InvalidArgument, PermissionDenied, NotSupported,
+    CertificatesUnavailable for a missing cache; ReportFormatError when the canned
+    firmware output is itself malformed)."""
+    _count("service")
+    entries = _only((CertTableError,), parse_cert_table, table) or ()
+    service = Service(broker=FakeBroker(firmware, entries),  # type: ignore[arg-type]
+                      access=Access(report_gids=frozenset({REPORT_GID}),
+                                    key_gids=frozenset({KEY_GID})),
+                      events=Events(_ListSink()), policies={"strict": _policy()})
+    calls: Dict[str, Callable[[], Any]] = {
+        "get_report": lambda: service.get_report(caller, report_data, vmpl, options),
+        "get_extended_report": lambda: service.get_extended_report(caller, report_data, vmpl,
+                                                                   options),
+        "get_certificates": lambda: service.get_certificates(caller, options),
+        "verify_report": lambda: service.verify_report(caller, report, options),
+        "get_evidence": lambda: service.get_evidence(caller, text, report_data, options),
+        "derive_key": lambda: service.derive_key(caller, text, fields, vmpl, u32, u64, options),
+        "derive_sealing_key": lambda: service.derive_sealing_key(caller, text, fields, options),
+        "refresh_certificates": lambda: service.refresh_certificates(caller),
+    }
+    _only((SnpdError,), lambda: _run(calls[method]()))
+    json.dumps(service.properties(), default=repr)
+
+
+# -- config parser -------------------------------------------------------------------------
+
+_SECTION_KEYS = {
+    "device": ["backend", "path", "configfs_root", "min_interval_ms", "request_timeout_s",
+               "busy_retries"],
+    "queue": ["max_pending", "per_client"],
+    "kds": ["url", "mirrors", "timeout_s", "cache_dir", "offline", "offline_dirs"],
+    "access": ["report_groups", "key_groups"],
+    "dbus": ["enabled", "bus"],
+    "varlink": ["enabled", "socket", "max_message_bytes"],
+    "emulator": ["state_dir", "product"],
+    "log": ["level"],
+}
+_POLICY_KEYS = [f.name for f in dataclasses.fields(AppraisalPolicy)]
+_TOML_VALUES = st.one_of(
+    st.sampled_from(["true", "false", "0", "-1", "1e999", "nan", "inf", '"/x"', '"auto"',
+                     '"ioctl"', '"emulator"', '"https://kdsintf.amd.com"', '"milan"', "[]",
+                     '["a", 1]', '{ a = 1 }', "1979-05-27T07:32:00Z", "0x7fffffffffffffff",
+                     "9" * 30, '"\\u0000"', "'''x'''", '"' + "a" * 300 + '"', "[[[[1]]]]",
+                     '"vcek"', "[0, 1]", "{ microcode = 1, snp = 2 }", '["00" ]']),
+    st.integers().map(str), st.floats().map(repr),
+    st.text(max_size=30).map(json.dumps))
+
+
+@st.composite
+def toml_docs(draw: st.DrawFn) -> str:
+    lines: List[str] = []
+    for _ in range(draw(st.integers(0, 4))):
+        section = draw(st.sampled_from([*_SECTION_KEYS, "policy.strict", "policy", "bogus",
+                                        "policy.a.b", "device.x"]))
+        lines.append(f"[{section}]")
+        keys = (_POLICY_KEYS if section.startswith("policy") else
+                _SECTION_KEYS.get(section, ["k"]))
+        for _ in range(draw(st.integers(0, 4))):
+            key = draw(st.one_of(st.sampled_from(keys), st.sampled_from(["x", '"q"', "a.b"])))
+            lines.append(f"{key} = {draw(_TOML_VALUES)}")
+    doc = "\n".join(lines)
+    if draw(st.booleans()):
+        doc = draw(mutated([doc.encode()])).decode("utf-8", "replace")
+    return doc
+
+
+@fuzz
+@given(text=st.one_of(toml_docs(), st.text(max_size=200),
+                      st.text(st.characters(blacklist_categories=()), max_size=40)))
+def test_fuzz_config_parser(text: str) -> None:
+    """parse_config on TOML-ish and arbitrary text: ConfigError only."""
+    _count("config_text")
+    _only((ConfigError,), parse_config, text)
+
+
+_MAP_KEYS = st.one_of(st.sampled_from([*_SECTION_KEYS, "policy", *_POLICY_KEYS,
+                                       *[k for keys in _SECTION_KEYS.values() for k in keys]]),
+                      st.text(max_size=6),
+                      st.integers(), st.none())
+NESTED = st.recursive(st.one_of(_SCALARS, st.integers(), st.sampled_from(
+    ["ioctl", "emulator", "/run/x", "https://a.example", "milan", "debug", 1 << 70])),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(_MAP_KEYS, inner, max_size=5)), max_leaves=20)
+
+
+@st.composite
+def config_mappings(draw: st.DrawFn) -> Any:
+    doc: Dict[Any, Any] = {}
+    for section in draw(st.lists(st.sampled_from([*_SECTION_KEYS, "policy"]), max_size=3)):
+        if section == "policy":
+            doc[section] = draw(st.dictionaries(st.text(max_size=6), st.one_of(
+                policy_mappings(), NESTED), max_size=2))
+        else:
+            doc[section] = draw(st.one_of(st.dictionaries(st.sampled_from(
+                _SECTION_KEYS[section]), NESTED, max_size=4), NESTED))
+    return doc
+
+
+@st.composite
+def policy_mappings(draw: st.DrawFn) -> Any:
+    return draw(st.dictionaries(st.one_of(st.sampled_from(_POLICY_KEYS), _MAP_KEYS), st.one_of(
+        NESTED, st.sampled_from([True, False, 0, 7, [1, 51], "00" * 48, ["00" * 64],
+                                 {"microcode": 1, "snp": 2, "tee": 0, "boot_loader": 0}])),
+        max_size=5))
+
+
+@fuzz
+@given(data=st.one_of(config_mappings(), NESTED))
+def test_fuzz_config_from_mapping(data: Any) -> None:
+    """Config.from_mapping on arbitrary nested mappings: ConfigError only."""
+    _count("config_mapping")
+    _only((ConfigError,), Config.from_mapping, data)
+
+
+# -- kernel log ------------------------------------------------------------------------
+
+_KLOG = st.sampled_from([
+    "Memory Encryption Features active: AMD SEV SEV-ES SEV-SNP",
+    "AMD Memory Encryption Features active: SEV SEV-ES SEV-SNP", "SEV: Status: SEV SEV-ES SEV-SNP",
+    "SEV: Using SNP CPUID table, {n} entries present", "SEV: SNP running at VMPL{n}",
+    "sev-guest sev-guest: Initialized SEV guest driver (using vmpck_id {n})",
+    "Initialized SEV guest driver (using VMPCK{n} communication key)",
+    "Disabling vmpck_id {n} to prevent IV reuse",
+    "Disabling VMPCK{n} communication key to prevent IV reuse",
+    "Invalid VMPCK{n} communication key", "Empty VMPCK{n} communication key",
+    "invalid vmpck id {n}", "vmpck id {n} is null",
+    "Detected error from ASP request. rc: {n}, exitinfo2: 0x{n}",
+    "SEV: SNP guest platform devices initialized", "[    0.000000] SEV: Status: {n}"])
+_KLINES = st.one_of(
+    st.builds(lambda t, n: t.replace("{n}", n), _KLOG,
+              st.one_of(st.integers(-5, 1 << 80).map(str), st.text("0123456789", max_size=40),
+                        st.text(max_size=8))),
+    st.text(max_size=200), st.text(st.characters(blacklist_categories=()), max_size=50),
+    st.text("SEV: Status VMPL0123()", max_size=5000))
+
+
+@fuzz
+@given(lines=st.lists(_KLINES, max_size=20))
+def test_fuzz_kernel_log(lines: List[str]) -> None:
+    """parse_kernel_log never raises at all, on any lines."""
+    _count("kernel_log")
+    facts = parse_kernel_log(iter(lines))
+    repr(facts)
+
+
+# -- appraisal policy ------------------------------------------------------------------
+
+
+@fuzz
+@given(data=st.one_of(policy_mappings(), NESTED))
+def test_fuzz_appraisal_from_mapping(data: Any) -> None:
+    """AppraisalPolicy.from_mapping: ConfigError only."""
+    _count("appraisal_mapping")
+    _only((ConfigError,), AppraisalPolicy.from_mapping, data, name="fuzz")
+
+
+@st.composite
+def policy_toml(draw: st.DrawFn) -> str:
+    lines = [f"{draw(st.one_of(st.sampled_from(_POLICY_KEYS), st.just('x')))} = "
+             f"{draw(_TOML_VALUES)}" for _ in range(draw(st.integers(0, 5)))]
+    if draw(st.booleans()):
+        lines.insert(0, draw(st.sampled_from(["[policy.a]", "[minimum_reported_tcb]",
+                                              "[policy]", "[x]"])))
+    return "\n".join(lines)
+
+
+@fuzz
+@given(text=st.one_of(policy_toml(), st.text(max_size=200)))
+def test_fuzz_appraisal_from_toml(text: str) -> None:
+    """AppraisalPolicy.from_toml: ConfigError only."""
+    _count("appraisal_toml")
+    _only((ConfigError,), AppraisalPolicy.from_toml, text, name="fuzz")
+
+
+def test_fuzz_allowed_errors_are_typed() -> None:
+    """The errors the properties allow are all snpd.errors.SnpdError subclasses mapped to
+    InvalidArgument or CertificatesUnavailable (ProtocolError is the varlink wire's own)."""
+    for cls in (ReportFormatError, CertificateFormatError, ConfigError):
+        assert issubclass(cls, InvalidArgument)
+    assert CertTableError.kind == "CertificatesUnavailable"
+
+
+# -- crashes the fuzzer found: deterministic reproducers ----------------------------------
+
+_RSA_OID_DER = bytes.fromhex("06092a864886f70d010101")  # rsaEncryption in the SPKI
+
+
+@needs_vectors
+def test_an_unknown_spki_algorithm_is_a_typed_error() -> None:
+    """Found by the fuzzer: cryptography's UnsupportedAlgorithm escaped untyped."""
+    ark = next(d for d in CERT_DERS if _RSA_OID_DER in d)
+    der = ark.replace(_RSA_OID_DER, bytes.fromhex("06092a864886f70d01017f"), 1)
+    cert = Certificate.from_der(der)  # the structure still parses
+    with pytest.raises(CertificateFormatError):
+        cert.public_key  # noqa: B018
