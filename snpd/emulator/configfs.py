@@ -128,7 +128,7 @@ class TsmReportModel:
     def listdir(self, path: PathLike) -> List[str]:
         """The entries of a directory (readdir)."""
         with self._lock:
-            kind, name, _ = self._resolve(path)
+            kind, _name, _ = self._resolve(path)
             if kind == "item":
                 return [a for a, spec in _ATTRS.items() if self._svsm or not spec.svsm_only]
             if kind != "root":

@@ -192,7 +192,7 @@ class CertificateCache:
             raise ValueError("chip_id must be the report's 64-byte CHIP_ID")
         if not any(chip_id):
             raise CertificatesUnavailable("CHIP_ID is masked: no VCEK can be looked up")
-        ark, ask = self.chain(product, Endorser.VCEK)
+        _ark, ask = self.chain(product, Endorser.VCEK)
         for directory in self.offline_dirs:
             path = _first_existing(directory, "vcek")
             if path is None:

@@ -447,7 +447,7 @@ def test_load_config_errors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=f"^{re.escape(str(bad))}: queue.max_pendng: "):
         load_config(bad)
     # A broken default file is an error too: only its absence means defaults.
-    with pytest.raises(ConfigError, match="queue.max_pendng"):
+    with pytest.raises(ConfigError, match=r"queue\.max_pendng"):
         load_config(None, default_path=bad)
 
 

@@ -199,7 +199,7 @@ def test_extended_report_without_certificates(fake: FakeTsm, aux: Optional[bytes
 
 def test_malformed_auxblob(fake: FakeTsm) -> None:
     fake.aux = struct.pack("<16sII", ARK_GUID.bytes, 4000, 10) + bytes(24)
-    with pytest.raises(CertTableError, match="entry 0 .ark.: offset 4000"):
+    with pytest.raises(CertTableError, match=r"entry 0 .ark.: offset 4000"):
         device(fake).extended_report(DATA, 0)
     assert fake.dirs == {}
 

@@ -148,7 +148,7 @@ def test_fault_gives_its_typed_error(state_dir: Path, fault: DeviceFault, error:
         served = sum(guest.firmware.requests.values())
         for call in (lambda: device.report(DATA, 0), lambda: device.extended_report(DATA, 0),
                      lambda: device.derived_key(DerivedKeyRequest())):
-            with pytest.raises(VmpckDisabled, match="reboot|Reboot"):
+            with pytest.raises(VmpckDisabled, match=r"[Rr]eboot"):
                 call()
         assert sum(guest.firmware.requests.values()) == served  # failed fast, no firmware
     else:

@@ -257,7 +257,7 @@ def test_the_configfs_backend_over_fuse(fuse_root: Tuple[str, TsmReportModel]) -
 
 
 def test_configfs_errors_over_fuse(fuse_root: Tuple[str, TsmReportModel]) -> None:
-    root, model = fuse_root
+    root, _model = fuse_root
     item = os.path.join(root, "r1")
     os.mkdir(item)
     assert "inblob" in os.listdir(item)

@@ -112,7 +112,7 @@ def test_turin_tcb_layout_puts_fmc_first(state_dirs: Dict[Product, Path]) -> Non
     tcb = TcbVersion.from_parts(Product.TURIN, fmc=3, bootloader=4, tee=5, snp=6, microcode=77)
     state = load(state_dirs[Product.TURIN], EmulatorConfig(product=Product.TURIN,
                                                            reported_tcb=tcb))
-    status, raw = Firmware(state).report(DATA, 0)
+    _status, raw = Firmware(state).report(DATA, 0)
     assert raw[0x180:0x188] == bytes([3, 4, 5, 6, 0, 0, 0, 77])
     verdict = verifier(state).verify(raw, state.certificates())
     assert verdict.valid, failed(verdict)
@@ -122,7 +122,7 @@ def test_mask_chip_id_zeroes_chip_id_and_still_verifies(state_dirs: Dict[Product
                                                         ) -> None:
     state = load(state_dirs[Product.MILAN], EmulatorConfig(product=Product.MILAN,
                                                            mask_chip_id=True))
-    status, raw = Firmware(state).report(DATA, 0)
+    _status, raw = Firmware(state).report(DATA, 0)
     assert AttestationReport.from_bytes(raw).chip_id_masked
     assert verifier(state).verify(raw, state.certificates()).valid
 
@@ -252,7 +252,7 @@ def test_cert_blob_is_a_verifiable_table(state_dirs: Dict[Product, Path], signer
     inter = "ask" if signer == "vcek" else "asvk"
     certs = CertificateSet.from_kinds(
         [(inter if e.kind == "ask" else str(e.kind), e.data) for e in entries])
-    status, raw = fw.report(DATA, 0)
+    _status, raw = fw.report(DATA, 0)
     verdict = verifier(state).verify(raw, certs)
     assert verdict.valid, failed(verdict)
 
@@ -337,7 +337,7 @@ def test_tcb_change_reissues_endorsement_keys_under_the_same_chain(tmp_path: Pat
     assert (second.ark, second.ask, second.asvk) == (first.ark, first.ask, first.asvk)
     assert second.vcek != first.vcek and second.vcek.spki != first.vcek.spki
     assert second.vlek.spki != first.vlek.spki
-    status, raw = Firmware(second).report(DATA, 0)
+    _status, raw = Firmware(second).report(DATA, 0)
     assert verifier(second).verify(raw, second.certificates()).valid
     # a verifier holding the old VCEK rejects the new report (the key is TCB-bound)
     stale = dataclasses.replace(second.certificates(), vcek=first.vcek)
@@ -352,7 +352,7 @@ def test_product_change_reissues_the_chain_with_the_same_keys(tmp_path: Path) ->
     assert turin.ark.subject.common_name == "ARK-Turin"
     assert turin.ark.spki == first.ark.spki and turin.ask.spki == first.ask.spki
     assert turin.chip_id[:8] == first.chip_id[:8] and not any(turin.chip_id[8:])
-    status, raw = Firmware(turin).report(DATA, 0)
+    _status, raw = Firmware(turin).report(DATA, 0)
     verdict = verifier(turin).verify(raw, turin.certificates())
     assert verdict.valid, failed(verdict)
     # the old ARK's key still anchors it

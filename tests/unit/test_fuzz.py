@@ -527,7 +527,7 @@ _SECTION_KEYS = {
 _POLICY_KEYS = [f.name for f in dataclasses.fields(AppraisalPolicy)]
 _TOML_VALUES = st.one_of(
     st.sampled_from(["true", "false", "0", "-1", "1e999", "nan", "inf", '"/x"', '"auto"',
-                     '"ioctl"', '"emulator"', '"https://kdsintf.amd.com"', '"milan"', "[]",
+                     '"ioctl"', '"emulator"', '"https://kds.example"', '"milan"', "[]",
                      '["a", 1]', '{ a = 1 }', "1979-05-27T07:32:00Z", "0x7fffffffffffffff",
                      "9" * 30, '"\\u0000"', "'''x'''", '"' + "a" * 300 + '"', "[[[[1]]]]",
                      '"vcek"', "[0, 1]", "{ microcode = 1, snp = 2 }", '["00" ]']),

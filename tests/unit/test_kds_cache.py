@@ -178,7 +178,7 @@ def test_real_amd_chain_from_a_loopback_kds(tmp_path: Path, kds: KdsServer,
         kds.put(urls.cert_chain_path(product), PEM, body)
     cache = CertificateCache(tmp_path / "c", client(kds.url))
     for product in Product:
-        ark, ask = cache.chain(product, Endorser.VCEK)
+        ark, _ask = cache.chain(product, Endorser.VCEK)
         assert ark.subject.common_name == f"ARK-{product}"
     # Asking for Genoa but being served Milan's chain: rejected.
     kds.put(urls.cert_chain_path(Product.GENOA, Endorser.VLEK), PEM,

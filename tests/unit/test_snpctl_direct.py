@@ -31,7 +31,7 @@ def direct(emu: Path) -> Tuple[str, ...]:
 def test_report_binds_the_request_file(emu: Path, tmp_path: Path) -> None:
     request = tmp_path / "request.bin"
     request.write_bytes(b"nonce-1234" + bytes(54))
-    code, out, err = run("report", tmp_path / "r.bin", request, *direct(emu))
+    code, _out, err = run("report", tmp_path / "r.bin", request, *direct(emu))
     assert code == 0, err
     report = parse_report((tmp_path / "r.bin").read_bytes())
     assert report.report_data == request.read_bytes()
