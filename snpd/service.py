@@ -13,8 +13,6 @@ import asyncio
 import dataclasses
 import datetime
 import enum
-import hashlib
-import os
 import struct
 from typing import (
     TYPE_CHECKING,
@@ -457,12 +455,3 @@ def _names(fields: object) -> List[str]:
 
 def _as_list(certs: CertificateSet) -> CertificateList:
     return [(kind, item.der) for kind, item in certs.items()]
-
-
-def chip_hash(chip_id: bytes) -> str:
-    """What logs carry instead of a chip ID (a stable platform identifier)."""
-    return hashlib.sha256(chip_id).hexdigest()[:16]
-
-
-def random_report_data() -> bytes:
-    return os.urandom(REPORT_DATA_SIZE)
