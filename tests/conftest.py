@@ -12,30 +12,22 @@ are skipped when neither exists; ``scripts/test`` fails instead when ``CI`` is s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Union
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-MISSING = "test vectors not found: set SNPD_VECTORS or check out ../shared/vectors"
+from vectors import MISSING, vectors_path  # type: ignore[import-not-found]
 
 Case = Dict[str, Any]
-
-
-def _vectors_path() -> Path:
-    env = os.environ.get("SNPD_VECTORS")
-    return Path(env) if env else REPO_ROOT.parent / "shared" / "vectors"
 
 
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
     """The vectors folder (holds cases.json, cases/, roots/, golden/)."""
-    path = _vectors_path()
-    if not (path / "cases.json").is_file():
+    path = vectors_path()
+    if path is None:
         pytest.skip(MISSING)
-    return path.resolve()
+    return path
 
 
 @pytest.fixture(scope="session")

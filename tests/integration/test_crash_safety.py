@@ -17,11 +17,10 @@ import os
 import random
 import shutil
 import threading
-from typing import Iterator, List
+from typing import List
 
 import pytest
 from daemonproc import EmulatorTemplate  # type: ignore[import-not-found]
-from dbusbus import Accounts  # type: ignore[import-not-found]
 from reliability import (  # type: ignore[import-not-found]
     A,
     M,
@@ -41,15 +40,6 @@ pytestmark = pytest.mark.integration
 ROUNDS = int(os.environ.get("SNPD_CRASH_ROUNDS", "12"))
 SEED = int(os.environ.get("SNPD_CRASH_SEED", "6"))
 KDS_LATENCY = 0.05
-
-
-@pytest.fixture(scope="module")
-def template(accounts: Accounts) -> Iterator[EmulatorTemplate]:
-    if shutil.which("setpriv") is None:
-        pytest.skip("the daemon tests need setpriv (util-linux) to run snpd as user snpd")
-    made = EmulatorTemplate()
-    yield made
-    made.close()
 
 
 class Hammer:

@@ -96,15 +96,6 @@ def unb64(text: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def template(accounts: Accounts) -> Iterator[EmulatorTemplate]:
-    if shutil.which("setpriv") is None:
-        pytest.fail("the daemon tests need setpriv (util-linux) to run snpd as user snpd")
-    made = EmulatorTemplate()
-    yield made
-    made.close()
-
-
-@pytest.fixture(scope="module")
 def kds(template: EmulatorTemplate) -> Iterator[EmulatedKds]:
     server = EmulatedKds(template.directory)
     yield server

@@ -16,7 +16,6 @@ from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tupl
 
 import pytest
 from daemonproc import EmulatorTemplate  # type: ignore[import-not-found]
-from dbusbus import Accounts  # type: ignore[import-not-found]
 from reliability import (  # type: ignore[import-not-found]
     A,
     K,
@@ -83,15 +82,6 @@ KDS_FAULTS: Tuple[Tuple[str, Optional[Fault], Optional[int]], ...] = (
 KDS_OK = _set("ok")
 KDS_WRONG_SIGNER = {"GetCertificates": _set("CertificatesUnavailable"),
                     "VerifyReport": _set("ok")}  # a verdict: valid false
-
-
-@pytest.fixture(scope="module")
-def template(accounts: Accounts) -> Iterator[EmulatorTemplate]:
-    if shutil.which("setpriv") is None:
-        pytest.skip("the daemon tests need setpriv (util-linux) to run snpd as user snpd")
-    made = EmulatorTemplate()
-    yield made
-    made.close()
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import os
 import struct
-from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from vectors import MISSING, vectors_path  # type: ignore[import-not-found]
 
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport
@@ -31,29 +30,15 @@ if TYPE_CHECKING:
 # -- vectors -------------------------------------------------------------------
 
 
-def _vectors_dir() -> Optional[Path]:
-    env = os.environ.get("SNPD_VECTORS")
-    candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "vectors")
-    for base in candidates:
-        for d in (base, base.parent):
-            if (d / "cases").is_dir():
-                return d
-    return None
-
-
-VECTORS = _vectors_dir()
+VECTORS = vectors_path()
 PRODUCTS = {"milan-v2-vcek": Product.MILAN, "milan-v3-vlek": Product.MILAN,
             "genoa-v5-vcek": Product.GENOA, "turin-v5-vcek": Product.TURIN}
 
 
 def raw(case: str) -> bytes:
     if VECTORS is None:
-        pytest.skip("real report vectors not found: set SNPD_VECTORS or provide "
-                    "../shared/vectors next to the repository")
+        pytest.skip(MISSING)
     path = VECTORS / "cases" / case / "report.bin"
-    if not path.is_file():
-        pytest.skip(f"vector {path} is missing")
     return path.read_bytes()
 
 

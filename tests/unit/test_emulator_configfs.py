@@ -232,7 +232,7 @@ def fuse_root(tmp_path: Path, state_dir: Path) -> Iterator[Tuple[str, TsmReportM
     try:
         import fuse_tsm  # type: ignore[import-not-found, unused-ignore]
     except ImportError as exc:
-        pytest.skip(f"fuse_tsm: {exc}")
+        pytest.fail(f"fuse_tsm: {exc} (scripts/test installs fusepy)")
     model = make_model(state_dir)
     mountpoint = tmp_path / "tsm"
     mountpoint.mkdir()
@@ -240,7 +240,7 @@ def fuse_root(tmp_path: Path, state_dir: Path) -> Iterator[Tuple[str, TsmReportM
         with fuse_tsm.mounted(model, str(mountpoint)) as root:
             yield root, model
     except fuse_tsm.Unavailable as exc:
-        pytest.skip(str(exc))
+        pytest.fail(f"{exc} (scripts/test installs libfuse2; FUSE needs root and /dev/fuse)")
 
 
 def test_the_configfs_backend_over_fuse(fuse_root: Tuple[str, TsmReportModel]) -> None:

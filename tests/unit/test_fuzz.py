@@ -19,12 +19,12 @@ import datetime
 import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from vectors import MISSING, vectors_path  # type: ignore[import-not-found]
 
 from snpd.abi.certtable import (
     ARK_GUID,
@@ -108,19 +108,7 @@ def _only(allowed: Tuple[Type[BaseException], ...], fn: Callable[..., Any], *arg
 # -- real material from the shared vectors -----------------------------------------------
 
 
-def _vectors_dir() -> Optional[Path]:
-    candidates = []
-    env = os.environ.get("SNPD_VECTORS")
-    if env:
-        candidates.append(Path(env))
-    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "vectors")
-    for c in candidates:
-        if (c / "cases.json").is_file():
-            return c
-    return None
-
-
-VECTORS = _vectors_dir()
+VECTORS = vectors_path()
 REPORTS: List[bytes] = []
 CERT_FILES: List[bytes] = []  # DER and PEM exactly as shipped
 CERT_DERS: List[bytes] = []
@@ -138,7 +126,7 @@ if VECTORS is not None:
                                               blob) or [])
     CERT_DERS = sorted(set(CERT_DERS))
 
-needs_vectors = pytest.mark.skipif(VECTORS is None, reason="SNPD_VECTORS not found")
+needs_vectors = pytest.mark.skipif(VECTORS is None, reason=MISSING)
 
 
 def _make_crl() -> Crl:

@@ -130,15 +130,9 @@ def test_arbitrary_bytes_only_raise_typed_errors(data: bytes) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.data())
-def test_mutated_certificates_only_raise_typed_errors(data: st.DataObject) -> None:
-    import os
-    import pathlib
-
-    base = pathlib.Path(os.environ.get("SNPD_VECTORS", Path(__file__).resolve().parents[3] /
-                                       "shared" / "vectors"))
-    path = base / "cases" / "milan-v2-vcek" / "vcek.der"
-    if not path.is_file():
-        pytest.skip("test vectors not found")
+def test_mutated_certificates_only_raise_typed_errors(vectors_dir: Path,
+                                                      data: st.DataObject) -> None:
+    path = vectors_dir / "cases" / "milan-v2-vcek" / "vcek.der"
     raw = bytearray(path.read_bytes())
     for _ in range(data.draw(st.integers(1, 4))):
         i = data.draw(st.integers(0, len(raw) - 1))
