@@ -256,7 +256,8 @@ class Daemon:
                 from snpd.dbus import service as dbus_service
 
                 address = None if cfg.dbus.bus == "system" else cfg.dbus.bus
-                self._transports.append(await dbus_service.serve(self.service, address))
+                self._transports.append(await dbus_service.serve(
+                    self.service, address, per_sender=cfg.queue.per_client))
             except (OSError, SnpdError, ImportError) as exc:
                 errors.append(f"D-Bus: {exc}")
         for error in errors:

@@ -616,9 +616,15 @@ class CallerIdentity:
 class _Server:
     """Binds one Service to one bus connection: dispatch, properties, signals."""
 
-    def __init__(self, core: ServiceAPI, bus: Any) -> None:
+    def __init__(self, core: ServiceAPI, bus: Any, per_sender: Optional[int] = None) -> None:
         self.core = core
         self.bus = bus
+        # D-Bus lets one connection pipeline any number of calls, and the bus hands them
+        # to us in arrival order: without a bound, one connection could hold the event
+        # loop (VerifyReport is CPU work that no queue meters) and crowd the others out.
+        # Varlink needs none: it answers one call per connection at a time.
+        self.per_sender = per_sender
+        self.in_flight: Dict[str, int] = {}
         self.identity = CallerIdentity(bus)
         self.interfaces: Dict[str, _Interface] = {
             ATTESTATION: AttestationInterface(self),
@@ -648,11 +654,16 @@ class _Server:
                    invoke: Callable[[Caller, Dict[str, Any]], Awaitable[_R]],
                    encode: Callable[[_R], _E]) -> _E:
         incoming = _INCOMING.get()
+        sender: Optional[str] = None
         try:
             sender = self._claim(incoming, interface, member)
-            caller = await self.identity.caller(sender)
-            opts = decode_options(options) if options is not None else {}
-            return encode(await invoke(caller, opts))
+            self._admit(sender)
+            try:
+                caller = await self.identity.caller(sender)
+                opts = decode_options(options) if options is not None else {}
+                return encode(await invoke(caller, opts))
+            finally:
+                self._release(sender)
         except SnpdError as exc:
             raise DBusError(exc.dbus_name(), str(exc)) from None
         except DBusError:
@@ -661,6 +672,24 @@ class _Server:
             _log.exception("%s.%s failed", interface, member)
             raise DBusError(INTERNAL_ERROR, f"{member} failed inside snpd; the daemon's log "
                                             "has the details") from None
+
+    def _admit(self, sender: Optional[str]) -> None:
+        if sender is None:
+            return  # refused later: no sender, no caller
+        running = self.in_flight.get(sender, 0)
+        if self.per_sender is not None and running >= self.per_sender:
+            raise Busy(f"this connection already has {running} calls in flight, the most "
+                       f"one client may have (queue.per_client); retry when one is answered")
+        self.in_flight[sender] = running + 1
+
+    def _release(self, sender: Optional[str]) -> None:
+        if sender is None:
+            return
+        left = self.in_flight.get(sender, 0) - 1
+        if left > 0:
+            self.in_flight[sender] = left
+        else:
+            self.in_flight.pop(sender, None)
 
     @staticmethod
     def _claim(incoming: Optional[_Incoming], interface: str, member: str) -> Optional[str]:
@@ -744,8 +773,12 @@ class ServerHandle:
         await self.wait_closed()
 
 
-async def serve(service: ServiceAPI, bus_address: Optional[str] = None) -> ServerHandle:
+async def serve(service: ServiceAPI, bus_address: Optional[str] = None, *,
+                per_sender: Optional[int] = None) -> ServerHandle:
     """Serve ``service`` as org.snpd.Snpd1 on the system bus, or on ``bus_address``.
+
+    ``per_sender`` bounds the calls one connection may have in flight; beyond it a
+    call is answered ``Busy`` at once (None: no bound).
 
     Without an address, ``$DBUS_SYSTEM_BUS_ADDRESS`` is used, then the standard
     system bus socket. Must run inside the event loop (dbus-fast 5 creates its bus
@@ -758,7 +791,7 @@ async def serve(service: ServiceAPI, bus_address: Optional[str] = None) -> Serve
     bus: Any = MessageBus(bus_address=address, bus_type=BusType.SYSTEM)
     await bus.connect()
     try:
-        server = _Server(service, bus)
+        server = _Server(service, bus, per_sender)
         bus.add_message_handler(server.on_message)
         reply = await bus.call(Message(destination=_DBUS, path=_DBUS_PATH, interface=_DBUS,
                                        member="AddMatch", signature="s",
