@@ -198,16 +198,20 @@ class PrivateBus:
 
 def write_config(path: Path, *, state_dir: Path, cache_dir: Path, socket_path: Path,
                  bus_address: Optional[str], report_group: Optional[str],
-                 max_pending: int, per_client: int) -> None:
-    """The daemon's snpd.toml: emulator backend, offline KDS cache, this run's sockets,
-    queue bounds raised for 64 concurrent clients."""
+                 max_pending: int, per_client: int, kds_url: Optional[str] = None,
+                 firmware_latency: float = 0.0) -> None:
+    """The daemon's snpd.toml: emulator backend (``firmware_latency`` seconds per
+    request), this run's sockets, queue bounds raised for 64 concurrent clients, and
+    the KDS at ``kds_url`` (a loopback emulated one) or none (offline cache)."""
     def q(value: object) -> str:
         return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
+    kds = [f"url = {q(kds_url)}"] if kds_url else ["offline = true"]
     lines = [
         "[device]", 'backend = "emulator"', "",
-        "[emulator]", f"state_dir = {q(state_dir)}", "",
-        "[kds]", f"cache_dir = {q(cache_dir)}", "offline = true", "",
+        "[emulator]", f"state_dir = {q(state_dir)}",
+        *([f"latency = {firmware_latency!r}"] if firmware_latency else []), "",
+        "[kds]", f"cache_dir = {q(cache_dir)}", *kds, "",
         "[varlink]", f"socket = {q(socket_path)}", "",
         "[dbus]", f"enabled = {'true' if bus_address else 'false'}",
     ]

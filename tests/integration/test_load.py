@@ -1,0 +1,221 @@
+"""The load suite, short version for CI (bench/load.py is the long one, and the soak).
+
+64 clients over D-Bus (a real dbus-daemon with the shipped policy) and 64 over
+varlink at the same moment, against the real daemon running as user snpd: each
+client is its own connection in a ``bench/loadgen.py`` process and makes mixed
+calls through every method, and every answer is checked (a report must carry the
+caller's own nonce, a verdict must be valid, a key must repeat). The first 8
+D-Bus clients are greedy: they pipeline more calls than ``queue.per_client``
+admits.
+
+What must hold: no failure at all other than ``Busy``; ``Busy`` only beyond the
+configured capacity (the greedy clients, or everyone once the load passes
+``queue.max_pending``); every call eventually answered; and fairness, the
+slowest client's completion time within a bounded factor of the fastest's.
+Fairness is the broker's to give where the firmware is the bottleneck, as on real
+hardware, so those daemons run the emulator with 2 ms per firmware request. The
+latency percentiles are printed; nothing here asserts a duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+import pytest
+from daemonproc import (  # type: ignore[import-not-found]
+    EmulatedKds,
+    EmulatorTemplate,
+    SnpdDaemon,
+)
+from dbusbus import (  # type: ignore[import-not-found]
+    ATTESTATION,
+    REPO_ROOT,
+    PrivateBus,
+    call_on,
+    connect,
+    disconnect,
+)
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+from loadgen import failures, render, run_together, spread  # type: ignore[import-not-found]
+
+pytestmark = pytest.mark.integration
+
+CLIENTS = 64
+CALLS = int(os.environ.get("SNPD_LOAD_CALLS", "16"))
+PER_CLIENT = 2
+GREEDY, WINDOW = 8, 8
+FIRMWARE_LATENCY = 0.002
+# The slowest client's completion time over the fastest's, greedy clients included.
+FAIRNESS_BOUND = 2.0
+ROUND_TIMEOUT = 300.0
+BUSY = "org.snpd.Snpd1.Error.Busy"
+
+Results = List[Dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def kds(template: EmulatorTemplate) -> Iterator[EmulatedKds]:
+    server = EmulatedKds(template.directory)
+    yield server
+    server.close()
+
+
+class Started:
+    """Daemons on their own shipped-policy buses; all stopped (exit 0) at teardown."""
+
+    def __init__(self, template: EmulatorTemplate, kds: EmulatedKds) -> None:
+        self.template = template
+        self.kds = kds
+        self.started: List[Tuple[SnpdDaemon, PrivateBus]] = []
+
+    def start(self, queue: Mapping[str, int], latency: float = 0.0) -> SnpdDaemon:
+        bus = PrivateBus.shipped()
+        config: Dict[str, Dict[str, Any]] = {"queue": dict(queue)}
+        if latency:
+            config["emulator"] = {"latency": latency}
+        try:
+            daemon = SnpdDaemon(bus.address, self.template, self.kds.url, config=config)
+        except BaseException:
+            bus.close()
+            raise
+        self.started.append((daemon, bus))
+        return daemon.start()
+
+    def close(self) -> None:
+        problems = []
+        for daemon, bus in self.started:
+            try:
+                if daemon.running():
+                    status = daemon.stop()
+                    if status != 0:
+                        problems.append(f"snpd exited with {status}:\n{daemon.diagnostics()}")
+                else:
+                    problems.append(f"snpd had exited under load:\n{daemon.diagnostics()}")
+            finally:
+                daemon.close()
+                bus.close()
+        assert not problems, "\n".join(problems)
+
+
+@pytest.fixture(scope="module")
+def daemons(template: EmulatorTemplate, kds: EmulatedKds) -> Iterator[Started]:
+    made = Started(template, kds)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def load(daemon: SnpdDaemon, *, calls: int = CALLS, greedy: int = GREEDY) -> Results:
+    common = ["--clients", str(CLIENTS), "--calls", str(calls)]
+    results, _ = run_together([
+        ["--transport", "dbus", "--target", daemon.bus_address, *common,
+         "--greedy", str(greedy), "--window", str(WINDOW)],
+        ["--transport", "varlink", "--target", str(daemon.socket_path), *common],
+    ], timeout=ROUND_TIMEOUT)
+    return results
+
+
+def show(capsys: pytest.CaptureFixture[str], title: str, results: Results) -> None:
+    wall = max(r["wall"] for r in results)
+    with capsys.disabled():
+        print(f"\n\n{title}\n{render(results, wall)}")
+
+
+def clients(results: Results, *, greedy: Optional[bool] = None) -> List[Dict[str, Any]]:
+    return [c for r in results for c in r["clients"]
+            if greedy is None or (c["window"] > 1) == greedy]
+
+
+def check_served(results: Results, daemon: SnpdDaemon, calls: int = CALLS) -> None:
+    assert failures(results) == {}, "no failure other than Busy"
+    assert [c["ok"] for c in clients(results)] == [calls] * (2 * CLIENTS), \
+        "every call answered"
+    assert daemon.running(), daemon.diagnostics()
+    assert not daemon.capture.errors
+
+
+def test_64_clients_per_transport_are_served_fairly(daemons: Started,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    daemon = daemons.start({"max_pending": 256, "per_client": PER_CLIENT},
+                           latency=FIRMWARE_LATENCY)
+    results = load(daemon)
+    show(capsys, f"load: {CLIENTS} D-Bus ({GREEDY} greedy, window {WINDOW}) + {CLIENTS} "
+                 f"varlink clients x {CALLS} calls, per_client {PER_CLIENT}, "
+                 f"{FIRMWARE_LATENCY * 1e3:g} ms firmware", results)
+    check_served(results, daemon)
+    # Within capacity nobody is refused; beyond per_client, only Busy.
+    assert sum(c["busy"] for c in clients(results, greedy=False)) == 0
+    assert sum(c["busy"] for c in clients(results, greedy=True)) > 0
+    # Pipelining buys a greedy connection no more firmware turns than anyone else.
+    assert spread(clients(results)) <= FAIRNESS_BOUND
+
+
+def test_without_firmware_latency_polite_clients_are_served_alike(
+        daemons: Started, capsys: pytest.CaptureFixture[str]) -> None:
+    """The emulator answering at once makes the daemon's own CPU the bottleneck:
+    the most throughput, and still no failure and no Busy within capacity."""
+    daemon = daemons.start({"max_pending": 256, "per_client": PER_CLIENT})
+    results = load(daemon)
+    show(capsys, "load: the same, zero firmware latency", results)
+    check_served(results, daemon)
+    assert sum(c["busy"] for c in clients(results, greedy=False)) == 0
+    assert spread(clients(results, greedy=False)) <= FAIRNESS_BOUND
+
+
+def test_beyond_max_pending_the_only_answer_is_busy(daemons: Started,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """128 clients against a queue of 16: many Busy answers, every call still served
+    once retried, and nothing else goes wrong."""
+    daemon = daemons.start({"max_pending": 16, "per_client": PER_CLIENT},
+                           latency=FIRMWARE_LATENCY)
+    calls = max(8, CALLS // 2)
+    results = load(daemon, calls=calls, greedy=0)
+    show(capsys, f"load: max_pending 16, {2 * CLIENTS} polite clients x {calls} calls",
+         results)
+    check_served(results, daemon, calls)
+    assert sum(c["busy"] for c in clients(results)) > 0
+    stats = daemon_statistics(daemon)
+    assert stats["queue.rejected_busy"] > 0
+    assert stats["queue.high_water"] <= 16
+
+
+def daemon_statistics(daemon: SnpdDaemon) -> Dict[str, int]:
+    from snpd.client import SnpdClient
+
+    with SnpdClient(socket=str(daemon.socket_path)) as client:
+        stats: Dict[str, int] = client.properties()["org.snpd.Snpd1.Manager"]["Statistics"]
+    return stats
+
+
+def test_one_connection_pipelining_gets_busy_beyond_per_client(daemons: Started) -> None:
+    """A D-Bus connection may pipeline calls; beyond queue.per_client in flight the
+    daemon answers Busy at once, whatever the method (VerifyReport is CPU work that
+    no firmware queue meters), and serves the connection again afterwards."""
+    daemon = daemons.start({"max_pending": 64, "per_client": PER_CLIENT})
+
+    async def run() -> Tuple[List[Any], Any]:
+        bus = await connect(daemon.bus_address)
+        try:
+            (first,) = await call_on(bus, [(ATTESTATION, "GetReport", "ayua{sv}",
+                                            [b"pipeline", 0xFFFFFFFF, {}])])
+            assert first.ok, first
+            verify = (ATTESTATION, "VerifyReport", "aya{sv}", [first.value, {}])
+            batches = await asyncio.gather(*(call_on(bus, [verify]) for _ in range(24)))
+            (after,) = await call_on(bus, [verify])
+            return [reply for batch in batches for reply in batch], after
+        finally:
+            await disconnect(bus)
+
+    replies, after = asyncio.run(run())
+    busy = [r for r in replies if not r.ok]
+    assert busy, "24 pipelined calls against per_client 2: some must be refused"
+    assert {r.error for r in busy} == {BUSY}
+    assert all("queue.per_client" in r.text for r in busy)
+    served = [r for r in replies if r.ok]
+    assert served and all(r.value["valid"].value for r in served)
+    assert after.ok and after.value["valid"].value, after
