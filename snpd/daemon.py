@@ -150,6 +150,7 @@ class Daemon:
         self._reload: Optional[asyncio.Event] = None
         self._tasks: List[asyncio.Task[None]] = []
         self.status: Optional[SevStatus] = None
+        self.exit_status = 0  # what run() returns once stopped
 
     # -- assembly ------------------------------------------------------------------------
 
@@ -256,8 +257,11 @@ class Daemon:
                 from snpd.dbus import service as dbus_service
 
                 address = None if cfg.dbus.bus == "system" else cfg.dbus.bus
-                self._transports.append(await dbus_service.serve(
-                    self.service, address, per_sender=cfg.queue.per_client))
+                handle = await dbus_service.serve(self.service, address,
+                                                  per_sender=cfg.queue.per_client)
+                self._transports.append(handle)
+                self._tasks.append(asyncio.get_running_loop().create_task(
+                    self._watch_bus(handle)))
             except (OSError, SnpdError, ImportError) as exc:
                 errors.append(f"D-Bus: {exc}")
         for error in errors:
@@ -271,6 +275,17 @@ class Daemon:
         with contextlib.suppress(SnpdError):
             await self.service.get_report(STARTUP_CALLER, b"", 0xFFFFFFFF, {})
         self.notifier.status(self.status_line())
+
+    async def _watch_bus(self, handle: Any) -> None:
+        """A daemon whose bus connection ended (the bus restarted, or dropped us) would
+        go on serving varlink while org.snpd.Snpd1 has no owner, and nothing would ever
+        bring the name back: stop instead, with a failure status, so that systemd
+        restarts snpd (Restart=on-failure). Shutdown cancels this task first."""
+        await handle.wait_closed()
+        self.events.log("err", "the D-Bus connection ended; stopping so that snpd is "
+                               "restarted and owns org.snpd.Snpd1 again")
+        self.exit_status = 1
+        self.request_stop()
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_usec / 2e6
@@ -343,7 +358,7 @@ class Daemon:
             await self.shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
-        return 0
+        return self.exit_status
 
     def reload(self) -> None:
         self.notifier.reloading()

@@ -760,10 +760,12 @@ class ServerHandle:
         return self._server.identity
 
     async def wait_closed(self) -> None:
+        """Cancelling a waiter must not cancel dbus-fast's one disconnect future, which
+        every other waiter (and :meth:`close`) awaits too: hence the shield."""
         try:
-            await self._server.bus.wait_for_disconnect()
+            await asyncio.shield(self._server.bus.wait_for_disconnect())
         except Exception as exc:  # the connection broke; that is what the caller waits for
-            _log.warning("D-Bus connection ended: %s", exc)
+            _log.warning("D-Bus connection ended: %s", str(exc) or type(exc).__name__)
 
     async def close(self) -> None:
         if self._server.closed:

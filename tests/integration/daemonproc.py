@@ -543,6 +543,14 @@ class SnpdDaemon:
                                  f"{self.diagnostics()}")
         return status
 
+    def wait_exit(self) -> int:
+        """Wait (bounded) for a daemon that stops by itself; its exit status."""
+        assert self._proc is not None
+        try:
+            return self._proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"snpd did not exit\n{self.diagnostics()}") from None
+
     def close(self) -> None:
         """Kill the daemon if it still runs; close sockets and files; remove the files."""
         if self._proc is not None:
@@ -569,12 +577,13 @@ class SnpdDaemon:
             sources = [(f"journal record #{i}", raw.decode("utf-8", "replace"))
                        for i, raw in enumerate(self.capture.journal_raw)]
         sources.append(("stderr", self.stderr()))
+        everything = "\n".join(text for _, text in sources)  # one search per needle
         found = []
         for name, secret in secrets.items():
             for form, needle in secret_forms(secret).items():
-                for where, text in sources:
-                    if needle in text:
-                        found.append(f"{name} ({form}) in {where}")
+                if needle in everything:
+                    found += [f"{name} ({form}) in {where}" for where, text in sources
+                              if needle in text]
         return found
 
 
