@@ -114,6 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         bus = PrivateBus(directory, READY_TIMEOUT)
         kds: Optional[Child] = None
         daemon: Optional[Daemon] = None
+        result = 1
         try:
             state_dir = directory / "emulator"
             kds, kds_url = emulated_kds(state_dir)
@@ -124,18 +125,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                          max_pending=args.max_pending, per_client=args.per_client,
                          kds_url=kds_url, firmware_latency=args.firmware_ms / 1000)
             daemon = Daemon(config, directory, timeout=READY_TIMEOUT)
-            return measure(args, daemon, socket_path, bus.address)
+            result = measure(args, daemon, socket_path, bus.address)
+            if result:
+                print(f"\nsnpd's log, the end:\n{daemon.log()}")
         except KeyboardInterrupt:
             print("\ninterrupted: stopping the daemon and the bus", file=sys.stderr)
-            return 130
+            result = 130
         finally:
             if daemon is not None:
-                status = daemon.stop()
-                if status not in (0, None):
-                    print(f"snpd exited with {status}; its log:\n{daemon.log()}")
+                stopped = daemon.stop()
+                if stopped not in (0, None):
+                    print(f"snpd exited with {stopped}; its log:\n{daemon.log()}")
+                    result = result or 1
             if kds is not None:
                 kds.stop()
             bus.close()
+    return result
 
 
 def emulated_kds(state_dir: Path) -> Tuple[Child, str]:

@@ -51,6 +51,7 @@ VL_A, VL_K, VL_M = "org.snpd.Attestation.", "org.snpd.Keys.", "org.snpd.Manager.
 METHODS = ("GetReport", "GetExtendedReport", "GetCertificates", "VerifyReport", "GetEvidence",
            "DeriveKey", "DeriveSealingKey", "Properties")
 BUSY_PAUSE = 0.002
+NONCE_SAMPLE = 256
 BUSY_PAUSE_MAX = 0.05
 
 
@@ -81,6 +82,7 @@ class Checker:
 
     def __init__(self) -> None:
         self.keys: Dict[str, bytes] = {}
+        self.nonces: List[bytes] = []  # a sample, for a caller's log search
 
     def same_key(self, name: str, key: bytes) -> None:
         if len(key) != 32:
@@ -240,6 +242,8 @@ class Client:
             method = METHODS[(self.index + self.next) % len(METHODS)]
             self.next += 1
             nonce = os.urandom(32)
+            if len(checker.nonces) < NONCE_SAMPLE:
+                checker.nonces.append(nonce)
             start = time.monotonic()
             pause = BUSY_PAUSE
             while True:
@@ -298,6 +302,11 @@ async def run(args: argparse.Namespace, go: Callable[[], Awaitable[None]]) -> Di
     finally:
         for close in closers:
             await close()
+    if args.secrets:
+        Path(args.secrets).write_text(json.dumps({
+            "nonces": [n.hex() for n in checker.nonces],
+            "keys": {name: key.hex() for name, key in checker.keys.items()}}),
+            encoding="utf-8")
     return {"transport": args.transport, "wall": round(wall, 6),
             "clients": [c.summary() for c in clients],
             "latency": {m: [round(s, 6) for s in v] for m, v in latencies.items()}}
@@ -457,6 +466,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--deadline", type=int, default=600,
                         help="seconds after which the process ends whatever it does (600)")
     parser.add_argument("--no-wait", action="store_true", help="start at once, without GO")
+    parser.add_argument("--secrets", metavar="FILE",
+                        help=f"write the first {NONCE_SAMPLE} nonces sent and the keys "
+                             "received (hex, JSON) to FILE, for a search of the daemon's logs")
     args = parser.parse_args(argv)
     if args.clients < 1 or args.calls < 1 or args.window < 1 or args.greedy < 0:
         parser.error("--clients, --calls and --window must be at least 1")
