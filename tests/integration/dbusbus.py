@@ -197,6 +197,11 @@ class PrivateBus:
         self.log.flush()
         return (self.directory / "dbus-daemon.log").read_text(errors="replace")
 
+    @property
+    def pid(self) -> int:
+        """The dbus-daemon's pid (to stop and continue it)."""
+        return self._proc.pid
+
     def close(self) -> None:
         if self._proc.poll() is None:
             self._proc.terminate()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import sys
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -241,3 +242,38 @@ def test_one_connection_pipelining_gets_busy_beyond_per_client(daemons: Started)
     served = [r for r in replies if r.ok]
     assert served and all(r.value["valid"].value for r in served)
     assert after.ok and after.value["valid"].value, after
+
+
+def test_a_bus_that_reads_slowly_does_not_cost_snpd_its_connection(daemons: Started) -> None:
+    """128 extended reports answered (5 ms of firmware each) while dbus-daemon is
+    stopped: snpd's replies overflow its socket buffer. dbus-fast takes that for a
+    broken connection unless snpd's writer waits (snpd/dbus/service.py
+    _PatientSocket); then every reply arrives once the bus reads again."""
+    from dbus_fast import Variant
+
+    daemon = daemons.start({"max_pending": 256, "per_client": 2}, latency=0.005)
+    _, bus = daemons.started[-1]
+    extended = (ATTESTATION, "GetExtendedReport", "ayua{sv}",
+                [b"slow bus", 0xFFFFFFFF, {"timeout": Variant("d", 60.0)}])
+
+    async def run() -> List[Any]:
+        connections = [await connect(daemon.bus_address) for _ in range(64)]
+        try:
+            calls = [asyncio.ensure_future(call_on(c, [extended]))
+                     for c in connections for _ in range(2)]
+            await asyncio.sleep(0.1)  # every call has reached snpd: 640 ms of firmware
+            os.kill(bus.pid, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(1.5)  # snpd answers into a socket nobody reads
+            finally:
+                os.kill(bus.pid, signal.SIGCONT)
+            return [reply for batch in await asyncio.gather(*calls) for reply in batch]
+        finally:
+            for connection in connections:
+                await disconnect(connection)
+
+    replies = asyncio.run(run())
+    assert [r.error for r in replies if not r.ok] == []
+    assert all(r.value[0][0x50:0x58] == b"slow bus" for r in replies)
+    assert daemon.running(), daemon.diagnostics()
+    assert "D-Bus connection ended" not in daemon.stderr()
