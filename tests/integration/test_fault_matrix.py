@@ -8,6 +8,7 @@ another, each on an emptied cache so the certificates are fetched again."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime
 import os
@@ -118,8 +119,19 @@ def reference_report(template: EmulatorTemplate, kds: KdsServer) -> bytes:
         shutil.rmtree(cache.parent, ignore_errors=True)
 
 
-def _call_method(daemon: Any, method: str, report: str) -> Dict[str, Any]:
-    nonce = b64(os.urandom(32))
+def _call_method(daemon: Any, method: str, report: str, secrets: Dict[str, bytes]
+                 ) -> Dict[str, Any]:
+    """One call; the nonce it sends and any key it gets go into ``secrets``."""
+    raw = os.urandom(32)
+    secrets[f"nonce #{len(secrets)}"] = raw
+    nonce = b64(raw)
+    result = _call(daemon, method, report, nonce)
+    if method in ("DeriveKey", "DeriveSealingKey") and result["ok"]:
+        secrets[f"{method} key #{len(secrets)}"] = base64.b64decode(result["parameters"]["key"])
+    return result
+
+
+def _call(daemon: Any, method: str, report: str, nonce: str) -> Dict[str, Any]:
     if method == "GetReport":
         return call(daemon, A + method, report_data=nonce)
     if method == "GetExtendedReport":
@@ -156,6 +168,7 @@ def test_fault_matrix(emu: EmuFault, template: EmulatorTemplate, kds: KdsServer,
     daemon = new_daemon(template, kds.url, cache_dir, config)
     table: List[str] = []
     problems: List[str] = []
+    secrets: Dict[str, bytes] = {"chip ID": state.chip_id}
     firmware_calls = 0
     try:
         daemon.start()
@@ -168,7 +181,7 @@ def test_fault_matrix(emu: EmuFault, template: EmulatorTemplate, kds: KdsServer,
                 kds.put(vcek_path, "application/pkix-cert", forged_vcek)
             try:
                 for method in METHODS:
-                    result = _call_method(daemon, method, reference_report.decode())
+                    result = _call_method(daemon, method, reference_report.decode(), secrets)
                     got = outcome(result)
                     assert daemon.running(), (f"snpd exited after {method} under {emu.name} x "
                                               f"{kds_name}\n{daemon.diagnostics()}")
@@ -196,6 +209,8 @@ def test_fault_matrix(emu: EmuFault, template: EmulatorTemplate, kds: KdsServer,
         print("\n" + "\n".join(table))
         assert not problems, "\n".join(problems)
         assert daemon.running()
+        # Error paths log the most; none of it may carry a nonce, a key or the chip ID.
+        assert daemon.find_leaks(secrets) == []
     finally:
         daemon.close()
         shutil.rmtree(cache_dir.parent, ignore_errors=True)
