@@ -11,7 +11,9 @@ the command-line client:
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing itself costs snpctl's start-up ~2 ms; mypy reads this as True
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

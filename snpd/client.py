@@ -18,16 +18,18 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from snpd.errors import EXIT_UNAVAILABLE, SnpdError
 
+TYPE_CHECKING = False  # see snpd/__init__.py: the client path does not import typing
 if TYPE_CHECKING:
     import datetime
+    from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+    CertificateList = List[Tuple[str, bytes]]
 
 DEFAULT_SOCKET = "/run/snpd/snpd.varlink"
 DEFAULT_VMPL = 0xFFFFFFFF
-CertificateList = List[Tuple[str, bytes]]
 
 
 class DaemonUnavailable(SnpdError):

@@ -8,7 +8,9 @@ a :class:`ReportFormatError` travels as ``InvalidArgument`` everywhere.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+TYPE_CHECKING = False  # see snpd/__init__.py: the client path does not import typing
+if TYPE_CHECKING:
+    from typing import ClassVar, Optional
 
 DBUS_PREFIX = "org.snpd.Snpd1.Error."
 

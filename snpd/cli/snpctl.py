@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TextIO
 
 from snpd.errors import (
     EXIT_CHECK_FAILED,
@@ -23,8 +22,10 @@ from snpd.errors import (
     SnpdError,
 )
 
+TYPE_CHECKING = False  # see snpd/__init__.py: the client path does not import typing
 if TYPE_CHECKING:
     import datetime
+    from typing import Any, Callable, Dict, List, Optional, Sequence, TextIO
 
     from snpd.abi.product import Endorser, Product
     from snpd.abi.report import AttestationReport
@@ -630,14 +631,43 @@ def cmd_ok(args: argparse.Namespace, out: Output) -> int:
 # -- parser ------------------------------------------------------------------------------
 
 
+def _columns() -> int:
+    """shutil.get_terminal_size without shutil: $COLUMNS, the terminal, else 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse makes a formatter for every add_argument, and the default one imports
+    shutil (which imports bz2, lzma and fnmatch) for the terminal width: a few ms of
+    every snpctl start, for help text that is rarely printed."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _columns() - 2 if width is None else width)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON document instead of text")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="print only the outcome")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="snpctl", parents=[common],
         description="SEV-SNP attestation: reports, AMD certificates, verification.",
         epilog="Exit codes: 0 success, 1 a check failed, 2 usage or unreadable input, "
@@ -669,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-root", action="append", default=[], metavar="FILE",
                        help="also trust this root certificate (PEM or DER) for this command")
 
-    firmware = argparse.ArgumentParser(add_help=False)
+    firmware = _Parser(add_help=False)
     firmware.add_argument("--direct", action="store_true",
                           help="open the firmware channel yourself instead of asking the "
                                "daemon (root)")

@@ -27,7 +27,6 @@ import _socket  # socket.py's enum set-up would be half this module's import tim
 import contextlib
 import json
 import time
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Tuple, Type
 
 from snpd.errors import (
     Busy,
@@ -42,8 +41,10 @@ from snpd.errors import (
     VmpckDisabled,
 )
 
+TYPE_CHECKING = False  # see snpd/__init__.py: the client path does not import typing
 if TYPE_CHECKING:
     import asyncio
+    from typing import Any, Dict, Mapping, Optional, Tuple, Type
 
 DEFAULT_SOCKET = "/run/snpd/snpd.varlink"
 DEFAULT_TIMEOUT = 60.0
