@@ -228,3 +228,24 @@ def test_verify_imports_neither_requests_nor_tomllib(case_dir: Callable[[Any], P
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                           check=False)
     assert done.stdout.strip().endswith("0 []"), done.stdout + done.stderr
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "; import sys; "
+                          "print(' '.join(sorted(sys.modules)))"],
+                         check=True, capture_output=True, text=True).stdout
+    return set(out.split())
+
+
+def test_a_daemon_answered_command_imports_only_what_its_budget_affords() -> None:
+    """DESIGN.md: any snpctl command the daemon answers takes at most 25 ms as a whole
+    process, so its path (parser, client, varlink) imports neither the heavy
+    libraries nor typing, shutil and the compressors that a careless import drags in.
+    Measured against what the interpreter has loaded anyway."""
+    baseline = _modules_after("pass")
+    loaded = _modules_after("from snpd.cli import snpctl; snpctl.build_parser(); "
+                            "import snpd.client, snpd.varlink.client") - baseline
+    assert {"snpd.cli.snpctl", "snpd.client", "snpd.varlink.client", "argparse"} <= loaded
+    heavy = {"typing", "shutil", "bz2", "lzma", "fnmatch", "asyncio", "socket", "ssl",
+             "dataclasses", "cryptography", "dbus_fast", "requests", "pathlib", "datetime"}
+    assert loaded & heavy == set()
