@@ -186,7 +186,7 @@ def measure(args: argparse.Namespace, daemon: Daemon, socket_path: Path, bus: st
             return 1 if failed else 0
         if rounds == 1 or rounds % 10 == 0:
             t, rss, fds, nthreads = samples[-1]
-            calls = sum(len(v) for r in results for v in r["latency"].values())
+            calls = 2 * args.clients * args.calls
             print(f"   {t / 60:6.1f} min  round {rounds:5d}  RSS {rss / 1024:6.2f} MB  "
                   f"{fds:3d} fds  {nthreads:2d} threads  {calls / wall:6.0f} calls/s  "
                   f"failures so far {failed}", flush=True)
