@@ -76,6 +76,7 @@ from _daemonproc import (  # noqa: E402
     split,
     write_config,
 )
+from _timing import private_bytecode  # noqa: E402
 
 # DESIGN.md's budgets for the figures this script measures.
 BUDGET_READY_MS = 300.0
@@ -447,12 +448,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     signal.signal(signal.SIGTERM, interrupted)  # stop the children on kill too
     run = Run()
     if not args.environment_bytecode:
-        # With PYTHONDONTWRITEBYTECODE set (as in some CI and developer shells) every
-        # child would compile snpd from source at each start, which an installed
-        # package (byte-compiled at install) never does. A prefix in the run's own
-        # directory leaves the work tree untouched; the untimed runs fill it.
-        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-        os.environ["PYTHONPYCACHEPREFIX"] = str(run.directory / "pycache")
+        private_bytecode(run.directory / "pycache")
     try:
         return measure(run, args)
     except KeyboardInterrupt:
