@@ -97,6 +97,9 @@ class Started:
                         problems.append(f"snpd exited with {status}:\n{daemon.diagnostics()}")
                 else:
                     problems.append(f"snpd had exited under load:\n{daemon.diagnostics()}")
+                # Every load's sample of nonces and keys, against the complete logs.
+                if (daemon.directory / "secrets-dbus.json").exists():
+                    problems += leaks(daemon, self.template.chip_id)[1]
             finally:
                 daemon.close()
                 bus.close()
