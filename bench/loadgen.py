@@ -28,11 +28,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import contextlib
 import json
 import math
 import os
-import select
 import signal
 import statistics
 import subprocess
@@ -325,40 +323,43 @@ class Generator:
     """One ``loadgen.py`` process, started by a benchmark or a test: the constructor
     returns once every client is connected (READY); :meth:`go` starts the calls and
     :meth:`result` reads the JSON line. The process ends by itself after ``deadline``
-    seconds, so a failing caller never leaves it behind."""
+    seconds, and with its parent (bench/_daemonproc.py's Child), so a failing caller
+    never leaves it behind."""
 
     def __init__(self, argv: Sequence[str], *, deadline: int, timeout: float = 60.0,
                  python: str = sys.executable) -> None:
-        self.proc = subprocess.Popen(
-            [python, str(Path(__file__).resolve()), *argv, "--deadline", str(deadline)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            start_new_session=True)
+        from _daemonproc import Child
+
+        self.child = Child([python, str(Path(__file__).resolve()), *argv,
+                            "--deadline", str(deadline)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         line = self._line(timeout)
         if line != "READY":
             raise RuntimeError(f"loadgen did not connect: {line or 'no answer'}\n"
                                f"{self._stderr()}")
 
     def _line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, timeout))
-        return self.proc.stdout.readline().decode("utf-8", "replace").strip() if ready else ""
+        from _daemonproc import readline
+
+        assert self.child.proc.stdout is not None
+        return readline(self.child.proc.stdout, timeout)
 
     def _stderr(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
+        proc = self.child.proc
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
         try:
-            return self.proc.stderr.read().decode(errors="replace")[-3000:] \
-                if self.proc.stderr else ""
+            return proc.stderr.read().decode(errors="replace")[-3000:] if proc.stderr else ""
         except (OSError, ValueError):
             return ""
         finally:
             self.close()
 
     def go(self) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(b"GO\n")
-        self.proc.stdin.flush()
+        assert self.child.proc.stdin is not None
+        self.child.proc.stdin.write(b"GO\n")
+        self.child.proc.stdin.flush()
 
     def result(self, timeout: float) -> Dict[str, Any]:
         line = self._line(timeout)
@@ -369,13 +370,7 @@ class Generator:
         return parsed
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
+        self.child.stop()
 
 
 def run_together(argvs: Sequence[Sequence[str]], *, timeout: float, python: str = sys.executable
