@@ -544,6 +544,29 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK if ok else EXIT_CHECK_FAILED
 
 
+def cmd_cache(args: argparse.Namespace, out: Output) -> int:
+    """The daemon's verified certificate cache: its counters, or a refresh now (root)."""
+    with _client(args) as client:
+        if args.action == "refresh":
+            client.refresh_certificates()
+            out.json({"refreshed": True, "transport": client.transport})
+            out.result("refreshed: this platform's chain and CRL were fetched, verified and "
+                       "cached")
+            return EXIT_OK
+        stats = client.properties().get("org.snpd.Snpd1.Manager", {}).get("Statistics", {})
+    kds = {k[len("kds."):]: int(v) for k, v in sorted(stats.items()) if k.startswith("kds.")}
+    out.json({"kds": kds})
+    if not kds:
+        out.result("the daemon has no certificate cache configured")
+        return EXIT_OK
+    for name, value in kds.items():
+        out.line(f"  {name.replace('_', ' '):16} {value}")
+    out.result(f"cache: {kds.get('hits', 0) + kds.get('offline_hits', 0)} hits, "
+               f"{kds.get('fetches', 0)} KDS fetches, {kds.get('rejected', 0)} answers "
+               "rejected since snpd started")
+    return EXIT_OK
+
+
 def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
     import os
 
@@ -751,6 +774,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="trustee", choices=("trustee",))
     p.add_argument("--nonce-file", metavar="FILE",
                    help="up to 64 bytes to bind (default: 32 random bytes)")
+    p = add(sub, "cache", cmd_cache, "show the daemon's certificate cache counters, or "
+            "refresh this platform's chain and CRL now (root)")
+    p.add_argument("action", nargs="?", choices=("show", "refresh"), default="show")
+    p.add_argument("--socket", metavar="PATH",
+                   help="the daemon's varlink socket (default /run/snpd/snpd.varlink)")
+    p.add_argument("--bus", metavar="ADDRESS",
+                   help="talk to the daemon over D-Bus ('system' or an address)")
     p = add_fw("ok", cmd_ok, "check that SEV-SNP is active and the guest interface usable")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
 

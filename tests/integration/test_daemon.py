@@ -1265,3 +1265,33 @@ def test_a_kds_fetch_is_logged(launcher: Launcher) -> None:
     assert list(daemon.cache_dir.rglob("*.der")) or list(daemon.cache_dir.rglob("*.pem"))
     daemon.stop()
     assert any(r.get("MESSAGE_ID") == MESSAGE_IDS["KDS_FETCH"] for r in daemon.capture.journal)
+
+
+def test_snpctl_cache_shows_the_counters_and_refreshes(launcher: Launcher) -> None:
+    """``snpctl cache`` (DESIGN.md's CLI): the daemon's KDS cache counters, and
+    ``cache refresh`` fetching this platform's chain and CRL now, as root."""
+    import io
+
+    from snpd.cli import snpctl
+
+    daemon = launcher.start()
+
+    def run(*argv: str) -> Tuple[int, Dict[str, Any]]:
+        out, err = io.StringIO(), io.StringIO()
+        status = snpctl.main([*argv, "--socket", str(daemon.socket_path), "--json"],
+                             stdout=out, stderr=err)
+        return status, json.loads(out.getvalue() or "{}")
+
+    status, before = run("cache")
+    assert status == 0, before
+    assert set(before["kds"]) >= {"hits", "fetches", "rejected", "evicted"}
+    status, refreshed = run("cache", "refresh")
+    assert (status, refreshed["refreshed"]) == (0, True)
+    status, after = run("cache", "show")
+    assert status == 0
+    assert after["kds"]["fetches"] > before["kds"]["fetches"], "the refresh asked the KDS"
+    assert list(daemon.cache_dir.rglob("*.pem")) or list(daemon.cache_dir.rglob("*.der"))
+    # Over D-Bus the same, and the refresh stays root's (the access table has the rest).
+    (out,) = calls_as("snpd-test-user", daemon.bus_address,
+                      [(MANAGER, "RefreshCertificates", "", [])])
+    assert out.error == ACCESS_DENIED
