@@ -261,7 +261,6 @@ def test_busctl_introspection_as_outsider_equals_the_checked_in_xml(strict: Any)
 
 
 def test_the_xml_ships_as_package_data() -> None:
-    pytest.importorskip("dbus_fast")
     from snpd.dbus.service import introspection_xml
 
     assert introspection_xml() == CHECKED_IN_XML.read_text(encoding="utf-8")
@@ -527,7 +526,6 @@ class _FakeBus:
 
 
 def test_caller_identity_cache_and_proc_fallback(tmp_path: Path) -> None:
-    pytest.importorskip("dbus_fast")
     from snpd.dbus.service import CallerIdentity
     from snpd.errors import PermissionDenied
 
