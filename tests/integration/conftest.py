@@ -24,7 +24,7 @@ from dbusbus import (  # type: ignore[import-not-found]
 )
 
 if TYPE_CHECKING:
-    from daemonproc import EmulatorTemplate  # type: ignore[import-not-found]
+    from daemonproc import EmulatedKds, EmulatorTemplate  # type: ignore[import-not-found]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +67,17 @@ def template(accounts: Accounts) -> Iterator[EmulatorTemplate]:
     made = EmulatorTemplate()
     yield made
     made.close()
+
+
+@pytest.fixture(scope="module")
+def kds(template: EmulatorTemplate) -> Iterator[EmulatedKds]:
+    """``snpd-emu kds`` on 127.0.0.1 for the template (modules with an in-process
+    KdsServer define their own ``kds``)."""
+    from daemonproc import EmulatedKds
+
+    server = EmulatedKds(template.directory)
+    yield server
+    server.close()
 
 
 def _serve(bus: PrivateBus, accounts: Accounts, *, address_from_env: bool) -> Iterator[Served]:

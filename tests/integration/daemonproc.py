@@ -56,12 +56,27 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, TypeVar
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Tuple,
+    TypeVar,
+)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-# A safety net so a broken daemon fails a test instead of hanging it; never a
-# measurement. The same as dbusbus.DEADLINE.
-DEADLINE = 60.0
+from dbusbus import (  # type: ignore[import-not-found]
+    DEADLINE,
+    REPO_ROOT,
+    PrivateBus,
+    drop_privileges,
+    stop_process,
+)
+
 DAEMON_USER = "snpd"
 VARLINK_SOCKET_NAME = "snpd.varlink"
 # Sent by the harness (as root) to both sockets once the daemon has exited.
@@ -342,15 +357,7 @@ class EmulatedKds:
         return self.log_path.read_text(errors="replace")
 
     def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        stop_process(self._proc)
         self._log.close()
         self.log_path.unlink(missing_ok=True)
 
@@ -587,6 +594,52 @@ class SnpdDaemon:
         return found
 
 
+class Launcher:
+    """Starts daemons, each on its own private bus with the shipped policy (only one
+    connection may own org.snpd.Snpd1 per bus); stops them at teardown (SIGTERM:
+    STOPPING=1, exit 0), searches their complete logs for secrets, and removes
+    everything."""
+
+    def __init__(self, template: EmulatorTemplate, kds: EmulatedKds) -> None:
+        self.template = template
+        self.kds = kds
+        self.started: List[Tuple[SnpdDaemon, PrivateBus]] = []
+
+    def start(self, config: Optional[Mapping[str, Mapping[str, Any]]] = None,
+              env: Optional[Mapping[str, str]] = None) -> SnpdDaemon:
+        bus = PrivateBus.shipped()
+        try:
+            daemon = SnpdDaemon(bus.address, self.template, self.kds.url, config=config,
+                                env=env)
+        except BaseException:
+            bus.close()
+            raise
+        self.started.append((daemon, bus))
+        return daemon.start()
+
+    def close(self, secrets_of: Optional[Callable[[SnpdDaemon], Mapping[str, bytes]]] = None,
+              *, expect_running: bool = False) -> None:
+        """``secrets_of(daemon)``: what must not be in that daemon's logs (the chip ID is
+        always added). ``expect_running``: a daemon that has exited is a failure."""
+        problems = []
+        for daemon, bus in reversed(self.started):
+            try:
+                if daemon.running():
+                    daemon.stop()
+                elif expect_running:
+                    problems.append(f"snpd had exited:\n{daemon.diagnostics()}")
+                if secrets_of is not None:
+                    problems += daemon.find_leaks({**secrets_of(daemon),
+                                                   "chip ID": self.template.chip_id})
+            except AssertionError as exc:
+                problems.append(str(exc))
+            finally:
+                daemon.close()
+                bus.close()
+        self.started.clear()
+        assert not problems, "\n".join(problems)
+
+
 def _plus_one(index: Optional[int]) -> Optional[int]:
     return None if index is None else index + 1
 
@@ -693,16 +746,6 @@ def connection_closed(socket_path: str, payload: bytes) -> bool:
 # -- the script: varlink calls as another user ------------------------------------------------
 
 
-def _drop_privileges(user: str) -> None:
-    pw = pwd.getpwnam(user)
-    os.chdir("/")
-    os.initgroups(user, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    if os.getuid() != pw.pw_uid or os.geteuid() != pw.pw_uid:
-        raise SystemExit(f"could not become {user}")
-
-
 def _to_json(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         return {"$bytes": bytes(value).hex()}
@@ -753,7 +796,7 @@ def _snpd_client(args: Any) -> int:
 
     params = _from_json(json.load(sys.stdin))
     if args.as_user:
-        _drop_privileges(args.as_user)
+        drop_privileges(args.as_user)
     try:
         with SnpdClient(socket=args.socket, bus=args.bus, timeout=DEADLINE) as client:
             transport = "varlink" if args.socket else "dbus"
@@ -783,7 +826,7 @@ def main(argv: Iterable[str]) -> int:
     import varlink  # noqa: F401  # import before dropping privileges
 
     if args.as_user:
-        _drop_privileges(args.as_user)
+        drop_privileges(args.as_user)
     print(json.dumps(varlink_calls(args.socket, calls)))
     return 0
 

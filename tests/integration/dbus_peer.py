@@ -28,8 +28,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
-import pwd
 import signal
 import sys
 from pathlib import Path
@@ -225,16 +223,6 @@ class FakeService:
         self._enter(caller, Permission.MANAGE, "RefreshCertificates")
 
 
-def drop_privileges(user: str) -> None:
-    pw = pwd.getpwnam(user)
-    os.chdir("/")
-    os.initgroups(user, pw.pw_gid)
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-    if os.getuid() != pw.pw_uid or os.geteuid() != pw.pw_uid:
-        raise SystemExit(f"could not become {user}")
-
-
 async def run_server(address: str, report_gid: int, key_gid: int) -> int:
     fake = FakeService(Access(report_gids=frozenset({report_gid}),
                               key_gids=frozenset({key_gid})))
@@ -277,7 +265,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--key-gid", type=int, default=-1)
     args = parser.parse_args(argv)
     calls = json.load(sys.stdin) if args.mode == "call" else []
-    drop_privileges(args.as_user)
+    dbusbus.drop_privileges(args.as_user)
     if args.mode == "serve":
         return asyncio.run(run_server(args.address, args.report_gid, args.key_gid))
     print(json.dumps(asyncio.run(run_calls(args.address, calls))))

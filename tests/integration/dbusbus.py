@@ -203,15 +203,7 @@ class PrivateBus:
         return self._proc.pid
 
     def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        stop_process(self._proc)
         self.log.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -219,6 +211,32 @@ class PrivateBus:
 def _readline(stream: Any, deadline: float) -> bytes:
     ready, _, _ = select.select([stream], [], [], deadline)
     return bytes(stream.readline()) if ready else b""
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> int:
+    """SIGTERM a child that still runs, wait (bounded), SIGKILL if it must; close its
+    stdout. Its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=DEADLINE)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+    return proc.returncode
+
+
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (uid, gid and its groups) for good, or exit."""
+    pw = pwd.getpwnam(user)
+    os.chdir("/")
+    os.initgroups(user, pw.pw_gid)
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+    if os.getuid() != pw.pw_uid or os.geteuid() != pw.pw_uid:
+        raise SystemExit(f"could not become {user}")
 
 
 # -- peers: the daemon side and clients as other users ----------------------------------------
@@ -258,18 +276,10 @@ class PeerProcess:
         if self.ready is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._proc.wait(timeout=DEADLINE)
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(timeout=DEADLINE)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        status = stop_process(self._proc)
         self._stderr.close()
         self.stderr_path.unlink(missing_ok=True)
-        return self._proc.returncode
+        return status
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,13 +27,14 @@ import signal
 import stat
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple
 
 import pytest
 from daemonproc import (  # type: ignore[import-not-found]
     DEADLINE,
     EmulatedKds,
     EmulatorTemplate,
+    Launcher,
     SnpdDaemon,
     connection_closed,
     merge,
@@ -51,7 +52,6 @@ from dbusbus import (  # type: ignore[import-not-found]
     OBJECT_PATH,
     REPO_ROOT,
     Accounts,
-    PrivateBus,
     Reply,
     busctl,
     call_on,
@@ -96,13 +96,6 @@ def unb64(text: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def kds(template: EmulatorTemplate) -> Iterator[EmulatedKds]:
-    server = EmulatedKds(template.directory)
-    yield server
-    server.close()
-
-
-@pytest.fixture(scope="module")
 def secrets() -> Secrets:
     """Every report_data nonce and key the module's calls used or got, by name: none may
     show up in a log."""
@@ -118,46 +111,6 @@ def nonce(secrets: Secrets, name: str = "nonce", size: int = 32) -> bytes:
     return remember(secrets, name, os.urandom(size))
 
 
-class Launcher:
-    """Starts daemons, each on its own private bus (only one connection may own
-    org.snpd.Snpd1 per bus); stops them (SIGTERM: STOPPING=1, exit 0) and removes
-    everything at teardown."""
-
-    def __init__(self, template: EmulatorTemplate, kds: EmulatedKds) -> None:
-        self.template = template
-        self.kds = kds
-        self.started: List[Tuple[SnpdDaemon, PrivateBus]] = []
-
-    def start(self, config: Optional[Mapping[str, Mapping[str, Any]]] = None,
-              env: Optional[Mapping[str, str]] = None) -> SnpdDaemon:
-        bus = PrivateBus.shipped()
-        try:
-            daemon = SnpdDaemon(bus.address, self.template, self.kds.url, config=config,
-                                env=env)
-        except BaseException:
-            bus.close()
-            raise
-        self.started.append((daemon, bus))
-        return daemon.start()
-
-    def close(self, secrets: Optional[Secrets] = None) -> None:
-        problems = []
-        for daemon, bus in reversed(self.started):
-            try:
-                if daemon.running():
-                    daemon.stop()
-                if secrets is not None:
-                    problems += daemon.find_leaks({**secrets,
-                                                   "chip ID": self.template.chip_id})
-            except AssertionError as exc:
-                problems.append(str(exc))
-            finally:
-                daemon.close()
-                bus.close()
-        self.started.clear()
-        assert not problems, "\n".join(problems)
-
-
 @pytest.fixture
 def launcher(template: EmulatorTemplate, kds: EmulatedKds, secrets: Secrets
              ) -> Iterator[Launcher]:
@@ -165,7 +118,7 @@ def launcher(template: EmulatorTemplate, kds: EmulatedKds, secrets: Secrets
     try:
         yield made
     finally:
-        made.close(secrets)
+        made.close(lambda _daemon: secrets)
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +130,7 @@ def daemon(template: EmulatorTemplate, kds: EmulatedKds, secrets: Secrets
     try:
         yield made.start()
     finally:
-        made.close(secrets)
+        made.close(lambda _daemon: secrets)
 
 
 @pytest.fixture(scope="module")

@@ -30,12 +30,12 @@ import pytest
 from daemonproc import (  # type: ignore[import-not-found]
     EmulatedKds,
     EmulatorTemplate,
+    Launcher,
     SnpdDaemon,
 )
 from dbusbus import (  # type: ignore[import-not-found]
     ATTESTATION,
     REPO_ROOT,
-    PrivateBus,
     call_on,
     connect,
     disconnect,
@@ -59,60 +59,38 @@ BUSY = "org.snpd.Snpd1.Error.Busy"
 Results = List[Dict[str, Any]]
 
 
-@pytest.fixture(scope="module")
-def kds(template: EmulatorTemplate) -> Iterator[EmulatedKds]:
-    server = EmulatedKds(template.directory)
-    yield server
-    server.close()
+def start(daemons: Launcher, queue: Mapping[str, int], latency: float = 0.0) -> SnpdDaemon:
+    config: Dict[str, Dict[str, Any]] = {"queue": dict(queue)}
+    if latency:
+        config["emulator"] = {"latency": latency}
+    return daemons.start(config)
 
 
-class Started:
-    """Daemons on their own shipped-policy buses; all stopped (exit 0) at teardown."""
-
-    def __init__(self, template: EmulatorTemplate, kds: EmulatedKds) -> None:
-        self.template = template
-        self.kds = kds
-        self.started: List[Tuple[SnpdDaemon, PrivateBus]] = []
-
-    def start(self, queue: Mapping[str, int], latency: float = 0.0) -> SnpdDaemon:
-        bus = PrivateBus.shipped()
-        config: Dict[str, Dict[str, Any]] = {"queue": dict(queue)}
-        if latency:
-            config["emulator"] = {"latency": latency}
-        try:
-            daemon = SnpdDaemon(bus.address, self.template, self.kds.url, config=config)
-        except BaseException:
-            bus.close()
-            raise
-        self.started.append((daemon, bus))
-        return daemon.start()
-
-    def close(self) -> None:
-        problems = []
-        for daemon, bus in self.started:
-            try:
-                if daemon.running():
-                    status = daemon.stop()
-                    if status != 0:
-                        problems.append(f"snpd exited with {status}:\n{daemon.diagnostics()}")
-                else:
-                    problems.append(f"snpd had exited under load:\n{daemon.diagnostics()}")
-                # Every load's sample of nonces and keys, against the complete logs.
-                if (daemon.directory / "secrets-dbus.json").exists():
-                    problems += leaks(daemon, self.template.chip_id)[1]
-            finally:
-                daemon.close()
-                bus.close()
-        assert not problems, "\n".join(problems)
+def load_secrets(daemon: SnpdDaemon) -> Dict[str, bytes]:
+    """The nonces and keys the generators wrote down for ``daemon`` (none if no load
+    ran against it)."""
+    secrets: Dict[str, bytes] = {}
+    for transport in ("dbus", "varlink"):
+        path = daemon.directory / f"secrets-{transport}.json"
+        if not path.exists():
+            continue
+        sample = json.loads(path.read_text())
+        secrets.update({f"{transport} nonce #{i}": bytes.fromhex(n)
+                        for i, n in enumerate(sample["nonces"])})
+        secrets.update({f"{transport} {name}": bytes.fromhex(k)
+                        for name, k in sample["keys"].items()})
+    return secrets
 
 
 @pytest.fixture(scope="module")
-def daemons(template: EmulatorTemplate, kds: EmulatedKds) -> Iterator[Started]:
-    made = Started(template, kds)
+def daemons(template: EmulatorTemplate, kds: EmulatedKds) -> Iterator[Launcher]:
+    """Every load's sample of nonces and keys is searched in the complete logs at
+    teardown; a daemon that exited under load is a failure."""
+    made = Launcher(template, kds)
     try:
         yield made
     finally:
-        made.close()
+        made.close(load_secrets, expect_running=True)
 
 
 def load(daemon: SnpdDaemon, *, calls: int = CALLS, greedy: int = GREEDY) -> Results:
@@ -132,13 +110,7 @@ def load(daemon: SnpdDaemon, *, calls: int = CALLS, greedy: int = GREEDY) -> Res
 def leaks(daemon: SnpdDaemon, chip_id: bytes) -> Tuple[int, List[str]]:
     """(secrets searched, where any of them or the chip ID shows up in the daemon's
     journal records or stderr)."""
-    secrets: Dict[str, bytes] = {"chip ID": chip_id}
-    for transport in ("dbus", "varlink"):
-        sample = json.loads((daemon.directory / f"secrets-{transport}.json").read_text())
-        secrets.update({f"{transport} nonce #{i}": bytes.fromhex(n)
-                        for i, n in enumerate(sample["nonces"])})
-        secrets.update({f"{transport} {name}": bytes.fromhex(k)
-                        for name, k in sample["keys"].items()})
+    secrets = {**load_secrets(daemon), "chip ID": chip_id}
     return len(secrets), daemon.find_leaks(secrets)
 
 
@@ -161,9 +133,9 @@ def check_served(results: Results, daemon: SnpdDaemon, calls: int = CALLS) -> No
     assert not daemon.capture.errors
 
 
-def test_64_clients_per_transport_are_served_fairly(daemons: Started,
+def test_64_clients_per_transport_are_served_fairly(daemons: Launcher,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    daemon = daemons.start({"max_pending": 256, "per_client": PER_CLIENT},
+    daemon = start(daemons, {"max_pending": 256, "per_client": PER_CLIENT},
                            latency=FIRMWARE_LATENCY)
     results = load(daemon)
     show(capsys, f"load: {CLIENTS} D-Bus ({GREEDY} greedy, window {WINDOW}) + {CLIENTS} "
@@ -182,10 +154,10 @@ def test_64_clients_per_transport_are_served_fairly(daemons: Started,
 
 
 def test_without_firmware_latency_polite_clients_are_served_alike(
-        daemons: Started, capsys: pytest.CaptureFixture[str]) -> None:
+        daemons: Launcher, capsys: pytest.CaptureFixture[str]) -> None:
     """The emulator answering at once makes the daemon's own CPU the bottleneck:
     the most throughput, and still no failure and no Busy within capacity."""
-    daemon = daemons.start({"max_pending": 256, "per_client": PER_CLIENT})
+    daemon = start(daemons, {"max_pending": 256, "per_client": PER_CLIENT})
     results = load(daemon)
     show(capsys, "load: the same, zero firmware latency", results)
     check_served(results, daemon)
@@ -193,11 +165,11 @@ def test_without_firmware_latency_polite_clients_are_served_alike(
     assert spread(clients(results, greedy=False)) <= FAIRNESS_BOUND
 
 
-def test_beyond_max_pending_the_only_answer_is_busy(daemons: Started,
+def test_beyond_max_pending_the_only_answer_is_busy(daemons: Launcher,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """128 clients against a queue of 16: many Busy answers, every call still served
     once retried, and nothing else goes wrong."""
-    daemon = daemons.start({"max_pending": 16, "per_client": PER_CLIENT},
+    daemon = start(daemons, {"max_pending": 16, "per_client": PER_CLIENT},
                            latency=FIRMWARE_LATENCY)
     calls = max(8, CALLS // 2)
     results = load(daemon, calls=calls, greedy=0)
@@ -218,11 +190,11 @@ def daemon_statistics(daemon: SnpdDaemon) -> Dict[str, int]:
     return stats
 
 
-def test_one_connection_pipelining_gets_busy_beyond_per_client(daemons: Started) -> None:
+def test_one_connection_pipelining_gets_busy_beyond_per_client(daemons: Launcher) -> None:
     """A D-Bus connection may pipeline calls; beyond queue.per_client in flight the
     daemon answers Busy at once, whatever the method (VerifyReport is CPU work that
     no firmware queue meters), and serves the connection again afterwards."""
-    daemon = daemons.start({"max_pending": 64, "per_client": PER_CLIENT})
+    daemon = start(daemons, {"max_pending": 64, "per_client": PER_CLIENT})
 
     async def run() -> Tuple[List[Any], Any]:
         bus = await connect(daemon.bus_address)
@@ -247,14 +219,14 @@ def test_one_connection_pipelining_gets_busy_beyond_per_client(daemons: Started)
     assert after.ok and after.value["valid"].value, after
 
 
-def test_a_bus_that_reads_slowly_does_not_cost_snpd_its_connection(daemons: Started) -> None:
+def test_a_bus_that_reads_slowly_does_not_cost_snpd_its_connection(daemons: Launcher) -> None:
     """128 extended reports answered (5 ms of firmware each) while dbus-daemon is
     stopped: snpd's replies overflow its socket buffer. dbus-fast takes that for a
     broken connection unless snpd's writer waits (snpd/dbus/service.py
     _PatientSocket); then every reply arrives once the bus reads again."""
     from dbus_fast import Variant
 
-    daemon = daemons.start({"max_pending": 256, "per_client": 2}, latency=0.005)
+    daemon = start(daemons, {"max_pending": 256, "per_client": 2}, latency=0.005)
     _, bus = daemons.started[-1]
     extended = (ATTESTATION, "GetExtendedReport", "ayua{sv}",
                 [b"slow bus", 0xFFFFFFFF, {"timeout": Variant("d", 60.0)}])
