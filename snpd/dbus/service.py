@@ -40,6 +40,7 @@ import contextlib
 import contextvars
 import dataclasses
 import inspect
+import io
 import logging
 import os
 import xml.etree.ElementTree as ET
@@ -67,6 +68,8 @@ from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from snpd.dbus import wire
+from snpd.dbus.gate import Gate, Kind, Limits, Refusal, Ticket
 from snpd.errors import DBUS_PREFIX, Busy, Internal, PermissionDenied, SnpdError
 from snpd.service import Caller
 
@@ -80,6 +83,10 @@ INTROSPECTION_FILE = "org.snpd.Snpd1.xml"
 INTERNAL_ERROR = DBUS_PREFIX + "Internal"
 DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"  # the D-Bus spec default
 CREDENTIALS_CACHE_SIZE = 4096
+MAX_MESSAGE = 64 * 1024
+"""The largest message snpd reads: a VerifyReport with a whole chain and CRL is under
+20 KiB; anything larger is skipped unread and answered InvalidArgument."""
+_INVALID_ARGUMENT = DBUS_PREFIX + "InvalidArgument"
 
 _DBUS = "org.freedesktop.DBus"
 _DBUS_PATH = "/org/freedesktop/DBus"
@@ -508,9 +515,11 @@ class ManagerInterface(_Interface):
 
 @dataclasses.dataclass
 class _Incoming:
-    """One method call as dbus-fast received it; claimed by the one coroutine serving it."""
+    """One method call as dbus-fast received it; claimed by the one coroutine serving it.
+    ``ticket``: its admission by the :class:`Gate` (None: not counted yet)."""
 
     message: Any
+    ticket: Optional[Ticket] = None
     claimed: bool = False
 
 
@@ -537,6 +546,17 @@ class CallerIdentity:
         self._known: Dict[str, Caller] = {}
         self._pending: Dict[str, asyncio.Future[Caller]] = {}
         self._vanished: Set[str] = set()
+
+    def known(self, sender: Optional[str]) -> Optional[Caller]:
+        """The cached caller behind ``sender``, without asking the bus."""
+        return self._known.get(sender) if sender else None
+
+    def prefetch(self, sender: str) -> None:
+        """Start learning who ``sender`` is, so that its next calls are counted
+        against its user from the start."""
+        if sender not in self._known and sender not in self._pending:
+            fut = asyncio.ensure_future(self.caller(sender))
+            fut.add_done_callback(_consume)
 
     def cached_names(self) -> List[str]:
         """The unique names whose credentials are cached (for tests and diagnostics)."""
@@ -616,34 +636,31 @@ class CallerIdentity:
 class _Server:
     """Binds one Service to one bus connection: dispatch, properties, signals."""
 
-    def __init__(self, core: ServiceAPI, bus: Any, per_sender: Optional[int] = None) -> None:
+    def __init__(self, core: ServiceAPI, bus: Any, limits: Limits) -> None:
         self.core = core
         self.bus = bus
-        # D-Bus lets one connection pipeline any number of calls, and the bus hands them
-        # to us in arrival order: without a bound, one connection could hold the event
-        # loop (VerifyReport is CPU work that no queue meters) and crowd the others out.
-        # Varlink needs none: it answers one call per connection at a time.
-        self.per_sender = per_sender
-        self.in_flight: Dict[str, int] = {}
         self.identity = CallerIdentity(bus)
         self.interfaces: Dict[str, _Interface] = {
             ATTESTATION: AttestationInterface(self),
             KEYS: KeysInterface(self),
             MANAGER: ManagerInterface(self),
         }
+        methods = {(iface.name, m.name): m.in_signature
+                   for iface in self.interfaces.values() for m in iface.introspect().methods}
+        # D-Bus lets one connection pipeline any number of calls, and the bus hands them
+        # to us in arrival order: the gate bounds what each connection and each user
+        # may have in flight before a message is even unpacked.
+        self.gate = Gate(limits, methods, OBJECT_PATH)
         self.loop = asyncio.get_running_loop()
         self.closed = False
 
     def on_message(self, msg: Any) -> None:
-        """dbus-fast message handler, run for every incoming message before dispatch.
-        Records method calls for :meth:`call` and forgets senders that left the bus.
-        Returns None (never claims a message) and never raises."""
+        """dbus-fast message handler, run for every incoming message before dispatch:
+        forgets senders that left the bus. Returns None (never claims a message) and
+        never raises."""
         try:
-            kind = msg.message_type
-            if kind is MessageType.METHOD_CALL:
-                _INCOMING.set(_Incoming(msg) if msg.path == OBJECT_PATH else None)
-            elif (kind is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
-                  and msg.sender == _DBUS):
+            if (msg.message_type is MessageType.SIGNAL and msg.member == "NameOwnerChanged"
+                    and msg.sender == _DBUS):
                 name, _old, new = msg.body
                 if not new:
                     self.identity.forget(name)
@@ -654,16 +671,16 @@ class _Server:
                    invoke: Callable[[Caller, Dict[str, Any]], Awaitable[_R]],
                    encode: Callable[[_R], _E]) -> _E:
         incoming = _INCOMING.get()
-        sender: Optional[str] = None
+        ticket: Optional[Ticket] = None
         try:
             sender = self._claim(incoming, interface, member)
-            self._admit(sender)
-            try:
-                caller = await self.identity.caller(sender)
-                opts = decode_options(options) if options is not None else {}
-                return encode(await invoke(caller, opts))
-            finally:
-                self._release(sender)
+            ticket = incoming.ticket if incoming is not None else None
+            caller = await self.identity.caller(sender)
+            ticket, refusal = self._count(ticket, sender, caller.uid)
+            if refusal is not None:
+                raise Busy(refusal.text)
+            opts = decode_options(options) if options is not None else {}
+            return encode(await invoke(caller, opts))
         except SnpdError as exc:
             raise DBusError(exc.dbus_name(), str(exc)) from None
         except DBusError:
@@ -672,24 +689,17 @@ class _Server:
             _log.exception("%s.%s failed", interface, member)
             raise DBusError(INTERNAL_ERROR, f"{member} failed inside snpd; the daemon's log "
                                             "has the details") from None
+        finally:
+            if ticket is not None:
+                self.gate.release(ticket)
 
-    def _admit(self, sender: Optional[str]) -> None:
-        if sender is None:
-            return  # refused later: no sender, no caller
-        running = self.in_flight.get(sender, 0)
-        if self.per_sender is not None and running >= self.per_sender:
-            raise Busy(f"this connection already has {running} calls in flight, the most "
-                       f"one client may have (queue.per_client); retry when one is answered")
-        self.in_flight[sender] = running + 1
-
-    def _release(self, sender: Optional[str]) -> None:
-        if sender is None:
-            return
-        left = self.in_flight.get(sender, 0) - 1
-        if left > 0:
-            self.in_flight[sender] = left
-        else:
-            self.in_flight.pop(sender, None)
+    def _count(self, ticket: Optional[Ticket], sender: Optional[str], uid: int
+               ) -> Tuple[Optional[Ticket], Optional[Refusal]]:
+        """The call's admission once its user is known: a ticket from the reader is
+        moved to that user; a call the reader could not classify is admitted now."""
+        if ticket is not None:
+            return self.gate.identified(ticket, uid)
+        return self.gate.admit(sender or "", uid)  # a call without sender has no caller
 
     @staticmethod
     def _claim(incoming: Optional[_Incoming], interface: str, member: str) -> Optional[str]:
@@ -775,6 +785,155 @@ class ServerHandle:
         await self.wait_closed()
 
 
+class _Reader:
+    """Reads the bus socket in dbus-fast's place (see :mod:`snpd.dbus.wire` for why).
+
+    It frames messages with a bounded :class:`~snpd.dbus.wire.Framer`, skips and
+    answers oversized ones, lets the :class:`Gate` admit or refuse method calls
+    before they are unpacked, reduces the flags to what every dbus-fast maps, and
+    only then hands a message to dbus-fast's own dispatch (``_process_message``),
+    which exports, properties and replies keep using. One ``recv`` per wake-up, so
+    a flood on the bus socket cannot hold the event loop. Nothing a peer sends ends
+    the connection: only the socket's end or a stream that is not D-Bus does.
+    """
+
+    def __init__(self, server: _Server, max_message: int,
+                 clock: Callable[[], float]) -> None:
+        self._server = server
+        self._bus = server.bus
+        self._framer = wire.Framer(max_message)
+        self._clock = clock
+        self._sock: Any = self._bus._sock
+        self._fd: int = self._bus._fd
+        self._dropped = 0
+        self._dropped_logged_at: Optional[float] = None
+
+    def install(self) -> None:
+        """Take the socket's read side over from dbus-fast. Fails closed: a dbus-fast
+        without the expected internals is refused rather than run unprotected."""
+        loop = self._server.loop
+        for name in ("_process_message", "_finalize"):
+            if not callable(getattr(self._bus, name, None)):
+                raise Internal(f"this dbus-fast has no MessageBus.{name}: snpd cannot read "
+                               "its bus connection safely")
+        if not isinstance(self._fd, int) or self._sock is None:
+            raise Internal("this dbus-fast exposes no bus socket: snpd cannot read its bus "
+                           "connection safely")
+        if not loop.remove_reader(self._fd):
+            raise Internal("dbus-fast was not reading its bus socket as expected")
+        loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = self._sock.recv(self._framer.wanted())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._bus._finalize(exc)
+            return
+        if not data:
+            self._bus._finalize(EOFError())
+            return
+        try:
+            events = self._framer.feed(data)
+        except wire.WireError as exc:
+            _log.error("the bus sent something that is not D-Bus (%s): closing the "
+                       "connection", exc)
+            self._bus._finalize(exc)
+            return
+        for event in events:
+            try:
+                self._handle(event)
+            except Exception:
+                _log.exception("cannot handle a D-Bus message; it was dropped")
+
+    def _handle(self, event: wire.Event) -> None:
+        header, fields = event.header, event.fields
+        if isinstance(event, wire.Oversized):
+            self._oversized(event)
+            return
+        assert fields is not None and isinstance(event, wire.Frame)
+        if header.type != wire.METHOD_CALL:
+            self._dispatch(event.data, None)
+            return
+        server = self._server
+        sender = fields.sender
+        known = server.identity.known(sender)
+        uid = known.uid if known is not None else None
+        if sender and known is None:
+            server.identity.prefetch(sender)
+        kind = server.gate.classify(fields.path, fields.interface, fields.member,
+                                    fields.signature)
+        if kind is Kind.SERVICE and sender:
+            ticket, refusal = server.gate.admit(sender, uid)
+            if refusal is not None:
+                self._answer(header, fields, refusal.error_name, refusal.text)
+                return
+            self._dispatch(event.data, ticket)
+            return
+        refusal = server.gate.cheap(sender or "", uid, self._clock())
+        if refusal is not None:
+            self._answer(header, fields, refusal.error_name, refusal.text)
+            return
+        self._dispatch(event.data, None)
+
+    def _dispatch(self, data: bytes, ticket: Optional[Ticket]) -> None:
+        try:
+            msg = unmarshal(wire.for_dbus_fast(data))
+        except Exception:
+            if ticket is not None:
+                self._server.gate.release(ticket)
+            raise
+        _INCOMING.set(_Incoming(msg, ticket) if msg.message_type is MessageType.METHOD_CALL
+                      and msg.path == OBJECT_PATH else None)
+        self._bus._process_message(msg)
+
+    def _oversized(self, event: wire.Oversized) -> None:
+        self._dropped += 1
+        now = self._clock()
+        if self._dropped_logged_at is None or now - self._dropped_logged_at >= 60:
+            _log.warning("dropped %d D-Bus message(s) over snpd's limit of %d bytes unread "
+                         "(the latest: %d bytes)", self._dropped, self._framer.max_message,
+                         event.header.total_length)
+            self._dropped = 0
+            self._dropped_logged_at = now
+        if event.fields is not None:
+            self._answer(event.header, event.fields, _INVALID_ARGUMENT,
+                         f"the message has {event.header.total_length} bytes; snpd reads "
+                         f"at most {self._framer.max_message}")
+
+    def _answer(self, header: wire.Header, fields: wire.Fields, error_name: str,
+                text: str) -> None:
+        if not header.expects_reply or not fields.sender:
+            return
+        self._bus.send(Message(message_type=MessageType.ERROR, destination=fields.sender,
+                               reply_serial=header.serial, error_name=error_name,
+                               signature="s", body=[text]))
+
+
+def unmarshal(data: bytes) -> Any:
+    """One whole message as dbus-fast's :class:`Message`, with dbus-fast's own
+    unmarshaller over a stream (its constructor differs between 1.x and 5.x)."""
+    from dbus_fast._private.unmarshaller import Unmarshaller
+
+    stream: Any = io.BytesIO(data)  # dbus-fast only calls its read()
+    make: Any = Unmarshaller
+    try:
+        unmarshaller = make(stream, None, False)
+    except TypeError:
+        unmarshaller = make(stream, None)
+    msg = unmarshaller.unmarshall()
+    if msg is None:
+        raise ValueError("incomplete D-Bus message")
+    return msg
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's outcome so asyncio does not log it as lost."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class _PatientSocket:
     """The bus socket as dbus-fast's writer sees it, with ``send`` reporting a full
     socket buffer as 0 bytes sent instead of raising.
@@ -812,11 +971,13 @@ def _tolerate_a_full_socket(bus: Any) -> None:
 
 
 async def serve(service: ServiceAPI, bus_address: Optional[str] = None, *,
-                per_sender: Optional[int] = None) -> ServerHandle:
+                limits: Optional[Limits] = None, max_message: int = MAX_MESSAGE,
+                clock: Optional[Callable[[], float]] = None) -> ServerHandle:
     """Serve ``service`` as org.snpd.Snpd1 on the system bus, or on ``bus_address``.
 
-    ``per_sender`` bounds the calls one connection may have in flight; beyond it a
-    call is answered ``Busy`` at once (None: no bound).
+    ``limits`` bound the calls in flight per connection, per user and in all, and the
+    rate of cheap calls (:mod:`snpd.dbus.gate`); messages over ``max_message`` bytes
+    are skipped unread and answered InvalidArgument.
 
     Without an address, ``$DBUS_SYSTEM_BUS_ADDRESS`` is used, then the standard
     system bus socket. Must run inside the event loop (dbus-fast 5 creates its bus
@@ -830,7 +991,8 @@ async def serve(service: ServiceAPI, bus_address: Optional[str] = None, *,
     await bus.connect()
     _tolerate_a_full_socket(bus)
     try:
-        server = _Server(service, bus, per_sender)
+        server = _Server(service, bus, limits or Limits())
+        _Reader(server, max_message, clock or server.loop.time).install()
         bus.add_message_handler(server.on_message)
         reply = await bus.call(Message(destination=_DBUS, path=_DBUS_PATH, interface=_DBUS,
                                        member="AddMatch", signature="s",

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import dbusbus
 
 from snpd import errors
+from snpd.dbus.gate import Limits
 from snpd.dbus.service import (
     ATTESTATION,
     MANAGER,
@@ -227,7 +228,10 @@ async def run_server(address: str, report_gid: int, key_gid: int) -> int:
     fake = FakeService(Access(report_gids=frozenset({report_gid}),
                               key_gids=frozenset({key_gid})))
     try:
-        handle: ServerHandle = await serve(fake, address or None)
+        # Loose bounds: these tests pipeline 32 first calls on one connection; the
+        # daemon's own bounds are tested through the daemon (test_attack_dbus.py).
+        handle: ServerHandle = await serve(fake, address or None,
+                                           limits=Limits(per_connection=64))
     except errors.SnpdError as exc:
         print(f"ERROR {exc.kind}: {exc}", flush=True)
         return 3

@@ -199,17 +199,27 @@ def test_outsider_cannot_get_around_the_policy(strict: Any) -> None:
     assert replies[1].ok
 
 
-def test_everyone_may_introspect_ping_and_read_properties(strict: Any) -> None:
-    calls = [
-        ("org.freedesktop.DBus.Introspectable", "Introspect", "", []),
-        ("org.freedesktop.DBus.Peer", "Ping", "", []),
-        (PROPERTIES, "Get", "ss", [ATTESTATION, "State"]),
-        (PROPERTIES, "GetAll", "s", [MANAGER]),
-    ]
-    replies = calls_as("snpd-test-outsider", strict.address, calls)
+_CHEAP_CALLS = [
+    ("org.freedesktop.DBus.Introspectable", "Introspect", "", []),
+    ("org.freedesktop.DBus.Peer", "Ping", "", []),
+    (PROPERTIES, "Get", "ss", [ATTESTATION, "State"]),
+    (PROPERTIES, "GetAll", "s", [MANAGER]),
+]
+
+
+@pytest.mark.parametrize("user", ["snpd-test-user", "snpd-test-keys"])
+def test_members_may_introspect_ping_and_read_properties(strict: Any, user: str) -> None:
+    replies = calls_as(user, strict.address, _CHEAP_CALLS)
     assert [outcome(r) for r in replies] == [OK] * 4
     assert introspection_diff(CHECKED_IN_XML.read_text(), replies[0].value) == []
     assert replies[2].value.value == "ready"
+
+
+def test_outsiders_cannot_reach_snpd_at_all(strict: Any) -> None:
+    """Every method needs a group, and every message costs the daemon: the bus
+    refuses an outsider's Introspect, Ping and Properties before snpd reads them."""
+    replies = calls_as("snpd-test-outsider", strict.address, _CHEAP_CALLS)
+    assert [outcome(r) for r in replies] == ["bus"] * 4
 
 
 def test_busctl_calls_get_report_as_root(strict: Any) -> None:
