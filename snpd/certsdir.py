@@ -71,7 +71,9 @@ def write_certs_dir(directory: Union[str, os.PathLike[str]], certs: CertificateS
         path = root / f"{kind}.{encoding}"
         data = item.to_pem().encode() if encoding == "pem" else item.der
         try:
-            atomic_write(path, data)
+            # The named directory is followed as given (it may be a symlink of the
+            # caller's); nothing planted in it is (files.atomic_write).
+            atomic_write(path, data, within=root)
         except OSError as exc:
             raise CertsDirError(f"cannot write {path}: {exc.strerror or exc}") from exc
         written.append(path)

@@ -62,8 +62,10 @@ def cmd_kds(args: argparse.Namespace, out: TextIO) -> int:
     with server:
         print(f"emulated KDS for {state.config.product} at {server.url} "
               f"(emulator {state.state_dir})", file=out, flush=True)
-        if args.url_file:
-            Path(args.url_file).write_text(server.url + "\n")
+        if args.url_file:  # whole or absent for a poller, and no link followed
+            from snpd.files import atomic_write
+
+            atomic_write(Path(args.url_file), (server.url + "\n").encode())
         stop.wait()
     return 0
 

@@ -43,6 +43,17 @@ def _path(name: str) -> Any:
     return Path(name)
 
 
+def _write(name: str, data: bytes, mode: int = 0o644) -> None:
+    """Write a file the user named, as that user, with files.atomic_write: a reader
+    never sees half of it, and no link planted in the directory is followed. The
+    directory the user named is the one exception: it is followed even if it is a
+    symlink, because it is the user's own choice."""
+    from snpd.files import atomic_write
+
+    path = _path(name)
+    atomic_write(path, data, mode, within=path.parent)
+
+
 class UsageError(SnpdError):
     kind = "InvalidArgument"
     exit_code = EXIT_USAGE
@@ -442,11 +453,9 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
         vmpl = parse_vmpl(report)
     finally:
         device.close()
-    from snpd.files import atomic_write
-
     if args.random:
-        atomic_write(_path(args.request_file), data)
-    atomic_write(_path(args.report_file), report)
+        _write(args.request_file, data)
+    _write(args.report_file, report)
     out.json({"report": args.report_file, "request": args.request_file, "vmpl": vmpl,
               "backend": device.name, "size": len(report)})
     out.result(f"wrote {args.report_file} ({len(report)} bytes, VMPL {vmpl}, "
@@ -506,9 +515,7 @@ def cmd_key(args: argparse.Namespace, out: Output) -> int:
         key = device.derived_key(request)
     finally:
         device.close()
-    from snpd.files import atomic_write
-
-    atomic_write(_path(args.key_file), key, mode=0o600)
+    _write(args.key_file, key, mode=0o600)
     out.json({"key_file": args.key_file, "root_key": args.root_key, "vmpl": vmpl,
               "via": device.name,
               "guest_field_select": args.guest_field_select, "fields": list(request.fields)})
@@ -570,15 +577,13 @@ def cmd_cache(args: argparse.Namespace, out: Output) -> int:
 def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
     import os
 
-    from snpd.files import atomic_write
-
     if args.nonce_file:
         nonce = read_file(args.nonce_file, "nonce file", limit=64)
     else:
         nonce = os.urandom(32)
     with _client(args) as client:
         media_type, evidence = client.get_evidence(args.format, nonce)
-    atomic_write(_path(args.file), evidence)
+    _write(args.file, evidence)
     out.json({"file": args.file, "format": args.format, "media_type": media_type,
               "size": len(evidence)})
     out.result(f"wrote {args.file} ({len(evidence)} bytes, {media_type})")

@@ -576,8 +576,11 @@ class EmulatorState:
 
 @contextlib.contextmanager
 def _locked(state_dir: Path) -> Iterator[None]:
-    """One process at a time creates or repairs a state directory."""
-    fd = os.open(state_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    """One process at a time creates or repairs a state directory. O_NOFOLLOW: root may
+    run this on the daemon's state directory, where user snpd could plant a link that
+    O_CREAT would otherwise follow to create or open a file anywhere."""
+    fd = os.open(state_dir / ".lock",
+                 os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -644,8 +647,8 @@ class _Loader:
         chain = pki.make_chain(self.product, now=self.now, rsa_bits=self.rsa_bits)
         for name, key in (("ark", chain.ark_key), ("ask", chain.ask_key),
                           ("asvk", chain.asvk_key)):
-            atomic_write(self.keys_dir / f"{name}.key", _pem_key(key), mode=0o600)
-        atomic_write(self.dir / "secrets.json", _json(found.to_json()), mode=0o600)
+            self._write(self.keys_dir / f"{name}.key", _pem_key(key), mode=0o600)
+        self._write(self.dir / "secrets.json", _json(found.to_json()), mode=0o600)
         self._chain = chain
         identity = chip_id_from_seed(found.chip_seed)
         chip = self.config.chip_id or report_chip_id(self.product, identity)
@@ -655,7 +658,7 @@ class _Loader:
         vlek_key, vlek = self._issue_vlek(found)
         crl = self._issue_crl()
         # Written last: its presence says the rest is complete.
-        atomic_write(self.dir / "emulator.json", _json({
+        self._write(self.dir / "emulator.json", _json({
             "format": _FORMAT, "chip_id": identity.hex(),
             "created": self.now.isoformat()}))
         state = EmulatorState(self.config, self.dir, chain.ark, chain.ask, chain.asvk,
@@ -744,14 +747,20 @@ class _Loader:
     def _issue_crl(self) -> Crl:
         crl = pki.make_crl(self.chain(), now=self.now,
                            next_update=self.now + datetime.timedelta(days=CRL_DAYS))
-        atomic_write(self.certs_dir / "crl.der", crl.der)
+        self._write(self.certs_dir / "crl.der", crl.der)
         return crl
 
     # -- files ----------------------------------------------------------------
 
+    def _write(self, path: Path, data: bytes, mode: int = 0o644) -> None:
+        """files.atomic_write inside the state directory, which is followed as
+        configured. A link below it is refused: root may run this on the daemon's
+        directory, where user snpd could plant one."""
+        atomic_write(path, data, mode, within=self.dir)
+
     def _write_cert(self, name: str, cert: Certificate) -> None:
         self.certs_dir.mkdir(mode=0o755, exist_ok=True)
-        atomic_write(self.certs_dir / f"{name}.pem", cert.to_pem().encode())
+        self._write(self.certs_dir / f"{name}.pem", cert.to_pem().encode())
 
     def _read_cert(self, name: str) -> Optional[Certificate]:
         try:
