@@ -13,9 +13,34 @@ tests hold it to an independent client.
 Shape of a connection: calls are read and answered strictly in order (varlink
 clients may pipeline; replies must keep the calls' order), one at a time, so a
 connection holds at most one request in the broker. Different connections run
-concurrently. The server limits the number of connections (in total and per
-uid), closes connections that stay idle, and never lets one connection's bad
-input or a bug in a method affect another.
+concurrently, and one connection's bad input or a bug in a method never affects
+another.
+
+What a local user can make the daemon hold is bounded per uid, not only per
+connection, because a user can open as many connections as it likes:
+
+- connections: at most ``max_connections_per_uid`` per uid and
+  ``max_connections`` in all; root is held to neither cap but to the total plus
+  ``root_reserved_connections``, so that other users filling the server never
+  lock the operator out. A refused connection is closed unanswered and logged
+  at most once per ``LOG_INTERVAL`` per uid, with the count of those left out.
+- buffered input: the bytes of messages not yet complete (and of the one being
+  served) count against the uid's ``max_buffer_bytes_per_uid`` and everyone's
+  ``max_buffer_bytes`` (root: the total plus ``root_reserved_buffer_bytes``),
+  on top of each connection's ``max_message``. The accounting comes *before*
+  the bytes are read: nothing is taken from the kernel until a connection is
+  readable and then no more than the budgets have room for. That is why the
+  server reads raw non-blocking sockets (``loop.sock_accept``, ``recv``,
+  ``loop.sock_sendall``) rather than asyncio streams, whose transports read
+  ahead into a StreamReader buffer of their own (up to twice its ``limit`` plus
+  a 256 KiB recv, per connection) that no budget would see. A connection that
+  would go over its uid's (or the global) budget is answered
+  ``org.snpd.Manager.Busy`` and closed; other users' connections go on.
+- time: between messages a connection may stay silent ``idle_timeout``
+  seconds; once the first byte of a message has arrived, the whole message must
+  arrive within ``message_timeout`` seconds (a deadline, not a per-read
+  timeout, so that a byte now and then cannot hold a connection and its
+  buffer forever).
 """
 
 from __future__ import annotations
@@ -30,7 +55,7 @@ import os
 import socket
 import stat
 import struct
-import sys
+import time
 from typing import (
     Any,
     Awaitable,
@@ -75,7 +100,13 @@ from snpd.varlink.protocol import (
 
 INTERFACES = ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Manager")
 TRANSPORT = "varlink"
-READ_CHUNK = 1 << 16
+READ_CHUNK = 1 << 16  # the most one recv() takes in; the budgets may allow less
+ROOT_UID = 0
+LOG_INTERVAL = 10.0  # seconds between two log lines of one kind about one uid
+ACCEPT_RETRY = 1.0  # seconds to wait after accept() failed (out of descriptors, say)
+# The error for input over a byte budget. The message's interface is not known
+# before the message is complete, so the daemon-wide interface names it.
+BUSY_ERROR = "org.snpd.Manager.Busy"
 LISTEN_BACKLOG = 128
 SD_LISTEN_FDS_START = 3
 ACTIVATION_NAME = "varlink"  # FileDescriptorName= in snpd.socket
@@ -155,7 +186,8 @@ class ServiceLike(Protocol):
 
     async def refresh_certificates(self, caller: Caller) -> None: ...
 
-    def properties(self) -> Dict[str, Dict[str, object]]: ...
+    def properties(self, caller: Optional[Caller] = None) -> Dict[str, Dict[str, object]]:
+        ...
 
 
 Params = Dict[str, Any]
@@ -281,12 +313,17 @@ def remove_stale_socket(path: str) -> None:
 
 def bind_socket(path: str, mode: int = 0o660) -> socket.socket:
     """A listening socket at ``path`` with ``mode``, set before listen() so nobody
-    connects through a wider mode in between."""
+    connects through a wider mode in between. The mode is set without following a
+    link (files.chmod_own): when root runs the daemon on a directory another user can
+    write, that user could swap a symlink in for the socket between bind() and the
+    chmod, and a plain os.chmod would change the mode of the link's target."""
+    from snpd.files import chmod_own
+
     remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(path)
-        os.chmod(path, mode)
+        chmod_own(path, mode, stat.S_IFSOCK)
         sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except BaseException:
@@ -364,14 +401,126 @@ def peer_credentials(sock: Any) -> PeerCredentials:
 # -- the server ------------------------------------------------------------------------------
 
 
+class _Quota:
+    """Units of one resource (connections, buffered bytes) held per uid, under a
+    per-uid cap and a global cap, with a reserve above the global cap for root.
+
+    root is held to the global cap plus its reserve only, not to the per-uid cap:
+    it is the operator, and the reserve is what still serves it once other users
+    have taken everything they may. The server's mutable bookkeeping, not a value.
+    """
+
+    def __init__(self, per_uid: int, total: int, root_reserve: int, *,
+                 per_uid_key: str, total_key: str) -> None:
+        if per_uid < 1 or total < 1 or root_reserve < 0:
+            raise ValueError(f"{per_uid_key} and {total_key} must be positive, "
+                             "root's reserve not negative")
+        self.per_uid = per_uid
+        self.total = total
+        self.root_reserve = root_reserve
+        self.per_uid_key = per_uid_key
+        self.total_key = total_key
+        self.used = 0
+        self._held: Dict[int, int] = {}
+
+    def held(self, uid: int) -> int:
+        return self._held.get(uid, 0)
+
+    def room(self, uid: int) -> int:
+        """How many more units ``uid`` may take now."""
+        if uid == ROOT_UID:
+            return max(0, self.total + self.root_reserve - self.used)
+        return max(0, min(self.per_uid - self.held(uid), self.total - self.used))
+
+    def add(self, uid: int, amount: int) -> None:
+        """Take (``amount`` > 0) or give back (< 0) units; callers check room() first."""
+        held = self.held(uid) + amount
+        if held < 0:
+            raise AssertionError(f"uid {uid} gives back more than it holds")
+        if held:
+            self._held[uid] = held
+        else:
+            self._held.pop(uid, None)
+        self.used += amount
+
+    def binding(self, uid: int) -> str:
+        """The configuration key of the cap that leaves ``uid`` no room."""
+        if uid != ROOT_UID and self.held(uid) >= self.per_uid:
+            return self.per_uid_key
+        return self.total_key
+
+    def describe(self, uid: int) -> str:
+        """For the log: what ``uid`` and everyone hold, and the caps."""
+        reserve = f" (+ {self.root_reserve} for root)" if self.root_reserve else ""
+        return (f"uid {uid} holds {self.held(uid)}, all {self.used}; "
+                f"{self.per_uid_key} = {self.per_uid}, {self.total_key} = {self.total}{reserve}")
+
+
+class _LogLimiter:
+    """At most one log line per ``interval`` seconds for each (event, uid); the
+    next line that passes says how many were left out. One user refused
+    thousands of times a second must not flood the journal, whose own rate
+    limit would then drop everyone else's lines too."""
+
+    MAX_KEYS = 1024  # beyond it, expired keys are dropped, then everyone shares one
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: Dict[Tuple[str, int], float] = {}
+        self._suppressed: Dict[Tuple[str, int], int] = {}
+
+    def admit(self, event: str, uid: int) -> Optional[int]:
+        """None to leave this line out; else the number left out since the last one."""
+        now = self.clock()
+        key = (event, uid)
+        if key not in self._last and len(self._last) >= self.MAX_KEYS:
+            self._prune(now)
+            if len(self._last) >= self.MAX_KEYS:
+                key = (event, -1)
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, t in self._last.items() if now - t >= self.interval]:
+            del self._last[key]
+            self._suppressed.pop(key, None)
+
+
 class _Connection:
     """One client connection's mutable bookkeeping (the server's, not a value)."""
 
-    def __init__(self, number: int, caller: Caller, task: asyncio.Task[None]) -> None:
+    def __init__(self, number: int, caller: Caller, sock: socket.socket) -> None:
         self.number = number
         self.caller = caller
-        self.task = task
+        self.sock = sock
+        self.task: Optional[asyncio.Task[None]] = None
         self.busy = False
+        self.buffered = 0  # bytes charged to the caller's uid in the buffer budget
+        # When the first byte of the message being read arrived (None between messages).
+        self.message_started: Optional[float] = None
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+async def _readable(sock: socket.socket) -> None:
+    """Until ``sock`` has something to read (bytes, EOF or an error), reading none
+    of it: how much to take is decided afterwards, against the budgets."""
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_reader(fd, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        loop.remove_reader(fd)
 
 
 def _snpd_error(interface: str, exc: SnpdError) -> bytes:
@@ -401,7 +550,9 @@ class VarlinkServer:
 
     ``await bind(path)`` or ``await adopt(sock)`` (socket activation), any number
     of times; ``await close()`` stops accepting, lets calls in flight finish and
-    answers them, then closes every connection.
+    answers them, then closes every connection. The bounds are the module
+    docstring's. Tests replace ``clock`` (monotonic seconds: message deadlines,
+    log rate limits) and ``credentials`` (who a connected socket's peer is).
     """
 
     def __init__(
@@ -413,26 +564,44 @@ class VarlinkServer:
         version: str = __version__,
         url: str = "",
         max_connections: int = 256,
-        max_connections_per_uid: int = 64,
+        max_connections_per_uid: int = 32,
+        root_reserved_connections: int = 16,
+        max_buffer_bytes: int = 32 << 20,
+        max_buffer_bytes_per_uid: int = 4 << 20,
+        root_reserved_buffer_bytes: int = 4 << 20,
         idle_timeout: float = 60.0,
+        message_timeout: float = 10.0,
         max_message: int = MAX_MESSAGE,
         logger: Optional[logging.Logger] = None,
+        clock: Callable[[], float] = time.monotonic,
+        credentials: Callable[[socket.socket], PeerCredentials] = peer_credentials,
     ) -> None:
+        if not idle_timeout > 0 or not message_timeout > 0:
+            raise ValueError("idle_timeout and message_timeout must be positive")
         self.service = service
         self.info = {"vendor": vendor, "product": product, "version": version, "url": url,
                      "interfaces": [SERVICE_INTERFACE, *INTERFACES]}
-        self.max_connections = max_connections
-        self.max_connections_per_uid = max_connections_per_uid
+        self.slots = _Quota(max_connections_per_uid, max_connections, root_reserved_connections,
+                            per_uid_key="varlink.max_connections_per_uid",
+                            total_key="varlink.max_connections")
+        self.buffers = _Quota(max_buffer_bytes_per_uid, max_buffer_bytes,
+                              root_reserved_buffer_bytes,
+                              per_uid_key="varlink.max_buffer_bytes_per_uid",
+                              total_key="varlink.max_buffer_bytes")
         self.idle_timeout = idle_timeout
+        self.message_timeout = message_timeout
         self.max_message = max_message
+        self.clock = clock
+        self.credentials = credentials
         self.log = logger or logging.getLogger(__name__)
+        self._log_limiter = _LogLimiter(LOG_INTERVAL, clock)
         self.descriptions = {SERVICE_INTERFACE: SERVICE_DESCRIPTION}
         package = importlib.resources.files(__package__ or "snpd.varlink")
         for name in INTERFACES:
             self.descriptions[name] = package.joinpath(f"{name}.varlink").read_text(
                 encoding="utf-8")
         self.methods: Dict[str, Method] = self._method_table()
-        self._servers: List[asyncio.AbstractServer] = []
+        self._listeners: List[Tuple[socket.socket, asyncio.Task[None]]] = []
         self._bound: List[Tuple[str, int, int]] = []  # path, st_dev, st_ino
         self._connections: Dict[int, _Connection] = {}
         self._accepted = 0
@@ -450,16 +619,15 @@ class VarlinkServer:
         await self.adopt(sock)
 
     async def adopt(self, sock: socket.socket) -> None:
-        """Serve on an already listening socket (socket activation); takes ownership."""
+        """Serve on an already listening socket (socket activation); takes ownership.
+        Closing it later leaves its file alone: an activated socket's file is
+        systemd's (the next start needs it), and close() removes what bind() made."""
         if self._closing:
             sock.close()
             raise RuntimeError("the server is closed")
-        # Python 3.13 unlinks the socket's path when the server closes; an activated
-        # socket's file belongs to systemd (the next start needs it), and bind()
-        # removes its own file in close().
-        extra: Dict[str, Any] = {"cleanup_socket": False} if sys.version_info >= (3, 13) else {}
-        server = await asyncio.start_unix_server(self._accepted_cb, sock=sock, **extra)
-        self._servers.append(server)
+        sock.setblocking(False)
+        task = asyncio.get_running_loop().create_task(self._accept_loop(sock))
+        self._listeners.append((sock, task))
 
     @property
     def connections(self) -> int:
@@ -470,21 +638,22 @@ class VarlinkServer:
         seconds, if given) and send their replies; close every connection; remove
         the socket files this server bound."""
         self._closing = True
-        for server in self._servers:
-            server.close()
+        for _, task in self._listeners:
+            task.cancel()
+        await asyncio.gather(*(task for _, task in self._listeners), return_exceptions=True)
+        for sock, _ in self._listeners:
+            sock.close()
+        self._listeners.clear()
         for conn in list(self._connections.values()):
-            if not conn.busy:
+            if not conn.busy and conn.task is not None:
                 conn.task.cancel()
-        tasks = [conn.task for conn in self._connections.values()]
+        tasks = [conn.task for conn in self._connections.values() if conn.task is not None]
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
         for path, dev, ino in self._bound:
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
@@ -492,56 +661,90 @@ class VarlinkServer:
                     os.unlink(path)
         self._bound.clear()
 
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        """Accept and admit (or refuse) connections until cancelled. Each wake-up
+        drains the backlog, as asyncio's own servers do: while it is full, a
+        client's non-blocking connect() fails at once with EAGAIN, so a flood of
+        connections must not keep it full."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+                self._admit(sock)
+                for _ in range(LISTEN_BACKLOG):
+                    sock, _ = listener.accept()
+                    sock.setblocking(False)
+                    self._admit(sock)
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: wait for some to free
+                self._log_limited(logging.ERROR, "accept", -1,
+                                  "varlink: accept failed: %s; retrying", exc)
+                await asyncio.sleep(ACCEPT_RETRY)
+
     # -- connections ------------------------------------------------------------------------
 
-    def _accepted_cb(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Runs synchronously in connection_made, so the connection is tracked from
-        its first moment and close() cannot miss it."""
+    def _log_limited(self, level: int, event: str, uid: int, message: str,
+                     *args: object) -> None:
+        """``self.log.log`` at most once per LOG_INTERVAL per (event, uid); never
+        pass it anything the client sent."""
+        left_out = self._log_limiter.admit(event, uid)
+        if left_out is None:
+            return
+        if left_out:
+            message += "; %d similar suppressed in the last %g s"
+            args += (left_out, LOG_INTERVAL)
+        self.log.log(level, message, *args)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Track a new connection at once (so close() cannot miss it), or refuse it
+        by closing it unanswered when its uid's share or the server is full."""
         if self._closing:
-            writer.close()
+            sock.close()
             return
         try:
-            creds = peer_credentials(writer.get_extra_info("socket"))
+            creds = self.credentials(sock)
         except (OSError, struct.error) as exc:
-            self.log.warning("varlink: cannot read peer credentials: %s", exc)
-            writer.close()
+            self._log_limited(logging.WARNING, "credentials", -1,
+                              "varlink: cannot read peer credentials: %s", exc)
+            sock.close()
             return
-        same_uid = sum(1 for c in self._connections.values() if c.caller.uid == creds.uid)
-        if (len(self._connections) >= self.max_connections
-                or same_uid >= self.max_connections_per_uid):
-            self.log.warning("varlink: too many connections; refusing uid %d pid %d",
-                             creds.uid, creds.pid)
-            writer.close()
+        if self.slots.room(creds.uid) < 1:
+            self._log_limited(logging.WARNING, "refused", creds.uid,
+                              "varlink: too many connections; refusing uid %d pid %d (%s)",
+                              creds.uid, creds.pid, self.slots.describe(creds.uid))
+            sock.close()
             return
+        self.slots.add(creds.uid, 1)
         self._accepted += 1
         number = self._accepted
         caller = Caller(uid=creds.uid, gids=creds.groups, pid=creds.pid,
                         transport=TRANSPORT, peer=f"varlink#{number}")
-        task = asyncio.get_running_loop().create_task(self._serve(number, reader, writer))
-        self._connections[number] = _Connection(number, caller, task)
+        conn = _Connection(number, caller, sock)
+        self._connections[number] = conn
+        conn.task = asyncio.get_running_loop().create_task(self._serve(conn))
 
-    async def _serve(self, number: int, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-        conn = self._connections[number]
+    def _charge(self, conn: _Connection, buffered: int) -> None:
+        """Set what ``conn`` holds in its uid's buffer budget."""
+        self.buffers.add(conn.caller.uid, buffered - conn.buffered)
+        conn.buffered = buffered
+
+    async def _serve(self, conn: _Connection) -> None:
         framer = Framer(self.max_message)
         try:
             while True:
                 try:
                     message = framer.next_message()
                 except ProtocolError as exc:
-                    self.log.info("varlink: %s: %s; closing", conn.caller.describe(),
-                                  exc.reason)
-                    await self._write(writer, exc.encode())
+                    self._log_limited(logging.INFO, "protocol", conn.caller.uid,
+                                      "varlink: %s: %s; closing", conn.caller.describe(),
+                                      exc.reason)
+                    await self._write(conn.sock, exc.encode())
                     return
                 if message is None:
                     if self._closing:
                         return
-                    try:
-                        data = await asyncio.wait_for(reader.read(READ_CHUNK),
-                                                      self.idle_timeout)
-                    except asyncio.TimeoutError:
-                        self.log.debug("varlink: %s idle; closing", conn.caller.describe())
-                        return
+                    data = await self._receive(conn, framer.pending)
                     if not data:
                         return
                     framer.feed(data)
@@ -550,24 +753,74 @@ class VarlinkServer:
                 try:
                     reply, fatal = await self._handle(conn.caller, message)
                     if reply is not None:
-                        await self._write(writer, reply)
+                        await self._write(conn.sock, reply)
                 finally:
                     conn.busy = False
+                del message
+                self._charge(conn, framer.pending)
+                conn.message_started = None
                 if fatal or self._closing:
                     return
         except (ConnectionError, asyncio.TimeoutError):
             pass  # the peer went away, or stopped reading its replies
         except Exception:
-            self.log.exception("varlink: connection %d failed", number)
+            self.log.exception("varlink: connection %d failed", conn.number)
         finally:
-            del self._connections[number]
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            del self._connections[conn.number]
+            self.slots.add(conn.caller.uid, -1)
+            self._charge(conn, 0)
+            conn.sock.close()
 
-    async def _write(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        writer.write(data)
-        await asyncio.wait_for(writer.drain(), self.idle_timeout)
+    async def _receive(self, conn: _Connection, pending: int) -> Optional[bytes]:
+        """The next bytes of ``conn`` (``pending`` are buffered already), or None to
+        close it: the peer is done, stayed idle, missed the message deadline or
+        would go over a budget (then it is told Busy first)."""
+        caller = conn.caller
+        while True:
+            if not pending:
+                conn.message_started = None
+                timeout = self.idle_timeout
+            else:
+                if conn.message_started is None:  # what is left after pipelined calls
+                    conn.message_started = self.clock()
+                timeout = conn.message_started + self.message_timeout - self.clock()
+                if timeout <= 0:
+                    self._log_limited(logging.INFO, "deadline", caller.uid,
+                                      "varlink: %s sent %d bytes of a message but not "
+                                      "the rest within %g s; closing", caller.describe(),
+                                      pending, self.message_timeout)
+                    return None
+            try:
+                await asyncio.wait_for(_readable(conn.sock), timeout)
+            except asyncio.TimeoutError:
+                if not pending:
+                    self.log.debug("varlink: %s idle; closing", caller.describe())
+                    return None
+                continue  # the deadline, reported above
+            room = min(READ_CHUNK, self.max_message + 1 - pending,
+                       self.buffers.room(caller.uid))
+            if room < 1:
+                self._log_limited(logging.WARNING, "buffer", caller.uid,
+                                  "varlink: %s would buffer more bytes than allowed (%s); "
+                                  "closing", caller.describe(),
+                                  self.buffers.describe(caller.uid))
+                await self._write(conn.sock, encode_error(BUSY_ERROR, {
+                    "message": "the daemon buffers no more varlink input now "
+                               f"({self.buffers.binding(caller.uid)}); retry later"}))
+                return None
+            try:
+                data = conn.sock.recv(room)
+            except (BlockingIOError, InterruptedError):
+                continue
+            if data:
+                self._charge(conn, conn.buffered + len(data))
+                if not pending:
+                    conn.message_started = self.clock()
+            return data
+
+    async def _write(self, sock: socket.socket, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait_for(loop.sock_sendall(sock, data), self.idle_timeout)
 
     async def _handle(self, caller: Caller, message: bytes) -> Tuple[Optional[bytes], bool]:
         """One message in, (reply or None for oneway, close-after) out; never raises
@@ -706,7 +959,7 @@ class VarlinkServer:
         return {}
 
     async def _get_properties(self, caller: Caller, p: Params) -> Params:
-        return {"properties": to_json(self.service.properties())}
+        return {"properties": to_json(self.service.properties(caller))}
 
 
 def _default(value: Optional[int], default: int) -> int:

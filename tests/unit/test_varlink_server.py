@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import functools
 import json
 import os
 import socket
@@ -24,7 +26,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import pytest
 import varlink  # type: ignore[import-untyped]  # the independent client, test-only
 
-from snpd import errors
+from snpd import __version__, errors
 from snpd.service import DEFAULT_VMPL, Caller
 from snpd.varlink import client as vclient
 from snpd.varlink import server as vserver
@@ -115,7 +117,7 @@ class FakeService:
     async def refresh_certificates(self, caller: Caller) -> None:
         await self._record("refresh_certificates", caller)
 
-    def properties(self) -> Dict[str, Dict[str, object]]:
+    def properties(self, caller: Optional[Caller] = None) -> Dict[str, Dict[str, object]]:
         if self.fail is not None:
             raise self.fail
         return {"org.snpd.Snpd1.Attestation": {"Backend": "emulator", "Vmpl": 0,
@@ -137,6 +139,7 @@ class Harness:
         self.thread.start()
         self.server = VarlinkServer(service, url="https://example.invalid/snpd", **options)
         self.closed = False
+        self.opened: List[socket.socket] = []  # raw client sockets, closed by stop()
         try:
             self.run(self.server.bind(self.path))
         except BaseException:
@@ -160,6 +163,8 @@ class Harness:
             self.run(self.server.close(timeout=WAIT))
 
     def stop(self) -> None:
+        for sock in self.opened:
+            sock.close()
         try:
             self.close_server()
         finally:
@@ -272,7 +277,7 @@ def call_message(method: str, parameters: Optional[Dict[str, Any]] = None, **fla
 
 def test_get_info(client: VarlinkClient, independent: Independent) -> None:
     info = client.call("org.varlink.service.GetInfo")
-    assert info == {"vendor": "snpd", "product": "snpd", "version": "0.1.0",
+    assert info == {"vendor": "snpd", "product": "snpd", "version": __version__,
                     "url": "https://example.invalid/snpd",
                     "interfaces": ["org.varlink.service", *SNPD_INTERFACES]}
     assert independent.client.get_interfaces() == info["interfaces"]
@@ -857,7 +862,7 @@ def test_socket_activation_in_a_real_process(short_dir: str) -> None:
 
 
 def test_connection_limits(make_harness: Callable[..., Harness]) -> None:
-    h = make_harness(max_connections=2, max_connections_per_uid=2)
+    h = make_harness(max_connections=2, max_connections_per_uid=2, root_reserved_connections=0)
     with VarlinkClient(h.path, timeout=WAIT) as one, VarlinkClient(h.path, timeout=WAIT) as two:
         one.call("org.varlink.service.GetInfo")
         two.call("org.varlink.service.GetInfo")
@@ -961,3 +966,272 @@ def test_client_module_imports_only_what_snpctl_can_afford() -> None:
     for heavy in ("asyncio", "dataclasses", "cryptography", "dbus_fast", "snpd.service", "socket",
                   "snpd.varlink.protocol", "snpd.varlink.server", "inspect"):
         assert heavy not in modules, heavy
+
+
+# -- per-uid bounds: connections, buffered bytes, message deadline (issue 10) -------------------
+#
+# The uid of a test connection is chosen by the test: the client binds its socket to an
+# abstract address naming the uid, and the server is given credentials() that read it
+# back (unbound clients get their real credentials). No test here asserts a duration:
+# deadlines run on a FakeClock, or on short timeouts whose only effect checked is a close.
+
+KIB = 1024
+
+
+class FakeClock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def credentials_from_address(sock: socket.socket) -> vserver.PeerCredentials:
+    """The uid a test client named in its abstract address (``connect_as``)."""
+    name = sock.getpeername()
+    if isinstance(name, bytes) and name.startswith(b"\0snpd-test-uid/"):
+        uid = int(name.split(b"/")[1])
+        return vserver.PeerCredentials(pid=os.getpid(), uid=uid, gid=uid, groups=frozenset({uid}))
+    return vserver.peer_credentials(sock)
+
+
+def connect_as(path: str, uid: int) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0snpd-test-uid/{uid}/{os.urandom(8).hex()}".encode())
+        sock.settimeout(WAIT)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def next_reply(sock: socket.socket) -> Optional[Dict[str, Any]]:
+    """The next reply on ``sock``, or None once the server has closed it."""
+    data = b""
+    while not data.endswith(b"\0"):
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return None
+        data += chunk
+    reply: Dict[str, Any] = json.loads(data[:-1])
+    return reply
+
+
+def served(sock: socket.socket) -> bool:
+    """True if a GetInfo on ``sock`` is answered, False if the server closed it."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(call_message("org.varlink.service.GetInfo"))
+    return next_reply(sock) is not None
+
+
+def sized_call(size: int) -> bytes:
+    """A GetReport of exactly ``size`` bytes, its NUL included."""
+    head = call_message("org.snpd.Attestation.GetReport", {"report_data": ""})
+    padding = size - len(head)
+    assert padding >= 0 and padding % 4 == 0
+    return call_message("org.snpd.Attestation.GetReport",
+                        {"report_data": b64(bytes(padding // 4 * 3))})
+
+
+def on_loop(h: Harness, read: Callable[[], Any]) -> Any:
+    """``read()`` on the server's loop, so it sees a consistent state."""
+    async def run() -> Any:
+        return read()
+    return h.run(run())
+
+
+@pytest.fixture
+def uids(make_harness: Callable[..., Harness]) -> Callable[..., Harness]:
+    """Makes harnesses whose connections have the uid ``open_as`` gives them."""
+    return functools.partial(make_harness, credentials=credentials_from_address)
+
+
+def open_as(h: Harness, uid: int) -> socket.socket:
+    """A raw connection to ``h`` as ``uid``, closed when the harness stops."""
+    sock = connect_as(h.path, uid)
+    h.opened.append(sock)
+    return sock
+
+
+def test_quota_caps_per_uid_in_all_and_keeps_roots_reserve() -> None:
+    quota = vserver._Quota(2, 5, 3, per_uid_key="per_uid", total_key="total")
+    assert quota.room(1001) == 2 and quota.room(0) == 8
+    quota.add(1001, 2)
+    assert quota.room(1001) == 0 and quota.binding(1001) == "per_uid"
+    quota.add(1002, 2)
+    quota.add(1003, 1)
+    assert quota.room(1004) == 0 and quota.binding(1004) == "total"
+    assert quota.room(0) == 3  # beyond the total, and not held to the per-uid cap
+    quota.add(0, 3)
+    assert quota.room(0) == 0 and quota.binding(0) == "total"
+    quota.add(1001, -2)
+    assert quota.room(1001) == 0  # root's reserve is in use: the total still binds
+    quota.add(0, -3)
+    assert quota.room(1001) == 2 and quota.used == 3
+    assert "uid 1002 holds 2, all 3" in quota.describe(1002)
+    with pytest.raises(AssertionError):
+        quota.add(1005, -1)
+
+
+def test_connections_are_capped_per_uid(uids: Callable[..., Harness]) -> None:
+    h = uids(max_connections=8, max_connections_per_uid=2, root_reserved_connections=0)
+    first = [open_as(h, 1001) for _ in range(2)]
+    assert all(served(sock) for sock in first)
+    assert not served(open_as(h, 1001))  # its third: closed unanswered, as before
+    assert all(served(open_as(h, 1002)) for _ in range(2))  # another uid has its own share
+    assert all(served(sock) for sock in first)  # and the refusal cost the others nothing
+    first[0].close()
+    wait_until(lambda: on_loop(h, lambda: h.server.slots.held(1001)) == 1)
+    assert served(open_as(h, 1001))  # a slot given back is taken again
+
+
+def test_root_is_admitted_beyond_the_total_up_to_its_reserve(
+        uids: Callable[..., Harness]) -> None:
+    h = uids(max_connections=4, max_connections_per_uid=2, root_reserved_connections=3)
+    assert all(served(open_as(h, uid)) for uid in (1001, 1001, 1002, 1002))
+    assert not served(open_as(h, 1003))  # the total is reached
+    assert all(served(open_as(h, 0)) for _ in range(3))  # root: more than per_uid, too
+    assert not served(open_as(h, 0))  # the reserve is used up
+    assert h.connections() == 7
+
+
+def test_root_is_not_held_to_the_per_uid_cap(uids: Callable[..., Harness]) -> None:
+    h = uids(max_connections=8, max_connections_per_uid=2, root_reserved_connections=0)
+    assert all(served(open_as(h, 0)) for _ in range(8))
+    assert not served(open_as(h, 0))
+
+
+def test_refusals_are_logged_once_per_interval_with_the_count_left_out(
+        uids: Callable[..., Harness], caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    h = uids(max_connections=8, max_connections_per_uid=1, root_reserved_connections=0,
+             clock=clock)
+    caplog.set_level("INFO", logger="snpd.varlink.server")
+
+    def refusals(uid: int) -> List[str]:
+        return [r.getMessage() for r in caplog.records
+                if "too many connections" in r.getMessage() and f"uid {uid} pid" in r.getMessage()]
+
+    assert served(open_as(h, 1001)) and served(open_as(h, 1002))
+    for _ in range(20):
+        assert not served(open_as(h, 1001))
+    assert not served(open_as(h, 1002))  # another uid's refusals are not hidden
+    assert len(refusals(1001)) == 1 and len(refusals(1002)) == 1
+    assert "varlink.max_connections_per_uid = 1" in refusals(1001)[0]
+    clock.now += vserver.LOG_INTERVAL
+    assert not served(open_as(h, 1001))
+    assert len(refusals(1001)) == 2
+    assert refusals(1001)[1].endswith(f"19 similar suppressed in the last "
+                                      f"{vserver.LOG_INTERVAL:g} s")
+
+
+def test_a_uid_over_its_buffer_budget_is_told_busy_and_closed(
+        uids: Callable[..., Harness]) -> None:
+    h = uids(max_message=80 * KIB, max_buffer_bytes_per_uid=100 * KIB,
+             max_buffer_bytes=1024 * KIB, root_reserved_buffer_bytes=0)
+    peaks: List[int] = []
+    budget = h.server.buffers
+    take = budget.add
+
+    def watched(uid: int, amount: int) -> None:
+        take(uid, amount)
+        peaks.append(budget.held(uid))
+
+    budget.add = watched  # type: ignore[method-assign]
+    message = sized_call(60 * KIB)
+    holder, greedy, other = open_as(h, 1001), open_as(h, 1001), open_as(h, 1002)
+    holder.sendall(message[:-1])  # all but the NUL: a message not yet complete
+    wait_until(lambda: on_loop(h, lambda: budget.held(1001)) == len(message) - 1)
+    greedy.sendall(message[:-1])
+    reply = next_reply(greedy)
+    assert reply == {"error": "org.snpd.Manager.Busy", "parameters": {"message": (
+        "the daemon buffers no more varlink input now "
+        "(varlink.max_buffer_bytes_per_uid); retry later")}}
+    assert next_reply(greedy) is None  # then closed
+    with pytest.raises(errors.Busy):  # snpd's own client maps it to Busy
+        vclient.decode_reply(json.dumps(reply).encode())
+    assert max(peaks) <= 100 * KIB  # never read more than the budget had room for
+    other.sendall(message)  # another uid's connection is served as usual
+    assert_report(next_reply(other))
+    holder.sendall(b"\0")  # and the holder's message, completed, is served too
+    assert_report(next_reply(holder))
+    wait_until(lambda: on_loop(h, lambda: budget.used) == 0)  # served: given back
+
+
+def assert_report(reply: Optional[Dict[str, Any]]) -> None:
+    assert reply is not None and base64.b64decode(reply["parameters"]["report"]).startswith(
+        b"REPORT"), reply
+
+
+def test_the_global_buffer_budget_binds_all_uids_but_roots_reserve(
+        uids: Callable[..., Harness]) -> None:
+    h = uids(max_message=80 * KIB, max_buffer_bytes_per_uid=100 * KIB,
+             max_buffer_bytes=150 * KIB, root_reserved_buffer_bytes=100 * KIB)
+    budget = h.server.buffers
+    message = sized_call(68 * KIB)
+    holders = [open_as(h, 1001), open_as(h, 1002)]
+    for sock in holders:
+        sock.sendall(message[:-1])
+    wait_until(lambda: on_loop(h, lambda: budget.used) == 2 * (len(message) - 1))
+    late = open_as(h, 1003)  # well within its own budget, but not within everyone's
+    late.sendall(message)
+    reply = next_reply(late)
+    assert reply is not None and reply["error"] == "org.snpd.Manager.Busy"
+    assert "(varlink.max_buffer_bytes)" in reply["parameters"]["message"]
+    root = open_as(h, 0)
+    root.sendall(message)  # root's reserve takes it
+    assert_report(next_reply(root))
+    for sock in holders:  # the holders were not disturbed
+        sock.sendall(b"\0")
+        assert_report(next_reply(sock))
+
+
+def test_a_message_must_arrive_whole_within_the_deadline(uids: Callable[..., Harness]) -> None:
+    clock = FakeClock()
+    h = uids(message_timeout=10.0, idle_timeout=WAIT, clock=clock)
+    budget = h.server.buffers
+    slow, steady = open_as(h, 1001), open_as(h, 1002)
+    message = call_message("org.varlink.service.GetInfo")
+    slow.sendall(message[:1])
+    steady.sendall(message[:1])
+    wait_until(lambda: on_loop(h, lambda: budget.used) == 2)  # both first bytes read
+    clock.now += 6
+    steady.sendall(message[1:])  # whole within 10 s: served
+    assert next_reply(steady) is not None
+    slow.sendall(message[1:2])
+    wait_until(lambda: on_loop(h, lambda: budget.held(1001)) == 2)
+    clock.now += 6  # 12 s since its first byte
+    slow.sendall(message[2:3])  # each read on time, the message not
+    assert next_reply(slow) is None  # closed, unanswered
+    assert served(steady)  # the deadline starts again with each message
+    clock.now += 100
+    assert served(steady)  # and between messages only the idle timeout counts
+    wait_until(lambda: on_loop(h, lambda: budget.used) == 0)
+
+
+def test_a_slowloris_sender_is_closed_within_the_message_deadline(
+        uids: Callable[..., Harness]) -> None:
+    """A byte every 20 ms, with a read timeout (idle_timeout) far longer than that:
+    only the message deadline can close it. Nothing is asserted about time."""
+    h = uids(message_timeout=0.2, idle_timeout=WAIT)
+    sock = open_as(h, 1001)
+    message = call_message("org.snpd.Attestation.GetReport", {"report_data": b64(bytes(600))})
+    closed = False
+    for byte in message[:-1]:
+        try:
+            sock.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        threading.Event().wait(0.02)
+    assert closed, "the whole message was accepted a byte at a time"
+    assert next_reply(sock) is None
+    assert h.service.calls == []
+    wait_until(lambda: h.connections() == 0)
