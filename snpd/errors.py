@@ -81,6 +81,16 @@ class ShuttingDown(Busy):
     retrying against the next daemon instance is the right reaction."""
 
 
+class KdsBudgetExceeded(Busy):
+    """A caller used up its share of KDS work; the KDS was not contacted. ``limit``
+    names the bound that was hit ("calls": KDS-bound calls in flight, "fetches":
+    outbound fetches per time window); it travels as ``Busy``: retry later."""
+
+    def __init__(self, message: str, *, limit: str) -> None:
+        super().__init__(message)
+        self.limit = limit
+
+
 class Timeout(SnpdError):
     kind = "Timeout"
     exit_code = EXIT_UNAVAILABLE
@@ -140,12 +150,15 @@ class CertificatesUnavailable(SnpdError):
 
 
 class KdsError(CertificatesUnavailable):
-    """The KDS answered with an error, a bad body, or not within the deadline."""
+    """The KDS answered with an error, a bad body, or not within the deadline.
+    ``retry_after``: seconds the KDS asked to wait (429/503 Retry-After), if it did."""
 
-    def __init__(self, message: str, *, url: str = "", status: Optional[int] = None) -> None:
+    def __init__(self, message: str, *, url: str = "", status: Optional[int] = None,
+                 retry_after: Optional[float] = None) -> None:
         super().__init__(message)
         self.url = url
         self.status = status
+        self.retry_after = retry_after
 
 
 class CertTableError(CertificatesUnavailable):

@@ -4,19 +4,40 @@ The journal's native protocol is spoken directly over its datagram socket (a
 few lines of stdlib), so the daemon needs no C extension and the tests can
 bind the socket anywhere (``SNPD_JOURNAL_SOCKET`` names it). Never logged:
 report_data, key bytes, full chip IDs (a short hash stands in for the chip).
+
+Events a caller can repeat at will (refusals, failed requests, failed
+verifications, failed KDS fetches) are coalesced per event type and key (the
+caller's uid, say) by :class:`Repeats`: a burst goes out, then one per interval,
+and the record after a quiet spell, or :meth:`Events.flush`, says "suppressed N
+similar" (also in ``SNPD_SUPPRESSED=N``). Otherwise one user could fill the journal,
+whose rate limit would then drop everything else snpd logs.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import os
 import socket
 import struct
 import sys
 import threading
-from typing import TYPE_CHECKING, Dict, Iterable, Mapping, Optional, Protocol, TextIO
+import time
+from typing import (
+    TYPE_CHECKING,
+    Dict,
+    Hashable,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    TextIO,
+)
 
 from snpd.abi.report import AttestationReport
+from snpd.ratelimit import Clock, Rate, TokenBucket
 
 if TYPE_CHECKING:
     from snpd.abi.product import Product
@@ -123,15 +144,98 @@ def chip_hash(chip_id: bytes) -> str:
     return hashlib.sha256(chip_id).hexdigest()[:16]
 
 
+#: Per key: 10 records at once, then one every 10 s ([log] repeat_burst, repeat_interval_s).
+DEFAULT_REPEAT_RATE = Rate(burst=10, interval=10.0)
+#: Keys remembered at once; beyond it the least recently seen idle ones are forgotten.
+MAX_REPEAT_KEYS = 4096
+
+
+@dataclasses.dataclass
+class _Held:
+    bucket: TokenBucket
+    suppressed: int = 0
+    since: float = 0.0  # when the first of the suppressed records was held back
+    last: Optional[Dict[str, str]] = None  # the last record held back
+
+
+@dataclasses.dataclass(frozen=True)
+class Suppressed:
+    """What :meth:`Repeats.drain` hands back for one key: the last record held back,
+    how many were, and over how many seconds."""
+
+    record: Dict[str, str]
+    count: int
+    seconds: float
+
+
+class Repeats:
+    """A token bucket per key; counts the records it holds back. Thread-safe (events
+    come from the loop and from KDS threads)."""
+
+    def __init__(self, rate: Rate = DEFAULT_REPEAT_RATE, *, clock: Clock = time.monotonic,
+                 max_keys: int = MAX_REPEAT_KEYS) -> None:
+        self.rate = rate
+        self._clock = clock
+        self._max_keys = max_keys
+        self._lock = threading.Lock()
+        self._keys: collections.OrderedDict[Hashable, _Held] = collections.OrderedDict()
+
+    def admit(self, key: Hashable, record: Dict[str, str]) -> Optional[int]:
+        """None: hold ``record`` back; else send it, and this many were held back
+        since the last record sent for ``key``."""
+        with self._lock:
+            held = self._keys.get(key)
+            if held is None:
+                self._forget_idle()
+                held = self._keys[key] = _Held(TokenBucket(self.rate, self._clock))
+            self._keys.move_to_end(key)
+            if not held.bucket.take():
+                if held.suppressed == 0:
+                    held.since = self._clock()
+                held.suppressed += 1
+                held.last = record
+                return None
+            count, held.suppressed, held.last = held.suppressed, 0, None
+            return count
+
+    def drain(self) -> List[Suppressed]:
+        """Every key's held-back count (reset to 0) with its last record."""
+        now = self._clock()
+        out = []
+        with self._lock:
+            for held in self._keys.values():
+                if held.suppressed and held.last is not None:
+                    out.append(Suppressed(held.last, held.suppressed, now - held.since))
+                    held.suppressed, held.last = 0, None
+            self._forget_idle()
+        return out
+
+    def _forget_idle(self) -> None:
+        """Keep at most ``max_keys``: drop idle keys (nothing held, bucket full), least
+        recently seen first; a key still holding records back is dropped only when
+        nothing else is left, and its count is lost."""
+        if len(self._keys) < self._max_keys:
+            return
+        for key in [k for k, h in self._keys.items() if not h.suppressed and h.bucket.full()]:
+            del self._keys[key]
+        while len(self._keys) >= self._max_keys:
+            self._keys.popitem(last=False)
+
+
 class Events:
     """The daemon's event vocabulary. Each method builds the fields of one event type."""
 
-    def __init__(self, sink: Sink, *, level: str = "info") -> None:
+    def __init__(self, sink: Sink, *, level: str = "info",
+                 repeats: Optional[Repeats] = None) -> None:
         self.sink = sink
         self.max_priority = PRIORITIES.get(level, 6)
+        # None: every record goes out (the daemon sets one from [log]).
+        self.repeats = repeats
 
-    def emit(self, event: Optional[str], priority: str, message: str,
-             **fields: object) -> None:
+    def emit(self, event: Optional[str], priority: str, message: str, *,
+             repeat_key: Optional[Hashable] = None, **fields: object) -> None:
+        """Send one record. With ``repeat_key``, records of this event type and key are
+        rate-limited (see :class:`Repeats`)."""
         prio = PRIORITIES[priority]
         if prio > self.max_priority:
             return
@@ -142,7 +246,27 @@ class Events:
         for key, value in fields.items():
             if value is not None:
                 out[f"SNPD_{key.upper()}"] = str(value)
+        repeats = self.repeats
+        if repeat_key is not None and repeats is not None:
+            held = repeats.admit((event, repeat_key), out)
+            if held is None:
+                return
+            if held:
+                out["MESSAGE"] = f"{message} (suppressed {held} similar before this)"
+                out["SNPD_SUPPRESSED"] = str(held)
         self.sink.send(out)
+
+    def flush(self) -> None:
+        """Report what :class:`Repeats` held back: one record per key, the last one held
+        back, saying how many were. The daemon calls this every repeat interval."""
+        if self.repeats is None:
+            return
+        for item in self.repeats.drain():
+            out = dict(item.record)
+            out["MESSAGE"] = (f"suppressed {item.count} similar in {item.seconds:.0f} s, "
+                              f"the last: {item.record.get('MESSAGE', '')}")
+            out["SNPD_SUPPRESSED"] = str(item.count)
+            self.sink.send(out)
 
     @staticmethod
     def _caller(caller: Caller) -> Dict[str, object]:
@@ -174,10 +298,11 @@ class Events:
 
         if isinstance(exc, Busy):
             self.emit("CLIENT_THROTTLED", "notice", f"{op} for {caller.describe()} refused: "
-                      f"{exc}", operation=op, **self._caller(caller))
+                      f"{exc}", repeat_key=caller.uid, operation=op,
+                      limit=getattr(exc, "limit", None), **self._caller(caller))
         elif isinstance(exc, (DeviceError, Timeout, VmpckDisabled)):
-            self.emit("DEVICE_ERROR", "err", f"{op} failed: {exc}", operation=op,
-                      errno=getattr(exc, "errno", None),
+            self.emit("DEVICE_ERROR", "err", f"{op} failed: {exc}", repeat_key=caller.uid,
+                      operation=op, errno=getattr(exc, "errno", None),
                       fw_error=getattr(exc, "fw_error", None),
                       vmm_error=getattr(exc, "vmm_error", None), **self._caller(caller))
 
@@ -185,14 +310,18 @@ class Events:
         self.emit("VMPCK_DISABLED", "crit", reason)
 
     def kds_fetch(self, what: str, outcome: str) -> None:
-        self.emit("KDS_FETCH", "info", f"KDS: {what}: {outcome}", kds_what=what,
-                  kds_outcome=outcome)
+        # Failures are coalesced (a flood of forged chip IDs fails alike); fetched
+        # certificates are each worth a record.
+        failed = outcome.startswith("failed")
+        self.emit("KDS_FETCH", "info", f"KDS: {what}: {outcome}",
+                  repeat_key="failed" if failed else None, kds_what=what, kds_outcome=outcome)
 
     def certificate_rejected(self, source: str, reason: str) -> None:
         self.emit("CERT_REJECTED", "warning", f"certificates from {source} rejected: {reason}",
-                  cert_source=source)
+                  repeat_key=source, cert_source=source)
 
     def verification_failed(self, caller: Caller, failures: Iterable[str]) -> None:
         names = ",".join(failures)
         self.emit("VERIFY_FAILED", "notice", f"report from {caller.describe()} did not "
-                  f"verify: {names}", failures=names, **self._caller(caller))
+                  f"verify: {names}", repeat_key=caller.uid, failures=names,
+                  **self._caller(caller))

@@ -6,7 +6,14 @@ verified against the trusted roots and, for a VCEK, bound to the exact chip and
 TCB it is stored under, so a bad KDS answer can only cause a rejection, never a
 poisoned cache. Entries are re-verified when read; an entry that no longer
 verifies is removed and fetched again. Files are written atomically. Concurrent
-misses for one key are coalesced into one fetch.
+misses for one key are coalesced into one fetch, and a failed VCEK lookup is
+remembered for a while (snpd/kds/negative.py) so that repeats cost no request.
+
+Every lookup takes a ``gate``, called just before an outbound fetch with what is
+about to be fetched: it may refuse by raising. :func:`cache_only` is the gate of a
+lookup that must not leave the machine (the daemon answers those without entering
+its KDS pool; :class:`NotCached` says the KDS would be needed); the daemon's
+per-uid budget (snpd/kds/budget.py) is another.
 
 Layout (each ``{Product}/{endorser}`` folder is itself a snpguest certs dir)::
 
@@ -27,8 +34,14 @@ from typing import Callable, Dict, Hashable, Optional, Protocol, Sequence, Tuple
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
-from snpd.errors import CertificateFormatError, CertificatesUnavailable, UntrustedCertificate
-from snpd.files import atomic_write, remove_stale_temporaries
+from snpd.errors import (
+    CertificateFormatError,
+    CertificatesUnavailable,
+    KdsError,
+    UntrustedCertificate,
+)
+from snpd.files import atomic_write, remove_stale_temporaries, unlink_within
+from snpd.kds.negative import NegativeCache
 from snpd.trust.admission import check_ca_chain, check_crl, check_vcek_binding
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import AMD_ROOTS, TrustRoots
@@ -46,6 +59,18 @@ class KdsFetcher(Protocol):
 
 T = TypeVar("T")
 Clock = Callable[[], datetime.datetime]
+#: Called with a description of what is about to be fetched, before the request;
+#: raises to refuse it (nothing is sent, nothing is remembered as a KDS failure).
+FetchGate = Callable[[str], None]
+
+
+class NotCached(CertificatesUnavailable):
+    """A cache-only lookup needed the KDS: ask again where fetching is allowed."""
+
+
+def cache_only(what: str) -> None:
+    """The gate of a lookup answered from the caches alone."""
+    raise NotCached(f"{what} is not cached")
 
 
 def _utc_now() -> datetime.datetime:
@@ -62,6 +87,7 @@ class CacheStats:
     fetch_failures: int = 0
     rejected: int = 0
     evicted: int = 0
+    negative_hits: int = 0
 
     def as_dict(self) -> Dict[str, int]:
         return dataclasses.asdict(self)
@@ -79,6 +105,7 @@ class CertificateCache:
         clock: Clock = _utc_now,
         crl_retry_after: datetime.timedelta = datetime.timedelta(minutes=5),
         observer: Optional[Callable[[str, str], None]] = None,
+        negative: Optional[NegativeCache] = None,
     ) -> None:
         self.root = Path(root)
         self.client = client
@@ -89,6 +116,7 @@ class CertificateCache:
         self.crl_retry_after = crl_retry_after
         self.stats = CacheStats()
         self.observer = observer  # observer(what, outcome) after every KDS fetch
+        self.negative = negative if negative is not None else NegativeCache()
         self._lock = threading.Lock()
         self._inflight: Dict[Hashable, concurrent.futures.Future] = {}  # type: ignore[type-arg]
         self._crl_failed_until: Dict[Tuple[Product, Endorser], datetime.datetime] = {}
@@ -106,8 +134,13 @@ class CertificateCache:
 
     # -- single flight -------------------------------------------------------------
 
-    def _coalesced(self, key: Hashable, produce: Callable[[], T]) -> T:
-        """Run ``produce`` once for concurrent callers with the same key."""
+    def _coalesced(self, key: Hashable, produce: Callable[[], T], what: str,
+                   gate: Optional[FetchGate]) -> T:
+        """Run ``produce`` once for concurrent callers with the same key. A cache-only
+        lookup neither joins nor leads: it would wait on the network, or hand its
+        NotCached to callers that may fetch."""
+        if gate is cache_only:
+            raise NotCached(f"{what} is not cached")
         with self._lock:
             future = self._inflight.get(key)
             leader = future is None
@@ -131,7 +164,8 @@ class CertificateCache:
 
     # -- chain ---------------------------------------------------------------------
 
-    def chain(self, product: Product, endorser: Endorser) -> Tuple[Certificate, Certificate]:
+    def chain(self, product: Product, endorser: Endorser, *, gate: Optional[FetchGate] = None
+              ) -> Tuple[Certificate, Certificate]:
         """(ARK, ASK or ASVK) for a product, verified."""
         for directory in self.offline_dirs:
             found = self._chain_from_dir(directory, product, endorser)
@@ -144,7 +178,8 @@ class CertificateCache:
             self.stats.hits += 1
             return found
         return self._coalesced(("chain", product, endorser),
-                               lambda: self._fetch_chain(product, endorser))
+                               lambda: self._fetch_chain(product, endorser, gate),
+                               _chain_what(product, endorser), gate)
 
     def _chain_from_dir(self, directory: Path, product: Product, endorser: Endorser,
                         *, evict: bool = False) -> Optional[Tuple[Certificate, Certificate]]:
@@ -166,33 +201,35 @@ class CertificateCache:
                 self._evict(ark_path, inter_path)
             return None
 
-    def _fetch_chain(self, product: Product, endorser: Endorser) -> Tuple[Certificate,
-                                                                          Certificate]:
+    def _fetch_chain(self, product: Product, endorser: Endorser, gate: Optional[FetchGate]
+                     ) -> Tuple[Certificate, Certificate]:
         # Another caller may have stored it while we waited for the lock.
         found = self._chain_from_dir(self.chain_dir(product, endorser), product, endorser,
                                      evict=True)
         if found is not None:
             self.stats.hits += 1
             return found
-        what = f"the {product} {endorser.name} certificate chain"
-        body = self._fetch(lambda c: c.fetch_cert_chain(product, endorser), what)
+        what = _chain_what(product, endorser)
+        body = self._fetch(lambda c: c.fetch_cert_chain(product, endorser), what, gate)
         ark, inter = self._admit(what, lambda: check_ca_chain(
             load_certificates(body), product, endorser, roots=self.roots))
         directory = self.chain_dir(product, endorser)
         # The intermediate first: a reader needs both, and the ARK is what it checks last.
-        _store(directory / f"{endorser.intermediate}.pem", inter.to_pem().encode())
-        _store(directory / "ark.pem", ark.to_pem().encode())
+        self._store(directory / f"{endorser.intermediate}.pem", inter.to_pem().encode())
+        self._store(directory / "ark.pem", ark.to_pem().encode())
         return ark, inter
 
     # -- VCEK ------------------------------------------------------------------------
 
-    def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> Certificate:
-        """The VCEK for exactly this chip and reported TCB, verified against its ASK."""
+    def vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion, *,
+             gate: Optional[FetchGate] = None) -> Certificate:
+        """The VCEK for exactly this chip and reported TCB, verified against its ASK.
+        A lookup that failed recently fails again at once, without a request."""
         if len(chip_id) != 64:
             raise ValueError("chip_id must be the report's 64-byte CHIP_ID")
         if not any(chip_id):
             raise CertificatesUnavailable("CHIP_ID is masked: no VCEK can be looked up")
-        _ark, ask = self.chain(product, Endorser.VCEK)
+        _ark, ask = self.chain(product, Endorser.VCEK, gate=gate)
         for directory in self.offline_dirs:
             path = _first_existing(directory, "vcek")
             if path is None:
@@ -206,8 +243,23 @@ class CertificateCache:
         if cert is not None:
             self.stats.hits += 1
             return cert
-        key = ("vcek", product, hashlib.sha256(chip_id).hexdigest(), tcb.raw)
-        return self._coalesced(key, lambda: self._fetch_vcek(product, chip_id, tcb, ask, path))
+        # The KDS knows a chip by its hwid (all 64 bytes but on Turin); the key holds a
+        # digest of it, never the ID itself.
+        hwid = hashlib.sha256(chip_id[:product.hwid_length]).hexdigest()
+        key = ("vcek", product, hwid, tcb.raw)
+        what = f"the {product} VCEK for TCB {tcb}"
+        try:
+            self.negative.check(key, what)
+        except KdsError:
+            self.stats.negative_hits += 1
+            raise
+        try:
+            return self._coalesced(key, lambda: self._fetch_vcek(product, chip_id, tcb, ask,
+                                                                 path, what, gate),
+                                   what, gate)
+        except (KdsError, UntrustedCertificate) as exc:
+            self.negative.remember(key, exc)
+            raise
 
     def _admit_vcek_file(self, path: Path, product: Product, chip_id: bytes, tcb: TcbVersion,
                          ask: Certificate, *, evict: bool) -> Optional[Certificate]:
@@ -223,13 +275,13 @@ class CertificateCache:
             return None
 
     def _fetch_vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion,
-                    ask: Certificate, path: Path) -> Certificate:
+                    ask: Certificate, path: Path, what: str, gate: Optional[FetchGate]
+                    ) -> Certificate:
         cert = self._admit_vcek_file(path, product, chip_id, tcb, ask, evict=True)
         if cert is not None:
             self.stats.hits += 1
             return cert
-        what = f"the {product} VCEK for TCB {tcb}"
-        body = self._fetch(lambda c: c.fetch_vcek(product, chip_id, tcb), what)
+        body = self._fetch(lambda c: c.fetch_vcek(product, chip_id, tcb), what, gate)
 
         def admit() -> Certificate:
             cert = load_certificate(body)
@@ -237,15 +289,16 @@ class CertificateCache:
             return cert
 
         cert = self._admit(what, admit)
-        _store(path, cert.der)
+        self._store(path, cert.der)
         return cert
 
     # -- CRL ---------------------------------------------------------------------------
 
-    def crl(self, product: Product, endorser: Endorser) -> Optional[Crl]:
+    def crl(self, product: Product, endorser: Endorser, *, gate: Optional[FetchGate] = None
+            ) -> Optional[Crl]:
         """The newest verified CRL: refreshed after its nextUpdate, the last good one kept
         when a refresh fails. None when no CRL could ever be had."""
-        ark, _ = self.chain(product, endorser)
+        ark, _ = self.chain(product, endorser, gate=gate)
         path = self.chain_dir(product, endorser) / "crl.der"
         cached: Optional[Crl] = None
         if path.is_file():
@@ -272,17 +325,19 @@ class CertificateCache:
             return cached
         if now < self._crl_failed_until.get((product, endorser), now):
             return cached  # negative cache: a failing endpoint is not asked again yet
+        what = f"the {product} {endorser.name} CRL"
         try:
-            return self._coalesced(("crl", product, endorser),
-                                   lambda: self._fetch_crl(product, endorser, ark, path))
+            return self._coalesced(("crl", product, endorser), lambda: self._fetch_crl(
+                product, endorser, ark, path, what, gate), what, gate)
+        except NotCached:
+            raise  # not a failure of the endpoint: the caller asks again, fetching
         except CertificatesUnavailable:
             self._crl_failed_until[(product, endorser)] = now + self.crl_retry_after
             return cached
 
     def _fetch_crl(self, product: Product, endorser: Endorser, ark: Certificate,
-                   path: Path) -> Crl:
-        what = f"the {product} {endorser.name} CRL"
-        body = self._fetch(lambda c: c.fetch_crl(product, endorser), what)
+                   path: Path, what: str, gate: Optional[FetchGate]) -> Crl:
+        body = self._fetch(lambda c: c.fetch_crl(product, endorser), what, gate)
 
         def admit() -> Crl:
             crl = load_crl(body)
@@ -290,27 +345,32 @@ class CertificateCache:
             return crl
 
         crl = self._admit(what, admit)
-        _store(path, crl.der)
+        self._store(path, crl.der)
         return crl
 
     # -- whole sets --------------------------------------------------------------------
 
     def certificates(self, product: Product, endorser: Endorser, *,
                      chip_id: Optional[bytes] = None, tcb: Optional[TcbVersion] = None,
-                     with_crl: bool = False) -> CertificateSet:
-        """The chain, the VCEK when ``chip_id`` and ``tcb`` are given, and the CRL if asked."""
-        ark, inter = self.chain(product, endorser)
+                     with_crl: bool = False, gate: Optional[FetchGate] = None
+                     ) -> CertificateSet:
+        """The chain, the VCEK when ``chip_id`` and ``tcb`` are given, and the CRL if asked.
+        With ``gate=cache_only``, what the caches alone can answer, or NotCached."""
+        ark, inter = self.chain(product, endorser, gate=gate)
         found = {"ark": ark, endorser.intermediate: inter}
         if endorser is Endorser.VCEK and chip_id is not None and tcb is not None:
-            found["vcek"] = self.vcek(product, chip_id, tcb)
-        crl = self.crl(product, endorser) if with_crl else None
+            found["vcek"] = self.vcek(product, chip_id, tcb, gate=gate)
+        crl = self.crl(product, endorser, gate=gate) if with_crl else None
         return CertificateSet(crl=crl, **found)
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _fetch(self, call: Callable[[KdsFetcher], bytes], what: str) -> bytes:
+    def _fetch(self, call: Callable[[KdsFetcher], bytes], what: str,
+               gate: Optional[FetchGate]) -> bytes:
         if self.offline or self.client is None:
             raise CertificatesUnavailable(f"{what} is not cached and snpd is offline")
+        if gate is not None:
+            gate(what)
         self.stats.fetches += 1
         try:
             body = call(self.client)
@@ -331,18 +391,25 @@ class CertificateCache:
             self.stats.rejected += 1
             raise UntrustedCertificate(f"KDS answer for {what} rejected: {exc}") from exc
 
+    def _store(self, path: Path, data: bytes) -> None:
+        """Store below the cache root, creating and entering its subdirectories without
+        following links: when root runs the cache on a directory another user can
+        write, a link planted there must not lead root's write elsewhere."""
+        atomic_write(path, data, within=self.root)
+
     def _evict(self, *paths: Path) -> None:
         for path in paths:
             try:
-                path.unlink()
+                unlink_within(path, self.root)  # as _store: no planted link followed
                 self.stats.evicted += 1
             except OSError:
                 pass
 
 
-def _store(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
+
+
+def _chain_what(product: Product, endorser: Endorser) -> str:
+    return f"the {product} {endorser.name} certificate chain"
 
 
 def _first_existing(directory: Path, kind: str) -> Optional[Path]:

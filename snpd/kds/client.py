@@ -13,7 +13,12 @@ Retry policy, per call of :meth:`KdsClient.get`:
 - retried with exponential backoff and jitter: HTTP 429, 500, 502, 503, 504,
   connection failures, timeouts, and bodies cut short;
 - ``Retry-After`` (seconds or HTTP date) is honoured instead of the backoff; one that
-  would end past the deadline gives up on that URL at once rather than sleeping;
+  would end past the deadline, or that is longer than ``max_retry_wait``, gives up on
+  that URL at once rather than sleeping;
+- a 429 or 503 with ``Retry-After`` also pauses that base URL for every call through
+  this client until then (capped at an hour): a call that finds it paused does not
+  send a request there, and waits out the pause only if the pause is short enough
+  for it to have waited for a Retry-After itself;
 - any other 4xx (404 above all) is the KDS's answer and fails at once;
 - after ``max_retries`` retries, or a failure that retrying the same server cannot
   fix (an oversized body, a TLS failure, an unexpected status), the next mirror is
@@ -39,9 +44,10 @@ import email.utils
 import logging
 import random
 import re
+import threading
 import time
 from datetime import timezone
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 import requests
@@ -76,6 +82,11 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 DEFAULT_MAX_BODY = 1 << 20
 _CHUNK = 64 * 1024
 _DIGITS = re.compile(r"[0-9]+")
+#: Statuses whose Retry-After pauses the whole base URL.
+PAUSE_STATUSES = frozenset({429, 503})
+#: The longest pause a Retry-After can impose: a broken or hostile server must not
+#: switch the KDS off until the daemon restarts.
+MAX_PAUSE = 3600.0
 
 
 def parse_retry_after(value: str, now: float) -> Optional[float]:
@@ -146,7 +157,9 @@ class KdsClient:
     threads: a call keeps its state in local variables.
 
     ``deadline`` bounds a whole :meth:`get` (all attempts, backoffs and mirrors); each
-    attempt's timeouts are clipped to what remains of it.
+    attempt's timeouts are clipped to what remains of it. ``max_retry_wait`` (None: up
+    to the deadline) is the longest Retry-After or pause a call sleeps through; a
+    daemon sets it low, so that its threads do not sleep while the KDS throttles.
     """
 
     def __init__(
@@ -162,6 +175,7 @@ class KdsClient:
         backoff_max: float = 30.0,
         max_retries: int = 5,
         max_body: int = DEFAULT_MAX_BODY,
+        max_retry_wait: Optional[float] = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: Optional[random.Random] = None,
@@ -184,6 +198,8 @@ class KdsClient:
             raise ValueError(f"max_retries must not be negative, got {max_retries}")
         if max_body < 1:
             raise ValueError(f"max_body must be positive, got {max_body}")
+        if max_retry_wait is not None and not max_retry_wait >= 0:
+            raise ValueError(f"max_retry_wait must not be negative, got {max_retry_wait!r}")
         self.base_url = base_url
         self.mirrors: Tuple[str, ...] = tuple(mirrors)
         self._owns_session = session is None
@@ -199,6 +215,10 @@ class KdsClient:
         self._backoff_max = backoff_max
         self._max_retries = max_retries
         self._max_body = max_body
+        self._max_retry_wait = max_retry_wait
+        # base URL -> (end of its pause on the clock, the status that asked for it)
+        self._paused: Dict[str, Tuple[float, int]] = {}
+        self._pause_lock = threading.Lock()
         self._clock = clock
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
@@ -238,13 +258,17 @@ class KdsClient:
         Raises KdsError when every URL failed or the deadline passed, with ``url`` the
         last URL tried (hwid redacted) and ``status`` its last HTTP status, if any.
         """
-        urls = [join_url(self.base_url, path)] + [join_url(m, path) for m in self.mirrors]
+        bases = [self.base_url, *self.mirrors]
+        urls = [join_url(base, path) for base in bases]
         deadline_at = self._clock() + self._deadline
         total = 0
         outcomes: List[_UrlOutcome] = []
-        for index, url in enumerate(urls):
+        for index, (base, url) in enumerate(zip(bases, urls)):
             tries = 0
-            failure: Optional[_Failure] = None
+            failure: Optional[_Failure] = self._wait_for_pause(base, deadline_at)
+            if failure is not None:
+                outcomes.append(_UrlOutcome(url, 0, failure, "paused"))
+                continue
             while True:
                 remaining = deadline_at - self._clock()
                 if remaining <= 0:
@@ -261,6 +285,8 @@ class KdsClient:
                         log.info("KDS %s answered after %d attempts", redact_url(url), total)
                     return result
                 failure = result
+                if failure.status in PAUSE_STATUSES and failure.retry_after:
+                    self._pause(base, failure.retry_after, failure.status)
                 if failure.final:
                     outcomes.append(_UrlOutcome(url, tries, failure, "final"))
                     raise self._error(outcomes, total)
@@ -272,6 +298,9 @@ class KdsClient:
                     break
                 if failure.retry_after is not None:
                     delay = failure.retry_after
+                    if self._max_retry_wait is not None and delay > self._max_retry_wait:
+                        outcomes.append(_UrlOutcome(url, tries, failure, "retry-after-limit"))
+                        break
                 else:
                     delay = backoff_delay(tries, self._backoff_base, self._backoff_max,
                                           self._rng.random())
@@ -287,6 +316,30 @@ class KdsClient:
                 if delay > 0:
                     self._sleep(delay)
         raise self._error(outcomes, total)
+
+    def _pause(self, base: str, seconds: float, status: int) -> None:
+        until = self._clock() + min(seconds, MAX_PAUSE)
+        with self._pause_lock:
+            if until > self._paused.get(base, (0.0, 0))[0]:
+                self._paused[base] = (until, status)
+
+    def _wait_for_pause(self, base: str, deadline_at: float) -> Optional[_Failure]:
+        """None when ``base`` may be asked now (after sleeping out a short pause), else
+        why not: it is paused for longer than this call may wait."""
+        with self._pause_lock:
+            until, status = self._paused.get(base, (0.0, 0))
+        now = self._clock()
+        left = until - now
+        if left <= 0:
+            return None
+        limit = self._max_retry_wait
+        if left >= deadline_at - now or (limit is not None and left > limit):
+            label = f"HTTP {status} with Retry-After"
+            return _Failure(f"paused after {label}", retry=False, status=status,
+                            retry_after=left)
+        log.info("KDS %s paused; waiting %.2f s", redact_url(base), left)
+        self._sleep(left)
+        return None
 
     def _attempt(self, url: str, remaining: float, deadline_at: float) -> Union[bytes, _Failure]:
         """One GET: the body, or why not. Never raises for network or HTTP trouble."""
@@ -403,6 +456,7 @@ class KdsClient:
             message,
             url=redact_url(last.url) if last else "",
             status=last.failure.status if last else None,
+            retry_after=last.failure.retry_after if last else None,
         )
 
     def _describe(self, outcome: _UrlOutcome) -> str:
@@ -415,6 +469,13 @@ class KdsClient:
             return f"{f.what} for {url}; not retried{hint}"
         if outcome.ending == "not-retryable":
             return f"{f.what} for {url} ({n}); not retried against this server"
+        if outcome.ending == "paused":
+            return (f"{url} not asked: the KDS is {f.what} for {f.retry_after:.0f} s more; "
+                    "retry later")
+        if outcome.ending == "retry-after-limit":
+            return (f"{f.what} for {url}: the server asks to wait {f.retry_after:g} s "
+                    f"(Retry-After), longer than snpd waits ({self._max_retry_wait:g} s); "
+                    f"gave up after {n}; the KDS is not asked again until then")
         if outcome.ending == "retry-after":
             return (f"{f.what} for {url}: the server asks to wait {f.retry_after:g} s "
                     f"(Retry-After), past the {self._deadline:g} s deadline; gave up after "

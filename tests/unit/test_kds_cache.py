@@ -12,10 +12,16 @@ from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-
 
 from snpd.abi.product import Endorser, Product
 from snpd.emulator.pki import make_chain, make_crl, make_vcek
-from snpd.errors import CertificatesUnavailable, UntrustedCertificate
+from snpd.errors import (
+    CertificatesUnavailable,
+    KdsBudgetExceeded,
+    KdsError,
+    UntrustedCertificate,
+)
 from snpd.kds import urls
-from snpd.kds.cache import CertificateCache
+from snpd.kds.cache import CertificateCache, NotCached, cache_only
 from snpd.kds.client import KdsClient
+from snpd.kds.negative import NegativeCache
 from snpd.kds.server import Fault, KdsServer
 from snpd.trust.roots import AMD_ROOTS
 from snpd.trust.x509 import Crl
@@ -29,6 +35,16 @@ class Clock:
         self.now = now
 
     def __call__(self) -> datetime.datetime:
+        return self.now
+
+
+class Ticks:
+    """A monotonic clock the test steps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
         return self.now
 
 
@@ -141,12 +157,21 @@ def test_vcek_not_signed_by_the_ask_is_rejected(tmp_path: Path, kds: KdsServer,
     serve_platform(kds, milan)
     impostor = make_chain(Product.MILAN, now=NOW, rsa_bits=2048)
     _, forged = make_vcek(impostor, chip_id_for(Product.MILAN), TCBS[Product.MILAN], now=NOW)
-    cache = make_cache(tmp_path, kds, milan)
+    ticks = Ticks()
+    cache = make_cache(tmp_path, kds, milan, negative=NegativeCache(ttl=600, clock=ticks))
     cache.chain(Product.MILAN, Endorser.VCEK)  # fetch the chain first; the fault hits the VCEK
     kds.faults.push(Fault.wrong_body(forged.der), count=1)
     with pytest.raises(UntrustedCertificate, match="signature"):
         cache.vcek(Product.MILAN, chip_id_for(Product.MILAN), TCBS[Product.MILAN])
-    # The next, honest answer is accepted: nothing bad was remembered.
+    assert not cache.vcek_path(Product.MILAN, chip_id_for(Product.MILAN),
+                               TCBS[Product.MILAN]).exists()
+    # The rejection is remembered (a repeat costs no request), not stored ...
+    asked = len(kds.requests)
+    with pytest.raises(CertificatesUnavailable, match="signature"):
+        cache.vcek(Product.MILAN, chip_id_for(Product.MILAN), TCBS[Product.MILAN])
+    assert len(kds.requests) == asked
+    # ... and once it has expired, the next, honest answer is accepted.
+    ticks.now += 601
     cert = cache.vcek(Product.MILAN, chip_id_for(Product.MILAN), TCBS[Product.MILAN])
     assert cert.der == milan.vcek.der
 
@@ -287,3 +312,124 @@ def test_crl_not_signed_by_the_ark_is_not_stored(tmp_path: Path, kds: KdsServer,
     cache = make_cache(tmp_path, kds, milan)
     assert cache.crl(Product.MILAN, Endorser.VCEK) is None
     assert not (cache.chain_dir(Product.MILAN, Endorser.VCEK) / "crl.der").exists()
+
+
+# -- negative caching, the cache-only gate ------------------------------------------------
+
+
+def test_a_failed_vcek_lookup_is_remembered_then_asked_again(tmp_path: Path, kds: KdsServer,
+                                                             milan: Platform) -> None:
+    serve_platform(kds, milan)
+    ticks = Ticks()
+    cache = make_cache(tmp_path, kds, milan, negative=NegativeCache(ttl=600, clock=ticks))
+    forged = chip_id_for(Product.MILAN, seed=9)
+    with pytest.raises(KdsError, match="404") as first:
+        cache.vcek(Product.MILAN, forged, TCBS[Product.MILAN])
+    assert first.value.status == 404
+    for _ in range(5):
+        with pytest.raises(KdsError, match="not asked again .* 404") as again:
+            cache.vcek(Product.MILAN, forged, TCBS[Product.MILAN])
+        assert again.value.status == 404
+    assert len(vcek_requests(kds)) == 1 and cache.stats.negative_hits == 5
+    # Another TCB of the same chip, and the genuine chip, are other lookups.
+    cache.vcek(Product.MILAN, chip_id_for(Product.MILAN), TCBS[Product.MILAN])
+    assert len(vcek_requests(kds)) == 2
+    ticks.now += 599
+    with pytest.raises(KdsError, match="not asked again"):
+        cache.vcek(Product.MILAN, forged, TCBS[Product.MILAN])
+    ticks.now += 1
+    with pytest.raises(KdsError, match="404"):
+        cache.vcek(Product.MILAN, forged, TCBS[Product.MILAN])
+    assert len(vcek_requests(kds)) == 3
+    # The memory holds no chip ID, in any spelling.
+    held = repr(list(cache.negative._entries.items()))
+    for chip in (forged, chip_id_for(Product.MILAN)):
+        assert chip.hex() not in held and repr(chip)[2:-1] not in held
+
+
+def test_a_429_retry_after_is_remembered_that_long_and_pauses_the_kds(
+        tmp_path: Path, kds: KdsServer, milan: Platform) -> None:
+    serve_platform(kds, milan)
+    ticks = Ticks()
+    kds_client = client(kds.url, clock=ticks, max_retry_wait=2.0)
+    cache = CertificateCache(tmp_path / "c", kds_client, roots=milan.roots,
+                             negative=NegativeCache(ttl=600, clock=ticks))
+    cache.chain(Product.MILAN, Endorser.VCEK)
+    kds.faults.push(Fault.status(429, retry_after=10), count=None)
+    asked = len(kds.requests)
+    forged = [chip_id_for(Product.MILAN, seed=s) for s in range(20, 30)]
+    for chip in forged:  # many chips, one request: the rest meet the pause
+        with pytest.raises(KdsError) as info:
+            cache.vcek(Product.MILAN, chip, TCBS[Product.MILAN])
+        assert info.value.status == 429
+    assert len(kds.requests) == asked + 1
+    ticks.now += 9
+    with pytest.raises(KdsError, match="not asked again"):
+        cache.vcek(Product.MILAN, forged[0], TCBS[Product.MILAN])
+    kds.faults.clear()
+    ticks.now += 1  # Retry-After has passed: remembered no longer, and not paused
+    cache.vcek(Product.MILAN, chip_id_for(Product.MILAN), TCBS[Product.MILAN])
+    with pytest.raises(KdsError, match="404"):
+        cache.vcek(Product.MILAN, forged[0], TCBS[Product.MILAN])
+    assert len(kds.requests) == asked + 3
+
+
+def test_negative_cache_is_bounded_and_honours_retry_after() -> None:
+    ticks = Ticks()
+    negative = NegativeCache(ttl=600, max_entries=3, clock=ticks)
+    for key in range(5):
+        negative.remember(key, KdsError("KDS answered HTTP 404", status=404))
+    assert len(negative) == 3
+    negative.check(0, "x")  # the oldest were forgotten
+    with pytest.raises(KdsError, match="x: not asked again for 600 s"):
+        negative.check(4, "x")
+    throttled = KdsError("KDS rate limit (HTTP 429)", status=429, retry_after=7.0)
+    assert negative.lifetime(throttled) == 7.0
+    assert negative.lifetime(KdsError("HTTP 503", status=503, retry_after=1e9)) == 3600.0
+    assert negative.lifetime(KdsError("HTTP 500", status=500, retry_after=7.0)) == 600
+    negative.remember("now", KdsError("HTTP 429", status=429, retry_after=0.0))
+    negative.check("now", "x")  # Retry-After: 0 means ask again at once
+    ticks.now += 601
+    negative.check(4, "x")
+
+
+def test_cache_only_lookups_never_fetch(tmp_path: Path, kds: KdsServer,
+                                        milan: Platform) -> None:
+    serve_platform(kds, milan, crl=make_crl(milan.chain, now=NOW))
+    cache = make_cache(tmp_path, kds, milan)
+    chip, tcb = chip_id_for(Product.MILAN), TCBS[Product.MILAN]
+    with pytest.raises(NotCached):
+        cache.certificates(Product.MILAN, Endorser.VCEK, chip_id=chip, tcb=tcb,
+                           gate=cache_only)
+    assert kds.requests == []
+    fetched = cache.certificates(Product.MILAN, Endorser.VCEK, chip_id=chip, tcb=tcb,
+                                 with_crl=True)
+    local = cache.certificates(Product.MILAN, Endorser.VCEK, chip_id=chip, tcb=tcb,
+                               with_crl=True, gate=cache_only)
+    assert dict(local.items()).keys() == dict(fetched.items()).keys()
+    assert len(kds.requests) == 3
+    # A remembered failure is a cache-only answer too.
+    forged = chip_id_for(Product.MILAN, seed=3)
+    with pytest.raises(KdsError):
+        cache.vcek(Product.MILAN, forged, tcb)
+    with pytest.raises(KdsError, match="not asked again"):
+        cache.vcek(Product.MILAN, forged, tcb, gate=cache_only)
+
+
+def test_a_refused_fetch_is_not_remembered(tmp_path: Path, kds: KdsServer,
+                                           milan: Platform) -> None:
+    serve_platform(kds, milan)
+    cache = make_cache(tmp_path, kds, milan)
+    chip, tcb = chip_id_for(Product.MILAN), TCBS[Product.MILAN]
+    cache.chain(Product.MILAN, Endorser.VCEK)
+    refused: List[str] = []
+
+    def refuse(what: str) -> None:
+        refused.append(what)
+        raise KdsBudgetExceeded("no budget left", limit="fetches")
+
+    with pytest.raises(KdsBudgetExceeded):
+        cache.vcek(Product.MILAN, chip, tcb, gate=refuse)
+    assert refused == [f"the {Product.MILAN} VCEK for TCB {tcb}"]
+    assert vcek_requests(kds) == [] and len(cache.negative) == 0
+    assert cache.vcek(Product.MILAN, chip, tcb).der == milan.vcek.der

@@ -396,6 +396,51 @@ def test_large_retry_after_moves_on_to_the_mirror(srv, make_client, sleeps):
         assert sleeps.delays == []
 
 
+class Ticks:
+    """A monotonic clock the test steps (the deadline then never passes by itself)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_retry_after_beyond_max_retry_wait_pauses_the_url(srv, make_client, sleeps):
+    ticks = Ticks()
+    srv.faults.push(Fault.status(429, retry_after=10), count=1)
+    client = make_client(srv.url, max_retry_wait=2.0, clock=ticks)
+    with pytest.raises(KdsError) as info:
+        client.get(CHAIN_PATH)
+    assert sleeps.delays == [] and len(srv.requests) == 1
+    assert info.value.status == 429 and info.value.retry_after == 10.0
+    assert "longer than snpd waits" in str(info.value)
+    # Every call through the client now fails at once, without a request, while more
+    # than max_retry_wait of the pause is left: a VCEK for any chip too.
+    ticks.now += 7
+    with pytest.raises(KdsError, match="not asked") as info:
+        client.fetch_vcek(Product.MILAN, CHIP, MILAN_TCB)
+    assert len(srv.requests) == 1 and sleeps.delays == []
+    assert info.value.status == 429 and info.value.retry_after == pytest.approx(3.0)
+    ticks.now += 3
+    assert client.fetch_vcek(Product.MILAN, CHIP, MILAN_TCB) == VCEK
+    assert len(srv.requests) == 2
+
+
+def test_a_short_pause_is_waited_out_and_a_paused_base_leaves_the_mirror(srv, make_client,
+                                                                          sleeps):
+    with KdsServer(_store()) as base:
+        base.faults.push(Fault.status(503, retry_after=3600), count=1)
+        client = make_client(base.url, mirrors=[srv.url], max_retry_wait=1.0)
+        assert client.get(CHAIN_PATH) == CHAIN  # from the mirror
+        assert client.get(CHAIN_PATH) == CHAIN  # the base is paused: not asked again
+        assert len(base.requests) == 1 and len(srv.requests) == 2
+    srv.faults.push(Fault.status(429, retry_after=1), count=1)
+    client = make_client(srv.url, max_retry_wait=1.0)
+    assert client.get(CHAIN_PATH) == CHAIN  # slept through the second it asked for
+    assert sleeps.delays == [1.0]
+
+
 def test_404_from_base_is_final_mirrors_not_asked(srv, make_client):
     with KdsServer(_store()) as base:
         with pytest.raises(KdsError) as info:

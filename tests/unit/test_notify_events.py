@@ -5,12 +5,21 @@ from __future__ import annotations
 import socket
 import struct
 from pathlib import Path
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List, Mapping
 
 import pytest
 
-from snpd.events import MESSAGE_IDS, Events, JournalSink, StderrSink, encode_native
+from snpd.errors import Busy
+from snpd.events import (
+    MESSAGE_IDS,
+    Events,
+    JournalSink,
+    Repeats,
+    StderrSink,
+    encode_native,
+)
 from snpd.notify import Notifier
+from snpd.ratelimit import Rate
 from snpd.service import Caller
 
 
@@ -89,3 +98,73 @@ def test_catalog_documents_every_message_id() -> None:
     catalog = (Path(__file__).resolve().parents[2] / "conf" / "snpd.catalog").read_text()
     for mid in MESSAGE_IDS.values():
         assert f"-- {mid}\nSubject: " in catalog
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: List[Dict[str, str]] = []
+
+    def send(self, fields: Mapping[str, str]) -> None:
+        self.records.append(dict(fields))
+
+
+class Ticks:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_repeated_events_are_coalesced_per_type_and_key() -> None:
+    ticks = Ticks()
+    sink = ListSink()
+    events = Events(sink, repeats=Repeats(Rate(burst=3, interval=10.0), clock=ticks))
+    flooder = Caller(uid=1000, pid=42, transport="varlink")
+    other = Caller(uid=1001, pid=43, transport="dbus")
+    busy = Busy("the queue is full")
+    for _ in range(1000):
+        events.request_failed(flooder, "GetReport", busy)
+    events.request_failed(other, "GetReport", busy)  # another uid: its own budget
+    events.verification_failed(flooder, ["report.signature"])  # another type: its own
+    events.log("notice", "plain records are never held back")
+    assert [(r["SNPD_EVENT"], r["SNPD_CALLER_UID"]) for r in sink.records[:5]] == [
+        ("CLIENT_THROTTLED", "1000")] * 3 + [("CLIENT_THROTTLED", "1001"),
+                                             ("VERIFY_FAILED", "1000")]
+    assert len(sink.records) == 6 and "SNPD_SUPPRESSED" not in str(sink.records)
+    # The next record of the key after a quiet spell says how many were held back.
+    ticks.now += 10
+    events.request_failed(flooder, "GetReport", busy)
+    last = sink.records[-1]
+    assert last["SNPD_SUPPRESSED"] == "997" and "suppressed 997 similar" in last["MESSAGE"]
+    assert last["MESSAGE_ID"] == MESSAGE_IDS["CLIENT_THROTTLED"]
+    # A flush reports a key still holding records back, once.
+    for _ in range(5):
+        events.request_failed(flooder, "GetReport", busy)
+    ticks.now += 3
+    events.flush()
+    events.flush()
+    summary = sink.records[-1]
+    assert len(sink.records) == 8
+    assert summary["SNPD_SUPPRESSED"] == "5" and summary["SNPD_CALLER_UID"] == "1000"
+    assert summary["MESSAGE"].startswith("suppressed 5 similar in 3 s, the last: GetReport")
+    assert summary["MESSAGE_ID"] == MESSAGE_IDS["CLIENT_THROTTLED"]
+
+
+def test_repeats_forget_idle_keys_beyond_their_bound() -> None:
+    ticks = Ticks()
+    repeats = Repeats(Rate(burst=1, interval=1.0), clock=ticks, max_keys=4)
+    for uid in range(100):
+        assert repeats.admit(uid, {"MESSAGE": "m"}) == 0
+        ticks.now += 1
+    assert len(repeats._keys) <= 4
+    assert repeats.admit(99, {"MESSAGE": "m"}) == 0
+
+
+def test_events_without_repeats_send_everything() -> None:
+    sink = ListSink()
+    events = Events(sink)
+    for _ in range(50):
+        events.request_failed(Caller(uid=1000), "GetReport", Busy("full"))
+    events.flush()
+    assert len(sink.records) == 50
