@@ -15,7 +15,7 @@ TYPE_CHECKING = False  # typing itself costs snpctl's start-up ~2 ms; mypy reads
 if TYPE_CHECKING:
     from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 
 _LAZY = {
     "verify_attestation": "snpd.api",

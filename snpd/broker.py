@@ -8,8 +8,11 @@ from exactly one worker thread, and adds what the kernel cannot:
 
 - bounded admission: a full queue answers :class:`Busy` at once instead of
   growing without limit or making the asyncio front wait;
-- fairness: round-robin across clients, FIFO within one client, so one chatty
-  client cannot starve the others;
+- fairness: round-robin across users (uids), then across one user's clients
+  (connections), FIFO within one client, so neither a chatty client nor a user
+  with many connections can starve the others; each user's share of the queue is
+  bounded, and root keeps a reserve beyond the queue's size that no other user
+  can take;
 - deadlines and cancellation: a request whose deadline passed or whose caller
   went away is never sent to the firmware (each firmware call consumes a
   sequence number and, on a bad day, the key);
@@ -104,11 +107,15 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 class _Request:
     """One submitted call; mutable bookkeeping private to the broker (not a value)."""
 
-    __slots__ = ("abandoned", "args", "client", "deadline", "future", "loop", "op", "status")
+    __slots__ = ("abandoned", "args", "client", "deadline", "future", "loop", "op", "reserved",
+                 "status", "user")
 
     def __init__(self, client: Hashable, op: str, args: Tuple[Any, ...], deadline: float,
-                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any]) -> None:
+                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], *,
+                 user: Hashable = None, reserved: bool = False) -> None:
         self.client = client
+        self.user = client if user is None else user
+        self.reserved = reserved
         self.op = op
         self.args = args
         self.deadline = deadline
@@ -143,6 +150,8 @@ class Broker:
         *,
         max_pending: int = 64,
         per_client: int = 8,
+        per_user: Optional[int] = None,
+        reserve: int = 0,
         min_interval: float = 0.0,
         request_timeout: float = 30.0,
         busy_retries: int = 3,
@@ -152,8 +161,10 @@ class Broker:
         vmpck_id: Optional[int] = None,
         on_state_change: Optional[Callable[[BrokerState], None]] = None,
     ) -> None:
-        if max_pending < 1 or per_client < 1:
-            raise ValueError("max_pending and per_client must be at least 1")
+        if max_pending < 1 or per_client < 1 or (per_user is not None and per_user < 1):
+            raise ValueError("max_pending, per_client and per_user must be at least 1")
+        if reserve < 0:
+            raise ValueError("reserve must not be negative")
         if min_interval < 0 or busy_backoff < 0 or busy_retries < 0:
             raise ValueError("min_interval, busy_backoff and busy_retries must not be negative")
         if not request_timeout > 0:
@@ -161,6 +172,8 @@ class Broker:
         self._device = device
         self._max_pending = max_pending
         self._per_client = per_client
+        self._per_user = per_user if per_user is not None else max_pending
+        self._reserve = reserve
         self._min_interval = min_interval
         self._request_timeout = request_timeout
         self._busy_retries = busy_retries
@@ -175,7 +188,10 @@ class Broker:
         self._cond = threading.Condition(threading.Lock())
         # Everything below is guarded by self._cond.
         self._queues: Dict[Hashable, Deque[_Request]] = {}
-        self._ring: Deque[Hashable] = deque()  # clients with queued work, in serving order
+        # Users with queued work in serving order, and each one's clients likewise.
+        self._ring: Deque[Hashable] = deque()
+        self._clients: Dict[Hashable, Deque[Hashable]] = {}
+        self._by_user: Dict[Hashable, int] = {}
         self._queued = 0
         self._running: Optional[_Request] = None
         self._state = BrokerState()
@@ -225,28 +241,37 @@ class Broker:
 
     @overload
     async def submit(self, client: Hashable, op: Literal["report"], report_data: bytes,
-                     vmpl: int, /, *, deadline: Optional[float] = None) -> bytes: ...
+                     vmpl: int, /, *, deadline: Optional[float] = None, user: Hashable = None,
+                     reserved: bool = False) -> bytes: ...
 
     @overload
     async def submit(self, client: Hashable, op: Literal["extended_report"],
                      report_data: bytes, vmpl: int, /, *,
-                     deadline: Optional[float] = None) -> ExtendedReport: ...
+                     deadline: Optional[float] = None, user: Hashable = None,
+                     reserved: bool = False) -> ExtendedReport: ...
 
     @overload
     async def submit(self, client: Hashable, op: Literal["derived_key"],
                      request: DerivedKeyRequest, /, *,
-                     deadline: Optional[float] = None) -> bytes: ...
+                     deadline: Optional[float] = None, user: Hashable = None,
+                     reserved: bool = False) -> bytes: ...
 
     @overload
     async def submit(self, client: Hashable, op: str, *args: Any,
-                     deadline: Optional[float] = None) -> object: ...
+                     deadline: Optional[float] = None, user: Hashable = None,
+                     reserved: bool = False) -> object: ...
 
     async def submit(self, client: Hashable, op: str, *args: Any,
-                     deadline: Optional[float] = None) -> Any:
+                     deadline: Optional[float] = None, user: Hashable = None,
+                     reserved: bool = False) -> Any:
         """Run ``device.<op>(*args)`` on the worker and return its result.
 
+        ``client`` is one connection, ``user`` the account behind it (default: the
+        client itself); ``reserved`` requests (root's) may use the reserve beyond
+        ``max_pending`` and are not bounded per user.
+
         Raises the device's typed error; :class:`Busy` at once when the queue or
-        this client's share of it is full; :class:`Timeout` when ``deadline``
+        this client's or user's share of it is full; :class:`Timeout` when ``deadline``
         passes first (a request still queued then is never sent);
         :class:`VmpckDisabled` / :class:`DeviceUnavailable` at once when the
         broker is degraded / failed; :class:`ShuttingDown` once stopping.
@@ -257,7 +282,8 @@ class Broker:
         now = self._clock()
         if deadline is None:
             deadline = now + self._request_timeout
-        req = _Request(client, op, args, deadline, loop, loop.create_future())
+        req = _Request(client, op, args, deadline, loop, loop.create_future(), user=user,
+                       reserved=reserved)
         with self._cond:
             refusal = self._admit(req, now)
         if refusal is not None:
@@ -345,21 +371,29 @@ class Broker:
         elif now >= req.deadline:
             refusal = Timeout("the request's deadline had passed before it was queued")
             self._stats["dropped.deadline"] += 1
-        elif self._queued >= self._max_pending:
+        elif self._queued >= self._max_pending + (self._reserve if req.reserved else 0):
             refusal = Busy(f"the firmware queue is full ({self._queued} requests waiting); "
                            "retry later")
-            self._stats["queue.rejected_busy"] += 1
         elif queue is not None and len(queue) >= self._per_client:
             refusal = Busy(f"this client already has {len(queue)} requests waiting for the "
                            "firmware; retry later")
+        elif not req.reserved and self._by_user.get(req.user, 0) >= self._per_user:
+            refusal = Busy(f"this user already has {self._by_user[req.user]} requests "
+                           "waiting for the firmware, its share of the queue; retry later")
+        if isinstance(refusal, Busy):
             self._stats["queue.rejected_busy"] += 1
         if refusal is not None:
             self._count(req.op, refusal)
             return refusal
         if queue is None:
             queue = self._queues[req.client] = deque()
-            self._ring.append(req.client)
+            clients = self._clients.get(req.user)
+            if clients is None:
+                clients = self._clients[req.user] = deque()
+                self._ring.append(req.user)
+            clients.append(req.client)
         queue.append(req)
+        self._by_user[req.user] = self._by_user.get(req.user, 0) + 1
         self._queued += 1
         if self._queued > self._stats["queue.high_water"]:
             self._stats["queue.high_water"] = self._queued
@@ -416,17 +450,36 @@ class Broker:
     def _unqueue(self, req: _Request) -> None:
         queue = self._queues[req.client]
         queue.remove(req)
-        self._queued -= 1
+        self._dequeued(req, queue)
         req.status = _DONE
+        clients = self._clients[req.user]
+        if not queue and req.client in clients:
+            clients.remove(req.client)
+            self._forget_empty(req.user)
+
+    def _dequeued(self, req: _Request, queue: Deque[_Request]) -> None:
+        """Bookkeeping for ``req`` having left ``queue`` (already removed from it)."""
+        self._queued -= 1
+        left = self._by_user[req.user] - 1
+        if left:
+            self._by_user[req.user] = left
+        else:
+            del self._by_user[req.user]
         if not queue:
             del self._queues[req.client]
-            self._ring.remove(req.client)
+
+    def _forget_empty(self, user: Hashable) -> None:
+        if not self._clients[user]:
+            del self._clients[user]
+            self._ring.remove(user)
 
     def _take_all_queued(self) -> List[_Request]:
-        taken = [req for client in self._ring for req in self._queues[client]]
+        taken = [req for queue in self._queues.values() for req in queue]
         for req in taken:
             req.status = _DONE
         self._queues.clear()
+        self._clients.clear()
+        self._by_user.clear()
         self._ring.clear()
         self._queued = 0
         return taken
@@ -435,14 +488,18 @@ class Broker:
         """The next live request in round-robin order; expired ones are dropped."""
         now = self._clock()
         while self._ring:
-            client = self._ring.popleft()
+            user = self._ring.popleft()
+            clients = self._clients[user]
+            client = clients.popleft()
             queue = self._queues[client]
             req = queue.popleft()
-            self._queued -= 1
+            self._dequeued(req, queue)
             if queue:
-                self._ring.append(client)
+                clients.append(client)
+            if clients:
+                self._ring.append(user)
             else:
-                del self._queues[client]
+                del self._clients[user]
             if now >= req.deadline:
                 req.status = _DONE
                 self._stats["dropped.deadline"] += 1

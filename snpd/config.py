@@ -357,16 +357,24 @@ class QueueSection(_Section):
 
     max_pending: int = field(default=64, metadata=_kind(_integer(1, 10_000)))
     per_client: int = field(default=8, metadata=_kind(_integer(1, 10_000)))
+    # Counted per uid, so one user's many connections cannot take another's share.
+    per_uid: int = field(default=16, metadata=_kind(_integer(1, 10_000)))
+    # Requests root may queue beyond max_pending, so no other user can lock root out.
+    root_reserve: int = field(default=8, metadata=_kind(_integer(0, 10_000)))
 
     def _check(self) -> None:
         if self.per_client > self.max_pending:
             raise _error("queue.per_client", f"{self.per_client} is more than "
                                              f"queue.max_pending ({self.max_pending})")
+        if self.per_uid > self.max_pending:
+            raise _error("queue.per_uid", f"{self.per_uid} is more than "
+                                          f"queue.max_pending ({self.max_pending})")
 
 
 @dataclasses.dataclass(frozen=True)
 class KdsSection(_Section):
-    """``[kds]``: where AMD certificates come from and where they are kept."""
+    """``[kds]``: where AMD certificates come from and where they are kept, and how
+    much of the KDS (a shared, rate-limited service) each local user may spend."""
 
     NAME: ClassVar[str] = "kds"
 
@@ -376,6 +384,23 @@ class KdsSection(_Section):
     cache_dir: Path = field(default=Path("/var/cache/snpd"), metadata=_kind(_abs_path))
     offline: bool = field(default=False, metadata=_kind(_boolean))
     offline_dirs: Tuple[Path, ...] = field(default=(), metadata=_kind(_list(_abs_path)))
+    # Threads for work that may contact the KDS, apart from cache answers and
+    # verification, so that a slow KDS never delays those.
+    workers: int = field(default=4, metadata=_kind(_integer(1, 64)))
+    # Per non-root uid: calls waiting on the KDS at once, and outbound fetches (a
+    # burst, then one more per interval). Beyond either a call fails Busy at once.
+    per_uid_calls: int = field(default=2, metadata=_kind(_integer(1, 64)))
+    per_uid_fetch_burst: int = field(default=10, metadata=_kind(_integer(1, 10_000)))
+    per_uid_fetch_interval_s: float = field(default=60.0, metadata=_kind(_seconds(86_400)))
+    # A failed VCEK lookup is not asked again for this long (a 429/503 Retry-After
+    # instead); at most negative_entries such failures are remembered.
+    negative_ttl_s: float = field(default=600.0, metadata=_kind(_seconds(86_400)))
+    negative_entries: int = field(default=4096, metadata=_kind(_integer(16, 1_000_000)))
+
+    def _check(self) -> None:
+        if self.per_uid_calls > self.workers:
+            raise _error("kds.per_uid_calls", f"{self.per_uid_calls} is more than "
+                                              f"kds.workers ({self.workers})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -397,6 +422,12 @@ class DbusSection(_Section):
 
     enabled: bool = field(default=True, metadata=_kind(_boolean))
     bus: str = field(default="system", metadata=_kind(_bus))
+    # Larger messages are skipped unread (dbus-fast alone would hold up to the bus's
+    # 32 MiB per message); a VerifyReport with a whole chain is under 20 KiB.
+    max_message_bytes: int = field(default=64 * 1024,
+                                   metadata=_kind(_integer(16 * 1024, 16 * _MIB)))
+    # Properties, Introspectable and Peer calls per second per user (root: unmetered).
+    cheap_calls_per_s: int = field(default=50, metadata=_kind(_integer(1, 100_000)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,6 +442,38 @@ class VarlinkSection(_Section):
     # Large enough for an extended report with a full certificate chain in base64,
     # small enough that a client cannot make the daemon buffer much.
     max_message_bytes: int = field(default=_MIB, metadata=_kind(_integer(64 * 1024, 64 * _MIB)))
+    # Local users can open any number of connections, so what they can make the
+    # daemon hold is capped per uid as well as in all; root is held to the totals
+    # plus a reserve only, so that other users filling the server never lock it out.
+    # 32 connections per uid are more than any client program needs at once, and
+    # 8 users are needed to fill the 256 that all users share.
+    max_connections: int = field(default=256, metadata=_kind(_integer(1, 65_536)))
+    max_connections_per_uid: int = field(default=32, metadata=_kind(_integer(1, 65_536)))
+    root_reserved_connections: int = field(default=16, metadata=_kind(_integer(0, 65_536)))
+    # Bytes of messages not yet complete (or being served), over all connections.
+    # 4 MiB per uid is four largest messages at once; 32 MiB keeps the worst case
+    # far below the unit's MemoryMax.
+    max_buffer_bytes: int = field(default=32 * _MIB,
+                                  metadata=_kind(_integer(64 * 1024, 4096 * _MIB)))
+    max_buffer_bytes_per_uid: int = field(default=4 * _MIB,
+                                          metadata=_kind(_integer(64 * 1024, 4096 * _MIB)))
+    root_reserved_buffer_bytes: int = field(default=4 * _MIB,
+                                            metadata=_kind(_integer(0, 4096 * _MIB)))
+    # Silence allowed between messages; and the deadline for the whole of a message
+    # once its first byte has come (a deadline, so a byte now and then cannot hold
+    # a connection forever).
+    idle_timeout_s: float = field(default=60.0, metadata=_kind(_seconds(86_400)))
+    message_timeout_s: float = field(default=10.0, metadata=_kind(_seconds(3600)))
+
+    def _check(self) -> None:
+        # A per-uid cap within the total, and room in it for one whole message.
+        for key, other, relation in (("max_connections_per_uid", "max_connections", "more"),
+                                     ("max_buffer_bytes_per_uid", "max_buffer_bytes", "more"),
+                                     ("max_buffer_bytes_per_uid", "max_message_bytes", "less")):
+            value, bound = getattr(self, key), getattr(self, other)
+            if value > bound if relation == "more" else value < bound:
+                raise _error(f"varlink.{key}",
+                             f"{value} is {relation} than varlink.{other} ({bound})")
 
 
 def _freeze(path: str, value: object, depth: int = 0) -> object:
@@ -492,11 +555,16 @@ class EmulatorSection(_Section):
 
 @dataclasses.dataclass(frozen=True)
 class LogSection(_Section):
-    """``[log]``: the lowest journal priority the daemon emits."""
+    """``[log]``: the lowest journal priority the daemon emits, and how often one
+    kind of event for one key (a user's refused calls, say) may be logged."""
 
     NAME: ClassVar[str] = "log"
 
     level: str = field(default="info", metadata=_kind(_choice(*LOG_LEVELS)))
+    # A burst of records per event type and key, then one per interval; the rest are
+    # counted and reported as "suppressed N similar".
+    repeat_burst: int = field(default=10, metadata=_kind(_integer(1, 100_000)))
+    repeat_interval_s: float = field(default=10.0, metadata=_kind(_seconds(3600)))
 
 
 _SECTIONS: Dict[str, Type[_Section]] = {

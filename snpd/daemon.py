@@ -13,8 +13,8 @@ import asyncio
 import contextlib
 import grp
 import json
-import os
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
@@ -22,7 +22,9 @@ from snpd.broker import Broker, BrokerState
 from snpd.config import Config, load_config
 from snpd.errors import DeviceUnavailable, SnpdError
 from snpd.events import Events
+from snpd.kds.budget import BudgetLimits, KdsBudget
 from snpd.notify import Notifier
+from snpd.ratelimit import Rate
 from snpd.service import Access, Caller, Service
 from snpd.status.probe import SevStatus, probe
 from snpd.trust.roots import AMD_ROOTS, TrustRoots
@@ -30,6 +32,9 @@ from snpd.trust.verify import Verifier
 
 PROBE_FILE = Path("/run/snpd/probe.json")
 STARTUP_CALLER = Caller(uid=0, transport="startup", peer="snpd")
+# The longest Retry-After a KDS thread sleeps through; a longer one fails the fetch
+# at once, is remembered, and pauses that KDS URL (snpd/kds/client.py).
+KDS_MAX_RETRY_WAIT = 2.0
 
 
 class LazyKdsClient:
@@ -39,14 +44,17 @@ class LazyKdsClient:
     def __init__(self, url: str, mirrors: Sequence[str], deadline: float) -> None:
         self._args = (url, tuple(mirrors), deadline)
         self._client: Any = None
+        self._lock = threading.Lock()  # KDS threads share one client and its pauses
 
     def _get(self) -> Any:
-        if self._client is None:
-            from snpd.kds.client import KdsClient
+        with self._lock:
+            if self._client is None:
+                from snpd.kds.client import KdsClient
 
-            url, mirrors, deadline = self._args
-            self._client = KdsClient(url, mirrors, deadline=deadline)
-        return self._client
+                url, mirrors, deadline = self._args
+                self._client = KdsClient(url, mirrors, deadline=deadline,
+                                         max_retry_wait=KDS_MAX_RETRY_WAIT)
+            return self._client
 
     def fetch_cert_chain(self, *args: Any) -> bytes:
         result: bytes = self._get().fetch_cert_chain(*args)
@@ -98,6 +106,30 @@ def resolve_groups(names: Sequence[str], events: Events) -> FrozenSet[int]:
         except KeyError:
             events.log("warning", f"access group {name!r} does not exist; ignored")
     return frozenset(gids)
+
+
+def dbus_limits(cfg: Config) -> Any:
+    """The D-Bus gate's bounds from ``[queue]`` and ``[dbus]``: a connection may have
+    ``per_client`` calls in flight, a user ``per_uid``, all users together four times
+    ``max_pending`` (calls that verify or serve certificates never reach the firmware
+    queue), root ``max_pending`` plus its reserve, counted apart from everyone else;
+    as many again may wait for the bus to say who their caller is (a burst of new
+    connections), each for one round trip."""
+    from snpd.dbus.gate import Limits
+
+    q = cfg.queue
+    rate = cfg.dbus.cheap_calls_per_s
+    return Limits(per_connection=q.per_client, per_uid=q.per_uid, total=4 * q.max_pending,
+                  root=q.max_pending + q.root_reserve, unidentified=4 * q.max_pending,
+                  cheap_rate=float(rate),
+                  cheap_burst=2 * rate)
+
+
+def kds_budget(cfg: Config) -> KdsBudget:
+    """Each non-root uid's share of KDS work, from ``[kds]``."""
+    kds = cfg.kds
+    return KdsBudget(BudgetLimits(calls=kds.per_uid_calls, fetches=Rate(
+        kds.per_uid_fetch_burst, kds.per_uid_fetch_interval_s)))
 
 
 def status_dict(status: SevStatus) -> Dict[str, object]:
@@ -175,13 +207,16 @@ class Daemon:
 
     def _cache(self, roots: TrustRoots) -> Any:
         from snpd.kds.cache import CertificateCache
+        from snpd.kds.negative import NegativeCache
 
         kds = self.config.kds
         client = None if kds.offline else LazyKdsClient(kds.url, kds.mirrors, kds.timeout_s)
         try:
             return CertificateCache(kds.cache_dir, client, offline_dirs=kds.offline_dirs,
                                     offline=kds.offline, roots=roots,
-                                    observer=self.events.kds_fetch)
+                                    observer=self.events.kds_fetch,
+                                    negative=NegativeCache(kds.negative_ttl_s,
+                                                           kds.negative_entries))
         except OSError as exc:
             self.events.log("warning", f"KDS cache {kds.cache_dir} unusable ({exc}); "
                             "certificates will not be cached")
@@ -192,6 +227,7 @@ class Daemon:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         cfg = self.config
+        self._repeat_limit()
         self.status = load_probe(self.probe_file) or probe(self.root)
         device = self._device()
         emulator = getattr(device, "emulator", None)
@@ -203,6 +239,7 @@ class Daemon:
 
         self.broker = Broker(device, max_pending=cfg.queue.max_pending,
                              per_client=cfg.queue.per_client,
+                             per_user=cfg.queue.per_uid, reserve=cfg.queue.root_reserve,
                              min_interval=cfg.device.min_interval_ms / 1000,
                              request_timeout=cfg.device.request_timeout_s,
                              busy_retries=cfg.device.busy_retries,
@@ -218,7 +255,8 @@ class Daemon:
             policies=cfg.policies, guest_vmpl=guest_vmpl, backend=device.name,
             sev_status=({"snp_active": True, "emulated": True, "vmpl": guest_vmpl}
                         if emulator is not None else status_dict(self.status)),
-            request_timeout=cfg.device.request_timeout_s)
+            request_timeout=cfg.device.request_timeout_s,
+            kds_budget=kds_budget(cfg), kds_workers=cfg.kds.workers)
         await self._start_transports()
         self.notifier.ready(self.status_line())
         k = self.status.kernel
@@ -230,6 +268,7 @@ class Daemon:
             sev_status=" ".join(k.sev_status) or None,
             unavailable="; ".join(self.status.unavailable) or None)
         self._tasks.append(loop.create_task(self._learn_platform()))
+        self._tasks.append(loop.create_task(self._flush_events()))
         if self.notifier.watchdog_usec:
             self._tasks.append(loop.create_task(self._watchdog()))
 
@@ -240,7 +279,16 @@ class Daemon:
         if cfg.varlink.enabled:
             from snpd.varlink.server import VarlinkServer, activation_sockets, listen_fds
 
-            server = VarlinkServer(self.service, max_message=cfg.varlink.max_message_bytes)
+            v = cfg.varlink
+            server = VarlinkServer(
+                self.service, max_message=v.max_message_bytes,
+                max_connections=v.max_connections,
+                max_connections_per_uid=v.max_connections_per_uid,
+                root_reserved_connections=v.root_reserved_connections,
+                max_buffer_bytes=v.max_buffer_bytes,
+                max_buffer_bytes_per_uid=v.max_buffer_bytes_per_uid,
+                root_reserved_buffer_bytes=v.root_reserved_buffer_bytes,
+                idle_timeout=v.idle_timeout_s, message_timeout=v.message_timeout_s)
             try:
                 activated = activation_sockets(listen_fds())
                 for sock in activated:  # socket activation: snpd.socket made it already
@@ -257,8 +305,9 @@ class Daemon:
                 from snpd.dbus import service as dbus_service
 
                 address = None if cfg.dbus.bus == "system" else cfg.dbus.bus
-                handle = await dbus_service.serve(self.service, address,
-                                                  per_sender=cfg.queue.per_client)
+                handle = await dbus_service.serve(
+                    self.service, address, limits=dbus_limits(cfg),
+                    max_message=cfg.dbus.max_message_bytes)
                 self._transports.append(handle)
                 self._tasks.append(asyncio.get_running_loop().create_task(
                     self._watch_bus(handle)))
@@ -286,6 +335,22 @@ class Daemon:
                                "restarted and owns org.snpd.Snpd1 again")
         self.exit_status = 1
         self.request_stop()
+
+    def _repeat_limit(self) -> None:
+        """[log] repeat_*: at start and on reload (what was held back is reported first)."""
+        from snpd.events import Repeats
+
+        log = self.config.log
+        rate = Rate(log.repeat_burst, log.repeat_interval_s)
+        if self.events.repeats is None or self.events.repeats.rate != rate:
+            self.events.flush()
+            self.events.repeats = Repeats(rate)
+
+    async def _flush_events(self) -> None:
+        """Report the records held back as repeats, once per repeat interval."""
+        while True:
+            await asyncio.sleep(self.config.log.repeat_interval_s)
+            self.events.flush()
 
     async def _watchdog(self) -> None:
         interval = self.notifier.watchdog_usec / 2e6
@@ -376,6 +441,7 @@ class Daemon:
         from snpd.events import PRIORITIES
 
         self.events.max_priority = PRIORITIES.get(new.log.level, 6)
+        self._repeat_limit()
         restart = [name for name in ("device", "queue", "kds", "dbus", "varlink", "emulator")
                    if getattr(old, name).to_dict() != getattr(new, name).to_dict()]
         note = f"; restart snpd to apply [{'], ['.join(restart)}]" if restart else ""
@@ -399,10 +465,13 @@ class Daemon:
                 await asyncio.wait_for(self.broker.close(drain=True),
                                        self.config.device.request_timeout_s + 5)
             self.broker = None
+        if self.service is not None:
+            self.service.close()
         if self.service is not None and self.service.cache is not None:
             client = getattr(self.service.cache, "client", None)
             if client is not None:
                 client.close()
+        self.events.flush()
         self.notifier.close()
 
 
@@ -429,7 +498,18 @@ def run_daemon(config_path: Optional[Path], *, log_target: str = "auto") -> int:
 
 def write_probe(path: Path = PROBE_FILE, root: Path = Path("/")) -> Dict[str, object]:
     """What snpd-probe records for the unprivileged daemon: the kernel's SEV lines and
-    the sysfs facts (the daemon cannot read the kernel log itself)."""
+    the sysfs facts (the daemon cannot read the kernel log itself).
+
+    Root writes this into /run/snpd, a directory user snpd owns and can plant links
+    in. That is safe because root only ever creates a fresh file of its own there
+    and renames it over ``path`` (files.atomic_write). The temporary file has a
+    random name and is created with O_EXCL|O_NOFOLLOW, its mode is set with fchmod,
+    and rename(2) replaces a planted link instead of following it. A symlinked
+    directory is refused. The file stays where the daemon looks for it, and a
+    root-only directory would buy nothing more: the file is the daemon's own input,
+    which a compromised daemon controls anyway. Only ``path``'s directory is created
+    if missing, never a chain of parents.
+    """
     from snpd.files import atomic_write
     from snpd.status.kernel_log import parse_kernel_log
     from snpd.status.probe import read_kernel_log
@@ -441,7 +521,7 @@ def write_probe(path: Path = PROBE_FILE, root: Path = Path("/")) -> Dict[str, ob
     doc: Dict[str, object] = {"root": str(root), "kernel_lines": keep[:2000],
                               "kernel_log_error": why,
                               "facts": parse_kernel_log(keep).to_json()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(doc, indent=1).encode())
-    os.chmod(path, 0o644)
+    # exact_mode: the unit's UMask=0077 would leave the file unreadable to user snpd.
+    atomic_write(path, json.dumps(doc, indent=1).encode(), mode=0o644, exact_mode=True,
+                 within=path.parent.parent)
     return doc

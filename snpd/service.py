@@ -10,6 +10,7 @@ and option, and never logs report_data, keys or full chip IDs.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import datetime
 import enum
@@ -25,6 +26,7 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
+    TypeVar,
 )
 
 from snpd import __version__
@@ -33,6 +35,7 @@ from snpd.abi.report import REPORT_DATA_SIZE, AttestationReport
 from snpd.abi.tcb import TcbVersion
 from snpd.abi.uapi import GUEST_FIELDS, DerivedKeyRequest
 from snpd.errors import (
+    Busy,
     CertificateFormatError,
     CertificatesUnavailable,
     InvalidArgument,
@@ -40,24 +43,31 @@ from snpd.errors import (
     PermissionDenied,
     SnpdError,
 )
+from snpd.kds.budget import KdsBudget
 from snpd.trust.certset import CertificateSet
 from snpd.trust.verify import Verifier
 
 if TYPE_CHECKING:
     from snpd.broker import Broker
     from snpd.events import Events
-    from snpd.kds.cache import CertificateCache
+    from snpd.kds.cache import CertificateCache, FetchGate
     from snpd.trust.appraisal import AppraisalPolicy
+
+_T = TypeVar("_T")
 
 DEFAULT_VMPL = 0xFFFFFFFF  # "the guest's own VMPL" on the wire (D-Bus ``u`` has no null)
 MAX_LABEL = 255
-SEALING_SALT = b"snpd sealing key v1"
+SEALING_SALT = b"snpd sealing key v2"
 DEFAULT_SEALING_FIELDS = ("measurement", "policy")
+SEALING_VMPL = 3
+"""The VMPL of the firmware key that sealing keys are derived from. DeriveKey refuses
+it to everyone but root, so no caller of DeriveKey can reproduce a sealing root."""
 CertificateList = List[Tuple[str, bytes]]
 
 
 class Permission(enum.Enum):
     PUBLIC = "public"
+    MEMBER = "member"
     REPORT = "report"
     KEYS = "keys"
     MANAGE = "manage"
@@ -75,7 +85,8 @@ class Caller:
 
     @property
     def client_key(self) -> Tuple[object, ...]:
-        """The broker's fairness key: one queue per connection."""
+        """The broker's fairness key: one queue per connection (the broker groups a
+        user's connections by uid)."""
         return (self.transport, self.peer or self.pid, self.uid)
 
     def describe(self) -> str:
@@ -94,6 +105,8 @@ class Access:
     def allowed(self, caller: Caller, need: Permission) -> bool:
         if need is Permission.PUBLIC or caller.uid == 0:
             return True
+        if need is Permission.MEMBER:
+            return bool(caller.gids & (self.report_gids | self.key_gids))
         if need is Permission.REPORT:
             return bool(caller.gids & self.report_gids)
         if need is Permission.KEYS:
@@ -102,7 +115,8 @@ class Access:
 
     def check(self, caller: Caller, need: Permission, what: str) -> None:
         if not self.allowed(caller, need):
-            group = {Permission.REPORT: "a report group (snpd-users)",
+            group = {Permission.MEMBER: "a report or key group (snpd-users, snpd-keys)",
+                     Permission.REPORT: "a report group (snpd-users)",
                      Permission.KEYS: "a key group (snpd-keys)",
                      Permission.MANAGE: "root"}.get(need, "root")
             raise PermissionDenied(f"{what} needs {group}; {caller.describe()} is not allowed")
@@ -152,6 +166,8 @@ class Service:
         sev_status: Optional[Mapping[str, object]] = None,
         request_timeout: float = 30.0,
         clock: Callable[[], float] = lambda: asyncio.get_running_loop().time(),
+        kds_budget: Optional[KdsBudget] = None,
+        kds_workers: int = 4,
     ) -> None:
         self.broker = broker
         self.access = access
@@ -168,6 +184,12 @@ class Service:
         self.reported_tcb: int = 0
         self._chip_id: Optional[bytes] = None
         self._listeners: List[Callable[[str, Dict[str, object]], None]] = []
+        # Work that may contact the KDS runs in its own small pool, so that a slow or
+        # throttling KDS never delays cache answers and verification (the loop's
+        # default pool); each uid's share of it is bounded by the budget.
+        self.kds_budget = kds_budget or KdsBudget()
+        self._kds_pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=kds_workers, thread_name_prefix="snpd-kds")
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -212,7 +234,8 @@ class Service:
     async def _firmware(self, caller: Caller, op: str, *args: object,
                         deadline: float) -> Any:
         try:
-            return await self.broker.submit(caller.client_key, op, *args, deadline=deadline)
+            return await self.broker.submit(caller.client_key, op, *args, deadline=deadline,
+                                            user=caller.uid, reserved=caller.uid == 0)
         except SnpdError as exc:
             self.events.request_failed(caller, op, exc)
             raise
@@ -243,10 +266,50 @@ class Service:
         report: bytes = extended.report
         parsed = self._learn(report)
         self.events.report_issued(caller, level, parsed, self.product)
-        certs = await self._certificates_for(parsed, extended.certificates)
+        certs = await self._certificates_for(caller, parsed, extended.certificates)
         return report, certs
 
-    async def _certificates_for(self, report: AttestationReport,
+    # -- certificates: cache first, then the KDS within the caller's budget ---------------
+
+    async def _local(self, work: Callable[[], _T]) -> _T:
+        """CPU work and cache-only lookups: the loop's default pool, where nothing
+        waits on the network."""
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+    async def _lookup(self, caller: Caller, op: str,
+                      lookup: Callable[[Optional[FetchGate]], CertificateSet]
+                      ) -> CertificateSet:
+        """``lookup(gate)`` answered from the caches alone when it can be (no KDS pool,
+        no budget); otherwise in the KDS pool, admitted by the caller's budget, each
+        outbound fetch gated by it. A refusal is a KdsBudgetExceeded (Busy), logged."""
+        from snpd.kds.cache import NotCached, cache_only
+
+        try:
+            return await self._local(lambda: lookup(cache_only))
+        except NotCached:
+            pass
+        budget = self.kds_budget
+        try:
+            release = budget.admit(caller.uid)
+            try:
+                future = self._kds_pool.submit(lookup, budget.gate(caller.uid))
+            except BaseException:
+                release()
+                raise
+            # Released when the work ends, or is cancelled before it starts (a caller
+            # that went away must not keep its share).
+            future.add_done_callback(lambda _done: release())
+            return await asyncio.wrap_future(future)
+        except Busy as exc:
+            self.events.request_failed(caller, op, exc)
+            raise
+
+    def close(self) -> None:
+        """Stop the KDS pool: queued lookups are cancelled, running ones end by the KDS
+        client's deadline without being waited for."""
+        self._kds_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _certificates_for(self, caller: Caller, report: AttestationReport,
                                 table: Sequence[object]) -> CertificateList:
         """The host's table when it verifies, else the verified cache / KDS."""
         endorser = Endorser.VLEK if report.signing_key == 1 else Endorser.VCEK
@@ -254,21 +317,24 @@ class Service:
         if table:
             try:
                 certs = CertificateSet.from_table(table)  # type: ignore[arg-type]
-                verdict = self.verifier.verify(report, certs, product=product)
+                verdict = await self._local(
+                    lambda: self.verifier.verify(report, certs, product=product))
                 if verdict.valid:
                     return _as_list(certs)
                 self.events.certificate_rejected("host table", ", ".join(
                     c.name for c in verdict.failures))
             except CertificateFormatError as exc:
                 self.events.certificate_rejected("host table", str(exc))
-        if self.cache is None or product is None:
+        cache = self.cache
+        if cache is None or product is None:
             return []
         tcb = TcbVersion.decode(report.reported_tcb, product)
+        chip = None if report.chip_id_masked else report.chip_id
         try:
-            certs = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.cache.certificates(  # type: ignore[union-attr]
-                    product, endorser, chip_id=None if report.chip_id_masked else
-                    report.chip_id, tcb=tcb))
+            certs = await self._lookup(caller, "GetExtendedReport", lambda gate: (
+                cache.certificates(product, endorser, chip_id=chip, tcb=tcb, gate=gate)))
+        except Busy:
+            return []  # the report is worth more than its certificates; refusal logged
         except CertificatesUnavailable as exc:
             self.events.certificate_rejected("cache/KDS", str(exc))
             return []
@@ -292,9 +358,10 @@ class Service:
         chip = self._chip_id if endorser is Endorser.VCEK and self._chip_id and any(
             self._chip_id) else None
         tcb = TcbVersion.decode(self.reported_tcb, product) if chip else None
-        certs = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.cache.certificates(  # type: ignore[union-attr]
-                product, endorser, chip_id=chip, tcb=tcb, with_crl=opts.get("crl", False)))
+        cache = self.cache
+        certs = await self._lookup(caller, "GetCertificates", lambda gate: cache.certificates(
+            product, endorser, chip_id=chip, tcb=tcb, with_crl=opts.get("crl", False),
+            gate=gate))
         return _as_list(certs)
 
     async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
@@ -328,8 +395,7 @@ class Service:
                        and isinstance(p[1], (bytes, bytearray)) for p in pairs):
                 raise InvalidArgument("option 'certificates' must be a(say): (kind, DER)")
             certs = CertificateSet.from_kinds((k, bytes(v)) for k, v in pairs)
-        verdict = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: self._verify(data, certs, at, policy, product))
+        verdict = await self._verify(caller, data, certs, at, policy, product)
         if not verdict.valid:
             self.events.verification_failed(caller, [c.name for c in verdict.failures])
         return {
@@ -339,10 +405,13 @@ class Service:
             "checks": [(c.name, c.status.value, c.detail) for c in verdict.checks],
         }
 
-    def _verify(self, report: bytes, certs: CertificateSet, at: Optional[datetime.datetime],
-                policy: Optional[AppraisalPolicy], product: Optional[Product]) -> Any:
-        """Fill gaps in the caller's certificates from the cache, then verify."""
-        if self.cache is not None and len(report) == 0x4A0:
+    async def _verify(self, caller: Caller, report: bytes, certs: CertificateSet,
+                      at: Optional[datetime.datetime], policy: Optional[AppraisalPolicy],
+                      product: Optional[Product]) -> Any:
+        """Fill gaps in the caller's certificates from the cache (or the KDS, within the
+        caller's budget: beyond it the call fails Busy), then verify."""
+        cache = self.cache
+        if cache is not None and len(report) == 0x4A0:
             try:
                 parsed = AttestationReport.from_bytes(report)
                 found = parsed.cpuid_product or product
@@ -350,15 +419,18 @@ class Service:
                     endorser = Endorser.VLEK if parsed.signing_key == 1 else Endorser.VCEK
                     need_leaf = certs.leaf(endorser) is None and endorser is Endorser.VCEK \
                         and not parsed.chip_id_masked
-                    cached = self.cache.certificates(
-                        found, endorser,
-                        chip_id=parsed.chip_id if need_leaf else None,
-                        tcb=TcbVersion.decode(parsed.reported_tcb, found) if need_leaf
-                        else None)
+                    chip = parsed.chip_id if need_leaf else None
+                    tcb = TcbVersion.decode(parsed.reported_tcb, found) if need_leaf else None
+                    cached = await self._lookup(caller, "VerifyReport", lambda gate: (
+                        cache.certificates(found, endorser, chip_id=chip, tcb=tcb,
+                                           gate=gate)))
                     certs = certs.merged(cached)
+            except Busy:
+                raise  # throttled, not invalid: the caller retries later
             except SnpdError:
                 pass  # verification then reports exactly what is missing
-        return self.verifier.verify(report, certs, at=at, policy=policy, product=product)
+        return await self._local(lambda: self.verifier.verify(report, certs, at=at,
+                                                              policy=policy, product=product))
 
     async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
                            options: Mapping[str, Any]) -> Tuple[str, bytes]:
@@ -383,7 +455,12 @@ class Service:
                          guest_svn: int, tcb_version: int, options: Mapping[str, Any]) -> bytes:
         self.access.check(caller, Permission.KEYS, "DeriveKey")
         opts = _options(options, {"timeout": float}, "DeriveKey")
-        request = DerivedKeyRequest.from_fields(root_key, _names(fields), vmpl=self._vmpl(vmpl),
+        level = self._vmpl(vmpl)
+        if level == SEALING_VMPL and caller.uid != 0:
+            raise PermissionDenied(f"firmware keys of VMPL {SEALING_VMPL} are reserved for "
+                                   "sealing keys (DeriveSealingKey); only root may derive "
+                                   "them raw")
+        request = DerivedKeyRequest.from_fields(root_key, _names(fields), vmpl=level,
                                                 guest_svn=guest_svn, tcb_version=tcb_version)
         key: bytes = await self._firmware(caller, "derived_key", request,
                                           deadline=self._deadline(opts))
@@ -393,7 +470,12 @@ class Service:
     async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
                                  options: Mapping[str, Any]) -> bytes:
         """HKDF over a VCEK-rooted firmware key, bound to the caller's uid and label, so two
-        local users or applications never obtain the same key."""
+        local users or applications never obtain the same key.
+
+        The firmware key is requested at :data:`SEALING_VMPL`, which DeriveKey refuses
+        to everyone but root: a member of the key groups can no more compute the
+        root than anyone else, and the HKDF inputs (uid, label) being public does
+        not matter. snpd(8) gives the whole argument."""
         self.access.check(caller, Permission.REPORT, "DeriveSealingKey")
         opts = _options(options, {"timeout": float}, "DeriveSealingKey")
         if not isinstance(label, str) or not label or len(label.encode()) > MAX_LABEL:
@@ -403,13 +485,13 @@ class Service:
         if unknown:
             raise InvalidArgument(f"unknown guest fields {unknown}; expected "
                                   f"{', '.join(GUEST_FIELDS)}")
-        request = DerivedKeyRequest.from_fields("vcek", list(chosen), vmpl=self.guest_vmpl)
+        request = DerivedKeyRequest.from_fields("vcek", list(chosen), vmpl=SEALING_VMPL)
         raw: bytes = await self._firmware(caller, "derived_key", request,
                                           deadline=self._deadline(opts))
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-        info = b"snpd/v1/sealing\0" + struct.pack("<I", caller.uid) + label.encode()
+        info = b"snpd/v2/sealing\0" + struct.pack("<I", caller.uid) + label.encode()
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=SEALING_SALT,
                    info=info).derive(raw)
         self.events.key_derived(caller, "sealing", request.fields)
@@ -423,8 +505,12 @@ class Service:
             raise CertificatesUnavailable("no certificate cache is configured")
         await self.get_certificates(caller, {"crl": True})
 
-    def properties(self) -> Dict[str, Dict[str, object]]:
-        """Every property by interface, as plain Python values."""
+    def properties(self, caller: Optional[Caller] = None) -> Dict[str, Dict[str, object]]:
+        """Every property by interface, as plain Python values. With a ``caller``
+        (varlink), only for root and the members of either group; D-Bus leaves that
+        to the bus policy (dbus-fast does not say who reads a property)."""
+        if caller is not None:
+            self.access.check(caller, Permission.MEMBER, "GetProperties")
         state = self.broker.state
         stats = {k: int(v) for k, v in self.broker.stats().items()}
         if self.cache is not None:

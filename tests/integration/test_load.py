@@ -60,7 +60,10 @@ Results = List[Dict[str, Any]]
 
 
 def start(daemons: Launcher, queue: Mapping[str, int], latency: float = 0.0) -> SnpdDaemon:
-    config: Dict[str, Dict[str, Any]] = {"queue": dict(queue)}
+    # The load's clients share a few uids: per-user bounds are the attack suite's
+    # subject (test_attack_dbus.py); here each user may use the whole queue.
+    config: Dict[str, Dict[str, Any]] = {
+        "queue": {"per_uid": queue["max_pending"], **queue}}
     if latency:
         config["emulator"] = {"latency": latency}
     return daemons.start(config)
@@ -169,8 +172,10 @@ def test_beyond_max_pending_the_only_answer_is_busy(daemons: Launcher,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """128 clients against a queue of 16: many Busy answers, every call still served
     once retried, and nothing else goes wrong."""
-    daemon = start(daemons, {"max_pending": 16, "per_client": PER_CLIENT},
-                           latency=FIRMWARE_LATENCY)
+    # root_reserve 0: the load's clients run as root, whose reserve would let the
+    # queue grow past max_pending (test_attack_dbus.py and test_broker.py test it).
+    daemon = start(daemons, {"max_pending": 16, "per_client": PER_CLIENT, "root_reserve": 0},
+                   latency=FIRMWARE_LATENCY)
     calls = max(8, CALLS // 2)
     results = load(daemon, calls=calls, greedy=0)
     show(capsys, f"load: max_pending 16, {2 * CLIENTS} polite clients x {calls} calls",

@@ -335,6 +335,76 @@ def test_round_robin_across_clients_and_fifo_within_one() -> None:
     run(main)
 
 
+def test_a_user_with_many_clients_gets_one_share() -> None:
+    """Round-robin goes across users first: user U's four connections together get
+    the firmware as often as user V's one."""
+    async def main() -> None:
+        device = FakeDevice()
+        async with running(device, max_pending=64, per_client=16) as broker:
+            first = await blocked(broker, device, client="blocker")
+            u = [asyncio.ensure_future(broker.submit(f"u{c}", "report", data(100 + 10 * c + i),
+                                                     0, user="U"))
+                 for c in range(4) for i in range(2)]
+            v = [asyncio.ensure_future(broker.submit("v", "report", data(200 + i), 0, user="V"))
+                 for i in range(4)]
+            await eventually(lambda: broker.pending() == 13, "all twelve queued")
+            device.gate.set()
+            await asyncio.gather(first, *u, *v)
+        order = device.report_datas()[1:]
+        users = ["U" if d in {data(100 + 10 * c + i) for c in range(4) for i in range(2)}
+                 else "V" for d in order]
+        assert users[:8] == ["U", "V"] * 4
+        # and U's connections take turns among themselves
+        assert order[0:8:2] == [data(100), data(110), data(120), data(130)]
+
+    run(main)
+
+
+def test_per_user_share_counts_every_connection_of_that_user() -> None:
+    async def main() -> None:
+        device = FakeDevice()
+        async with running(device, max_pending=64, per_client=8, per_user=3) as broker:
+            first = await blocked(broker, device, client="blocker")
+            mine = [asyncio.ensure_future(broker.submit(f"u{i}", "report", data(i), 0,
+                                                        user=1000))
+                    for i in range(3)]
+            await eventually(lambda: broker.pending() == 4, "three queued")
+            with pytest.raises(Busy, match="this user"):
+                await broker.submit("u9", "report", data(9), 0, user=1000)
+            other = asyncio.ensure_future(broker.submit("w", "report", data(4), 0, user=1001))
+            await eventually(lambda: broker.pending() == 5, "another user still queues")
+            device.gate.set()
+            await asyncio.gather(first, *mine, other)
+            assert data(9) not in device.report_datas()
+
+    run(main)
+
+
+def test_root_keeps_a_reserve_beyond_a_full_queue() -> None:
+    async def main() -> None:
+        device = FakeDevice()
+        async with running(device, max_pending=4, per_client=8, per_user=4,
+                           reserve=2) as broker:
+            first = await blocked(broker, device, client="blocker")
+            others = [asyncio.ensure_future(broker.submit(f"x{i}", "report", data(i), 0,
+                                                          user=1000 + i))
+                      for i in range(4)]
+            await eventually(lambda: broker.pending() == 5, "the queue is full")
+            with pytest.raises(Busy, match="queue is full"):
+                await broker.submit("y", "report", data(8), 0, user=2000)
+            root = [asyncio.ensure_future(broker.submit("r", "report", data(50 + i), 0,
+                                                        user=0, reserved=True))
+                    for i in range(2)]
+            await eventually(lambda: broker.pending() == 7, "root queued in its reserve")
+            with pytest.raises(Busy, match="queue is full"):
+                await broker.submit("r", "report", data(9), 0, user=0, reserved=True)
+            device.gate.set()
+            await asyncio.gather(first, *others, *root)
+            assert data(50) in device.report_datas() and data(51) in device.report_datas()
+
+    run(main)
+
+
 # -- deadlines and cancellation -------------------------------------------------------------
 
 

@@ -50,7 +50,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "request_timeout_s": 30.0,
         "busy_retries": 3,
     },
-    "queue": {"max_pending": 64, "per_client": 8},
+    "queue": {"max_pending": 64, "per_client": 8, "per_uid": 16, "root_reserve": 8},
     "kds": {
         "url": "https://kdsintf.amd.com",
         "mirrors": (),
@@ -58,16 +58,31 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "cache_dir": Path("/var/cache/snpd"),
         "offline": False,
         "offline_dirs": (),
+        "workers": 4,
+        "per_uid_calls": 2,
+        "per_uid_fetch_burst": 10,
+        "per_uid_fetch_interval_s": 60.0,
+        "negative_ttl_s": 600.0,
+        "negative_entries": 4096,
     },
     "access": {"report_groups": ("snpd-users",), "key_groups": ("snpd-keys",)},
-    "dbus": {"enabled": True, "bus": "system"},
+    "dbus": {"enabled": True, "bus": "system", "max_message_bytes": 65536,
+             "cheap_calls_per_s": 50},
     "varlink": {
         "enabled": True,
         "socket": Path("/run/snpd/snpd.varlink"),
         "max_message_bytes": 1 << 20,
+        "max_connections": 256,
+        "max_connections_per_uid": 32,
+        "root_reserved_connections": 16,
+        "max_buffer_bytes": 32 << 20,
+        "max_buffer_bytes_per_uid": 4 << 20,
+        "root_reserved_buffer_bytes": 4 << 20,
+        "idle_timeout_s": 60.0,
+        "message_timeout_s": 10.0,
     },
     "emulator": {"state_dir": Path("/var/lib/snpd/emulator"), "product": Product.GENOA},
-    "log": {"level": "info"},
+    "log": {"level": "info", "repeat_burst": 10, "repeat_interval_s": 10.0},
 }
 
 FULL = """
@@ -276,8 +291,10 @@ SECTIONS = "access, dbus, device, emulator, kds, log, policy, queue, varlink"
     ("[queu]\n", f"snpd.toml: queu: unknown section (known: {SECTIONS})"),
     ("level = \"info\"\n", f"snpd.toml: level: unknown section (known: {SECTIONS})"),
     ("[queue]\nmax_pendng = 3\n",
-     "snpd.toml: queue.max_pendng: unknown key (known: max_pending, per_client)"),
-    ("[log]\n\"lev el\" = 1\n", 'snpd.toml: log."lev el": unknown key (known: level)'),
+     "snpd.toml: queue.max_pendng: unknown key (known: max_pending, per_client, per_uid, "
+     "root_reserve)"),
+    ("[log]\n\"lev el\" = 1\n",
+     'snpd.toml: log."lev el": unknown key (known: level, repeat_burst, repeat_interval_s)'),
     ("[device.path]\n", "snpd.toml: device.path: expected an absolute path, got a table"),
     ("log = 3\n", "snpd.toml: log: expected a [log] table, got 3"),
     # booleans are TOML booleans
@@ -303,6 +320,24 @@ SECTIONS = "access, dbus, device, emulator, kds, log, policy, queue, varlink"
      "snpd.toml: device.busy_retries: 101 is out of range 0..100"),
     ("[varlink]\nmax_message_bytes = 1024\n",
      "snpd.toml: varlink.max_message_bytes: 1024 is out of range 65536..67108864"),
+    # varlink's per-uid bounds (issue 10)
+    ("[varlink]\nmax_connections_per_uid = 0\n",
+     "snpd.toml: varlink.max_connections_per_uid: 0 is out of range 1..65536"),
+    ("[varlink]\nmax_connections_per_uid = 257\n",
+     "snpd.toml: varlink.max_connections_per_uid: 257 is more than varlink.max_connections "
+     "(256)"),
+    ("[varlink]\nroot_reserved_connections = -1\n",
+     "snpd.toml: varlink.root_reserved_connections: -1 is out of range 0..65536"),
+    ("[varlink]\nmax_buffer_bytes_per_uid = 67108864\n",
+     "snpd.toml: varlink.max_buffer_bytes_per_uid: 67108864 is more than "
+     "varlink.max_buffer_bytes (33554432)"),
+    ("[varlink]\nmax_message_bytes = 8388608\n",
+     "snpd.toml: varlink.max_buffer_bytes_per_uid: 4194304 is less than "
+     "varlink.max_message_bytes (8388608)"),
+    ("[varlink]\nmessage_timeout_s = 0\n",
+     "snpd.toml: varlink.message_timeout_s: expected a positive number, got 0"),
+    ("[varlink]\nidle_timeout_s = 86401\n",
+     "snpd.toml: varlink.idle_timeout_s: 86401 is more than the maximum 86400"),
     # durations
     ("[kds]\ntimeout_s = \"60\"\n", "snpd.toml: kds.timeout_s: expected a positive number, "
                                     "got \"60\""),
@@ -311,6 +346,20 @@ SECTIONS = "access, dbus, device, emulator, kds, log, policy, queue, varlink"
      "snpd.toml: kds.timeout_s: expected a positive number, got nan"),
     ("[kds]\ntimeout_s = inf\n",
      "snpd.toml: kds.timeout_s: expected a positive number, got inf"),
+    ("[kds]\nworkers = 0\n", "snpd.toml: kds.workers: 0 is out of range 1..64"),
+    ("[kds]\nper_uid_calls = 5\n",
+     "snpd.toml: kds.per_uid_calls: 5 is more than kds.workers (4)"),
+    ("[kds]\nper_uid_fetch_burst = 0\n",
+     "snpd.toml: kds.per_uid_fetch_burst: 0 is out of range 1..10000"),
+    ("[kds]\nper_uid_fetch_interval_s = 0\n",
+     "snpd.toml: kds.per_uid_fetch_interval_s: expected a positive number, got 0"),
+    ("[kds]\nnegative_ttl_s = 86401\n",
+     "snpd.toml: kds.negative_ttl_s: 86401 is more than the maximum 86400"),
+    ("[kds]\nnegative_entries = 15\n",
+     "snpd.toml: kds.negative_entries: 15 is out of range 16..1000000"),
+    ("[log]\nrepeat_burst = 0\n", "snpd.toml: log.repeat_burst: 0 is out of range 1..100000"),
+    ("[log]\nrepeat_interval_s = -1\n",
+     "snpd.toml: log.repeat_interval_s: expected a positive number, got -1"),
     ("[device]\nrequest_timeout_s = -0.5\n",
      "snpd.toml: device.request_timeout_s: expected a positive number, got -0.5"),
     ("[device]\nrequest_timeout_s = 3601\n",
@@ -604,7 +653,8 @@ def test_check_config_error(tmp_path: Path) -> None:
     path = tmp_path / "snpd.toml"
     path.write_text("[queue]\nmax_pendng = 3\n", encoding="utf-8")
     assert run("--check-config", "--config", path) == (
-        2, "", f"{path}: queue.max_pendng: unknown key (known: max_pending, per_client)\n")
+        2, "", f"{path}: queue.max_pendng: unknown key (known: max_pending, per_client, "
+               "per_uid, root_reserve)\n")
     code, out, err = run("--check-config", "--config", tmp_path / "nope.toml", "--json")
     assert (code, out) == (2, "")
     assert err == f"{tmp_path / 'nope.toml'}: no such file\n"

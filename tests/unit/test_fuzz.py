@@ -341,6 +341,40 @@ def test_fuzz_varlink_framing(chunks: List[bytes], limit: Optional[int]) -> None
             _only((ProtocolError,), decode_call, message)
 
 
+def _dbus_seed() -> bytes:
+    """A Ping with flags 6 (what busctl --auto-start=no sends)."""
+    fields = bytes([1, 1]) + b"o\0" + (15).to_bytes(4, "little") + b"/org/snpd/Snpd1\0"
+    fields += b"\0" * (-len(fields) & 7)
+    fields += bytes([3, 1]) + b"s\0" + (4).to_bytes(4, "little") + b"Ping\0"
+    head = b"l\x01\x06\x01" + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
+    head += len(fields).to_bytes(4, "little") + fields
+    return head + b"\0" * (-len(head) & 7)
+
+
+@fuzz
+@given(chunks=st.lists(_seeded([_dbus_seed()], max_size=512), max_size=6),
+       limit=st.sampled_from([16, 64, 4096]))
+def test_fuzz_dbus_framing(chunks: List[bytes], limit: int) -> None:
+    """The D-Bus reader's framer and header-field parser (what snpd reads before
+    dbus-fast sees anything): only WireError, the buffer bounded, and every flag
+    byte reduced to one dbus-fast maps."""
+    from snpd.dbus import wire
+
+    _count("dbus_framing")
+    framer = wire.Framer(limit, read_size=128)
+    for chunk in chunks:
+        try:
+            events = framer.feed(chunk)
+        except wire.WireError:
+            return  # the reader closes a connection that is not D-Bus
+        # One message (or an oversized one's header fields) plus the last chunk.
+        assert framer.buffered <= max(limit, wire.FIXED_SIZE + wire.MAX_FIELDS) + len(chunk)
+        for item in events:
+            if isinstance(item, wire.Frame):
+                assert len(item.data) <= limit
+                assert wire.for_dbus_fast(item.data)[2] in (0, 1)
+
+
 _CALL_MEMBERS = st.sampled_from(["method", "parameters", "oneway", "more", "upgrade", "x"])
 
 
@@ -404,7 +438,8 @@ class FakeBroker:
     def stats(self) -> Dict[str, int]:
         return {"requests": 1}
 
-    async def submit(self, client: Any, op: str, *args: Any, deadline: float) -> Any:
+    async def submit(self, client: Any, op: str, *args: Any, deadline: float,
+                     user: Any = None, reserved: bool = False) -> Any:
         assert math.isfinite(deadline)
         if op == "report":
             return self.report
@@ -624,7 +659,10 @@ _SECTION_KEYS = {
     "kds": ["url", "mirrors", "timeout_s", "cache_dir", "offline", "offline_dirs"],
     "access": ["report_groups", "key_groups"],
     "dbus": ["enabled", "bus"],
-    "varlink": ["enabled", "socket", "max_message_bytes"],
+    "varlink": ["enabled", "socket", "max_message_bytes", "max_connections",
+                "max_connections_per_uid", "root_reserved_connections", "max_buffer_bytes",
+                "max_buffer_bytes_per_uid", "root_reserved_buffer_bytes", "idle_timeout_s",
+                "message_timeout_s"],
     "emulator": ["state_dir", "product"],
     "log": ["level"],
 }
