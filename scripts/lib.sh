@@ -5,7 +5,8 @@
 #   ensure_apt PKG...          install Debian packages that are missing (idempotent)
 #   find_python 3.X            print the path of a working CPython 3.X, or fail
 #   tree_hash ARGS...          sha256 of the named files (missing ones count as empty)
-#   ensure_venv DIR PY FN      (re)build venv DIR from PY with install function FN,
+#   ensure_venv DIR PY FN [VENV_OPT...]
+#                              (re)build venv DIR from PY with install function FN,
 #                              skipped when its stamp matches
 #   has_py DIR                 true if DIR exists and holds at least one .py file
 
@@ -130,23 +131,28 @@ tree_hash() {
     } | sha256sum | cut -d' ' -f1
 }
 
-# ensure_venv DIR PYTHON INSTALL_FN : DIR is a venv of PYTHON into which
-# INSTALL_FN DIR has installed everything. The stamp DIR/.snpd-stamp holds a
-# hash of pyproject.toml, scripts/*requirements*.txt, the interpreter, the repo
-# path and the body of INSTALL_FN; while it matches, nothing is reinstalled.
+# ensure_venv DIR PYTHON INSTALL_FN [VENV_OPT...] : DIR is a venv of PYTHON
+# (made with `PYTHON -m venv VENV_OPT... DIR`, e.g. --system-site-packages) into
+# which INSTALL_FN DIR has installed everything. The stamp DIR/.snpd-stamp holds
+# a hash of pyproject.toml, scripts/*requirements*.txt, the interpreter, the repo
+# path, the body of INSTALL_FN and the VENV_OPTs; while it matches, nothing is
+# reinstalled. (Without VENV_OPTs the hash is the one computed before they
+# existed, so venvs made without them keep their stamps.)
 ensure_venv() {
     local dir=$1 py=$2 fn=$3 key pyver
+    shift 3
+    local -a venv_opts=("$@")
     pyver=$("$py" -c 'import sys; print(sys.version)') || return 1
     key=$(tree_hash "$SNPD_ROOT/pyproject.toml" "$SNPD_ROOT"/scripts/*requirements*.txt \
-        -- "$py" "$pyver" "$SNPD_ROOT" "$(declare -f "$fn")")
+        -- "$py" "$pyver" "$SNPD_ROOT" "$(declare -f "$fn")" ${venv_opts[@]+"${venv_opts[@]}"})
     if [[ -x $dir/bin/python && -f $dir/.snpd-stamp && $(<"$dir/.snpd-stamp") == "$key" ]] \
         && "$dir/bin/python" -c '' 2>/dev/null; then
         say "venv ${dir#"$SNPD_ROOT"/} is up to date"
         return 0
     fi
-    say "building venv ${dir#"$SNPD_ROOT"/} from $py"
+    say "building venv ${dir#"$SNPD_ROOT"/} from $py${venv_opts[*]+ (${venv_opts[*]})}"
     rm -rf "$dir"
-    "$py" -m venv "$dir" || return 1
+    "$py" -m venv ${venv_opts[@]+"${venv_opts[@]}"} "$dir" || return 1
     "$fn" "$dir" || { warn "installing into $dir failed"; return 1; }
     printf '%s\n' "$key" >"$dir/.snpd-stamp"
 }
