@@ -91,6 +91,7 @@ _INVALID_ARGUMENT = DBUS_PREFIX + "InvalidArgument"
 _DBUS = "org.freedesktop.DBus"
 _DBUS_PATH = "/org/freedesktop/DBus"
 _ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+_PEER = "org.freedesktop.DBus.Peer"
 _EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 # Only disappearances matter to the credentials cache (arg2 = new owner = none).
 _VANISHED_RULE = (f"type='signal',sender='{_DBUS}',path='{_DBUS_PATH}',interface='{_DBUS}',"
@@ -192,6 +193,31 @@ def decode_options(options: Mapping[str, Any]) -> Dict[str, Any]:
     return {str(key): plain(variant.value, variant.type) for key, variant in options.items()}
 
 
+def _counts_characters() -> bool:
+    """True for a dbus-fast whose marshaller writes a string's length in characters
+    rather than UTF-8 bytes (1.84.2, Debian 12; fixed upstream in 2023, PR #261):
+    a reply holding a non-ASCII character is then an invalid message, and the bus
+    drops the connection."""
+    try:
+        data = Message(message_type=MessageType.ERROR, destination=":1.1", reply_serial=1,
+                       error_name="a.b", signature="s", body=["\u2026"])._marshall(False)
+    except Exception:
+        return True
+    return b"\x01\x00\x00\x00\xe2" in data  # length 1 before the 3 UTF-8 bytes
+
+
+_ESCAPE_NON_ASCII = _counts_characters()
+
+
+def text(value: str) -> str:
+    """A string as it may be sent: with such a dbus-fast, non-ASCII characters are
+    written as backslash escapes (snpd's own texts are ASCII but for a few
+    ellipses; callers' strings are echoed only in error texts)."""
+    if _ESCAPE_NON_ASCII and not value.isascii():
+        return value.encode("ascii", "backslashreplace").decode("ascii")
+    return value
+
+
 def _guess(value: object) -> Tuple[str, Any]:
     """(signature, D-Bus value) for a plain value of a free-form ``a{sv}``."""
     if isinstance(value, Variant):
@@ -207,7 +233,7 @@ def _guess(value: object) -> Tuple[str, Any]:
     if isinstance(value, float):
         return "d", value
     if isinstance(value, str):
-        return "s", value
+        return "s", text(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
         return "ay", bytes(value)
     if isinstance(value, Mapping):
@@ -259,9 +285,11 @@ def _verify_result(value: Mapping[str, object]) -> Dict[str, Variant]:
     for key, item in value.items():
         sig = _RESULT_TYPES.get(key)
         if sig == "a(sss)":
-            out[key] = Variant(sig, [[str(x) for x in _seq(row)] for row in _seq(item)])
+            out[key] = Variant(sig, [[text(str(x)) for x in _seq(row)] for row in _seq(item)])
         elif sig == "as":
-            out[key] = Variant(sig, [str(x) for x in _seq(item)])
+            out[key] = Variant(sig, [text(str(x)) for x in _seq(item)])
+        elif sig == "s":
+            out[key] = Variant(sig, text(str(item)))
         elif sig is not None:
             out[key] = Variant(sig, item)
         elif item is not None:
@@ -290,7 +318,7 @@ def encode_property(signature: str, value: object) -> Any:
     if signature == "s":
         if not isinstance(value, str):
             raise TypeError(f"expected str, got {type(value).__name__}")
-        return value
+        return text(value)
     raise ValueError(f"no encoder for properties of type {signature}")
 
 
@@ -682,7 +710,7 @@ class _Server:
             opts = decode_options(options) if options is not None else {}
             return encode(await invoke(caller, opts))
         except SnpdError as exc:
-            raise DBusError(exc.dbus_name(), str(exc)) from None
+            raise DBusError(exc.dbus_name(), text(str(exc))) from None
         except DBusError:
             raise
         except Exception:
@@ -807,6 +835,7 @@ class _Reader:
         self._fd: int = self._bus._fd
         self._dropped = 0
         self._dropped_logged_at: Optional[float] = None
+        self._machine_id: Optional[str] = None
 
     def install(self) -> None:
         """Take the socket's read side over from dbus-fast. Fails closed: a dbus-fast
@@ -875,7 +904,35 @@ class _Reader:
         if refusal is not None:
             self._answer(header, fields, refusal.error_name, refusal.text)
             return
+        if fields.interface == _PEER and fields.path is not None:
+            self._peer(header, fields)
+            return
         self._dispatch(event.data, None)
+
+    def _peer(self, header: wire.Header, fields: wire.Fields) -> None:
+        """org.freedesktop.DBus.Peer, answered here: dbus-fast 1.84.2 answers every
+        GetMachineId after the first with an error (it passes the cached id where a
+        list is due)."""
+        if not header.expects_reply or not fields.sender:
+            return
+        if fields.member == "Ping" and fields.signature == "":
+            body: List[Any] = []
+            signature = ""
+        elif fields.member == "GetMachineId" and fields.signature == "":
+            if self._machine_id is None:
+                self._machine_id = _machine_id()
+            if not self._machine_id:
+                self._answer(header, fields, "org.freedesktop.DBus.Error.FileNotFound",
+                             "this machine has no machine id")
+                return
+            body, signature = [self._machine_id], "s"
+        else:
+            self._answer(header, fields, "org.freedesktop.DBus.Error.UnknownMethod",
+                         "org.freedesktop.DBus.Peer has Ping() and GetMachineId()")
+            return
+        self._bus.send(Message(message_type=MessageType.METHOD_RETURN,
+                               destination=fields.sender, reply_serial=header.serial,
+                               signature=signature, body=body))
 
     def _dispatch(self, data: bytes, ticket: Optional[Ticket]) -> None:
         try:
@@ -926,6 +983,19 @@ def unmarshal(data: bytes) -> Any:
     if msg is None:
         raise ValueError("incomplete D-Bus message")
     return msg
+
+
+def _machine_id() -> str:
+    """The machine id as D-Bus defines it, or "" when the machine has none."""
+    for path in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+        try:
+            with open(path, encoding="ascii") as f:
+                value = f.read(64).strip()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(value) == 32 and all(c in "0123456789abcdef" for c in value):
+            return value
+    return ""
 
 
 def _consume(fut: asyncio.Future[Any]) -> None:

@@ -263,9 +263,9 @@ def test_live_introspection_equals_the_checked_in_xml(strict: Any) -> None:
             "org.freedesktop.DBus.Peer"} <= set(standard)
 
 
-def test_busctl_introspection_as_outsider_equals_the_checked_in_xml(strict: Any) -> None:
+def test_busctl_introspection_as_a_member_equals_the_checked_in_xml(strict: Any) -> None:
     result = busctl(strict.address, "introspect", "--xml-interface", BUS_NAME, OBJECT_PATH,
-                    user="snpd-test-outsider")
+                    user="snpd-test-user")
     assert result.returncode == 0, result.stderr
     assert introspection_diff(CHECKED_IN_XML.read_text(), result.stdout) == []
 
