@@ -9,7 +9,7 @@ instead of sleeping, and nothing here is global: each owner keeps its buckets.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Dict, Optional, Tuple
 
 #: Seconds on a monotonic clock (time.monotonic, or a test's stepped clock).
 Clock = Callable[[], float]
@@ -66,3 +66,39 @@ class TokenBucket:
     def wait(self) -> float:
         """Seconds until the next token (0 if one is there)."""
         return max(0.0, (1.0 - self._refill()) * self.rate.interval)
+
+
+class LogLimiter:
+    """At most one log line per ``interval`` seconds for each (event, uid); the
+    next line that passes says how many were left out. One user refused
+    thousands of times a second must not flood the journal, whose own rate
+    limit would then drop everyone else's lines too. (For journal records with
+    fields, :class:`snpd.events.Repeats` does the same with a burst.)"""
+
+    MAX_KEYS = 1024  # beyond it, expired keys are dropped, then everyone shares one
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: Dict[Tuple[str, int], float] = {}
+        self._suppressed: Dict[Tuple[str, int], int] = {}
+
+    def admit(self, event: str, uid: int) -> Optional[int]:
+        """None to leave this line out; else the number left out since the last one."""
+        now = self.clock()
+        key = (event, uid)
+        if key not in self._last and len(self._last) >= self.MAX_KEYS:
+            self._prune(now)
+            if len(self._last) >= self.MAX_KEYS:
+                key = (event, -1)
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._suppressed.pop(key, 0)
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, t in self._last.items() if now - t >= self.interval]:
+            del self._last[key]
+            self._suppressed.pop(key, None)

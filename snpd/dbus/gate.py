@@ -25,6 +25,8 @@ import dataclasses
 import enum
 from typing import Dict, Mapping, Optional, Tuple, Union
 
+from snpd.ratelimit import Clock, Rate, TokenBucket
+
 ROOT = 0
 
 
@@ -69,17 +71,11 @@ BUSY = "org.snpd.Snpd1.Error.Busy"
 LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 
 
-@dataclasses.dataclass
-class _Bucket:
-    tokens: float
-    stamp: float
-
-
 class Gate:
     """The admission bookkeeping of one bus connection (mutable, owned by its reader)."""
 
-    def __init__(self, limits: Limits,
-                 methods: Mapping[Tuple[str, str], str], path: str) -> None:
+    def __init__(self, limits: Limits, methods: Mapping[Tuple[str, str], str], path: str,
+                 clock: Clock) -> None:
         # (interface, member) -> signature of every service method.
         self.limits = limits
         self._methods = dict(methods)
@@ -90,7 +86,8 @@ class Gate:
         self._by_uid: Dict[int, int] = {}
         self._unidentified = 0
         self._total = 0
-        self._buckets: Dict[Union[int, str], _Bucket] = {}
+        self._clock = clock
+        self._buckets: Dict[Union[int, str], TokenBucket] = {}
         self.refused = 0
 
     def classify(self, path: Optional[str], interface: Optional[str],
@@ -152,7 +149,7 @@ class Gate:
                 self._total = max(0, self._total - 1)
         self._release_sender(ticket.sender)
 
-    def cheap(self, sender: str, uid: Optional[int], now: float) -> Optional[Refusal]:
+    def cheap(self, sender: str, uid: Optional[int]) -> Optional[Refusal]:
         """Meter one cheap call, per user; per connection while its user is not known
         yet (a shared bucket would let anyone drain root's first calls; the daemon
         asks the bus at a connection's first message, so this lasts one round trip)."""
@@ -160,20 +157,17 @@ class Gate:
             return None
         lim = self.limits
         key: Union[int, str] = sender if uid is None else uid
-        burst = lim.cheap_burst if uid is not None else min(lim.cheap_burst,
-                                                            UNIDENTIFIED_BURST)
         bucket = self._buckets.get(key)
         if bucket is None:
             if len(self._buckets) >= 4096:
                 self._buckets.clear()  # bounded; forgetting only resets budgets to full
-            bucket = self._buckets[key] = _Bucket(float(burst), now)
-        bucket.tokens = min(float(burst),
-                            bucket.tokens + max(0.0, now - bucket.stamp) * lim.cheap_rate)
-        bucket.stamp = now
-        if bucket.tokens < 1.0:
+            burst = lim.cheap_burst if uid is not None else min(lim.cheap_burst,
+                                                                UNIDENTIFIED_BURST)
+            bucket = self._buckets[key] = TokenBucket(Rate(burst, 1.0 / lim.cheap_rate),
+                                                      self._clock)
+        if not bucket.take():
             self.refused += 1
             return Refusal(LIMITS_EXCEEDED, "too many calls of this kind; slow down")
-        bucket.tokens -= 1.0
         return None
 
     def in_flight(self) -> Dict[str, int]:

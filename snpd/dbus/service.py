@@ -71,6 +71,7 @@ from dbus_fast.service import ServiceInterface, dbus_property, method
 from snpd.dbus import wire
 from snpd.dbus.gate import Gate, Kind, Limits, Refusal, Ticket
 from snpd.errors import DBUS_PREFIX, Busy, Internal, PermissionDenied, SnpdError
+from snpd.ratelimit import LogLimiter
 from snpd.service import Caller
 
 BUS_NAME = "org.snpd.Snpd1"
@@ -92,6 +93,7 @@ _DBUS = "org.freedesktop.DBus"
 _DBUS_PATH = "/org/freedesktop/DBus"
 _ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 _PEER = "org.freedesktop.DBus.Peer"
+_DROPPED_LOG_INTERVAL = 60.0
 _EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 # Only disappearances matter to the credentials cache (arg2 = new owner = none).
 _VANISHED_RULE = (f"type='signal',sender='{_DBUS}',path='{_DBUS_PATH}',interface='{_DBUS}',"
@@ -664,7 +666,8 @@ class CallerIdentity:
 class _Server:
     """Binds one Service to one bus connection: dispatch, properties, signals."""
 
-    def __init__(self, core: ServiceAPI, bus: Any, limits: Limits) -> None:
+    def __init__(self, core: ServiceAPI, bus: Any, limits: Limits,
+                 clock: Callable[[], float]) -> None:
         self.core = core
         self.bus = bus
         self.identity = CallerIdentity(bus)
@@ -678,7 +681,7 @@ class _Server:
         # D-Bus lets one connection pipeline any number of calls, and the bus hands them
         # to us in arrival order: the gate bounds what each connection and each user
         # may have in flight before a message is even unpacked.
-        self.gate = Gate(limits, methods, OBJECT_PATH)
+        self.gate = Gate(limits, methods, OBJECT_PATH, clock)
         self.loop = asyncio.get_running_loop()
         self.closed = False
 
@@ -830,11 +833,9 @@ class _Reader:
         self._server = server
         self._bus = server.bus
         self._framer = wire.Framer(max_message)
-        self._clock = clock
         self._sock: Any = self._bus._sock
         self._fd: int = self._bus._fd
-        self._dropped = 0
-        self._dropped_logged_at: Optional[float] = None
+        self._log_limiter = LogLimiter(_DROPPED_LOG_INTERVAL, clock)
         self._machine_id: Optional[str] = None
 
     def install(self) -> None:
@@ -900,7 +901,7 @@ class _Reader:
                 return
             self._dispatch(event.data, ticket)
             return
-        refusal = server.gate.cheap(sender or "", uid, self._clock())
+        refusal = server.gate.cheap(sender or "", uid)
         if refusal is not None:
             self._answer(header, fields, refusal.error_name, refusal.text)
             return
@@ -946,14 +947,12 @@ class _Reader:
         self._bus._process_message(msg)
 
     def _oversized(self, event: wire.Oversized) -> None:
-        self._dropped += 1
-        now = self._clock()
-        if self._dropped_logged_at is None or now - self._dropped_logged_at >= 60:
-            _log.warning("dropped %d D-Bus message(s) over snpd's limit of %d bytes unread "
-                         "(the latest: %d bytes)", self._dropped, self._framer.max_message,
-                         event.header.total_length)
-            self._dropped = 0
-            self._dropped_logged_at = now
+        left_out = self._log_limiter.admit("oversized", -1)
+        if left_out is not None:
+            _log.warning("dropped a D-Bus message of %d bytes unread, over snpd's limit of "
+                         "%d; %d similar suppressed in the last %g s",
+                         event.header.total_length, self._framer.max_message, left_out,
+                         _DROPPED_LOG_INTERVAL)
         if event.fields is not None:
             self._answer(event.header, event.fields, _INVALID_ARGUMENT,
                          f"the message has {event.header.total_length} bytes; snpd reads "
@@ -1061,8 +1060,9 @@ async def serve(service: ServiceAPI, bus_address: Optional[str] = None, *,
     await bus.connect()
     _tolerate_a_full_socket(bus)
     try:
-        server = _Server(service, bus, limits or Limits())
-        _Reader(server, max_message, clock or server.loop.time).install()
+        clock = clock or asyncio.get_running_loop().time
+        server = _Server(service, bus, limits or Limits(), clock)
+        _Reader(server, max_message, clock).install()
         bus.add_message_handler(server.on_message)
         reply = await bus.call(Message(destination=_DBUS, path=_DBUS_PATH, interface=_DBUS,
                                        member="AddMatch", signature="s",

@@ -73,6 +73,7 @@ from typing import (
 
 from snpd import __version__
 from snpd.errors import DeviceError, SnpdError
+from snpd.ratelimit import LogLimiter
 from snpd.service import DEFAULT_VMPL, Caller
 from snpd.varlink.protocol import (
     INT64_MAX,
@@ -456,41 +457,6 @@ class _Quota:
                 f"{self.per_uid_key} = {self.per_uid}, {self.total_key} = {self.total}{reserve}")
 
 
-class _LogLimiter:
-    """At most one log line per ``interval`` seconds for each (event, uid); the
-    next line that passes says how many were left out. One user refused
-    thousands of times a second must not flood the journal, whose own rate
-    limit would then drop everyone else's lines too."""
-
-    MAX_KEYS = 1024  # beyond it, expired keys are dropped, then everyone shares one
-
-    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
-        self.interval = interval
-        self.clock = clock
-        self._last: Dict[Tuple[str, int], float] = {}
-        self._suppressed: Dict[Tuple[str, int], int] = {}
-
-    def admit(self, event: str, uid: int) -> Optional[int]:
-        """None to leave this line out; else the number left out since the last one."""
-        now = self.clock()
-        key = (event, uid)
-        if key not in self._last and len(self._last) >= self.MAX_KEYS:
-            self._prune(now)
-            if len(self._last) >= self.MAX_KEYS:
-                key = (event, -1)
-        last = self._last.get(key)
-        if last is not None and now - last < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return None
-        self._last[key] = now
-        return self._suppressed.pop(key, 0)
-
-    def _prune(self, now: float) -> None:
-        for key in [k for k, t in self._last.items() if now - t >= self.interval]:
-            del self._last[key]
-            self._suppressed.pop(key, None)
-
-
 class _Connection:
     """One client connection's mutable bookkeeping (the server's, not a value)."""
 
@@ -594,7 +560,7 @@ class VarlinkServer:
         self.clock = clock
         self.credentials = credentials
         self.log = logger or logging.getLogger(__name__)
-        self._log_limiter = _LogLimiter(LOG_INTERVAL, clock)
+        self._log_limiter = LogLimiter(LOG_INTERVAL, clock)
         self.descriptions = {SERVICE_INTERFACE: SERVICE_DESCRIPTION}
         package = importlib.resources.files(__package__ or "snpd.varlink")
         for name in INTERFACES:

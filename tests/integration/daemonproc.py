@@ -74,6 +74,7 @@ from dbusbus import (  # type: ignore[import-not-found]
     REPO_ROOT,
     PrivateBus,
     drop_privileges,
+    run_json,
     stop_process,
 )
 
@@ -686,15 +687,9 @@ def varlink_calls_as(user: str, socket_path: str, calls: Sequence[Mapping[str, A
                      ) -> List[Dict[str, Any]]:
     """:func:`varlink_calls` in a child process that becomes ``user`` (uid, gid and
     login groups) after importing and before connecting."""
-    proc = subprocess.run(
+    result: List[Dict[str, Any]] = run_json(
         [sys.executable, str(Path(__file__).resolve()), "varlink-call", "--socket",
-         socket_path, "--as-user", user],
-        input=json.dumps(list(calls)).encode(), capture_output=True, cwd=str(REPO_ROOT),
-        timeout=DEADLINE, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"varlink-call as {user} failed ({proc.returncode}): "
-                           f"{proc.stderr.decode(errors='replace')}")
-    result: List[Dict[str, Any]] = json.loads(proc.stdout)
+         socket_path, "--as-user", user], list(calls), f"varlink-call as {user}")
     return result
 
 
@@ -778,14 +773,7 @@ def snpd_client_call(op: str, *args: Any, socket_path: Optional[str] = None,
         argv += ["--bus", bus]
     if user is not None:
         argv += ["--as-user", user]
-    proc = subprocess.run(argv, input=json.dumps(_to_json(list(args))).encode(),
-                          capture_output=True, cwd=str(REPO_ROOT), timeout=DEADLINE,
-                          check=False)
-    try:
-        out = json.loads(proc.stdout)
-    except ValueError:
-        raise AssertionError(f"SnpdClient.{op} crashed ({proc.returncode}): "
-                             f"{proc.stderr.decode(errors='replace')[-2000:]}") from None
+    out = run_json(argv, _to_json(list(args)), f"SnpdClient.{op}")
     if "error" in out:
         raise AssertionError(f"SnpdClient.{op}: {out['error']}")
     return _from_json(out["result"])

@@ -304,17 +304,27 @@ class Reply:
 Call = Tuple[Any, ...]
 
 
+def run_json(argv: Sequence[str], payload: Any, what: str, timeout: float = DEADLINE) -> Any:
+    """Run a child client of these tests (``payload`` as JSON on its stdin) and return
+    the JSON it prints; a child that fails or prints no JSON is a test failure."""
+    proc = subprocess.run(list(argv), input=json.dumps(payload).encode(), capture_output=True,
+                          cwd=str(REPO_ROOT), timeout=timeout, check=False)
+    try:
+        if proc.returncode == 0:
+            return json.loads(proc.stdout)
+    except ValueError:
+        pass
+    raise AssertionError(f"{what} failed ({proc.returncode}): "
+                         f"{proc.stderr.decode(errors='replace')[-2000:]}")
+
+
 def calls_as(user: str, address: str, calls: Sequence[Call]) -> List[Reply]:
     """Make ``calls`` on one connection opened as ``user`` (uid, primary gid and
     supplementary groups set before connecting), in a child process."""
-    proc = subprocess.run(
-        [sys.executable, str(PEER_SCRIPT), "call", "--address", address, "--as-user", user],
-        input=json.dumps([to_json(list(c)) for c in calls]).encode(), capture_output=True,
-        cwd=str(REPO_ROOT), timeout=DEADLINE, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"dbus_peer call as {user} failed ({proc.returncode}): "
-                           f"{proc.stderr.decode(errors='replace')}")
-    return [Reply(**from_json(r)) for r in json.loads(proc.stdout)]
+    out = run_json([sys.executable, str(PEER_SCRIPT), "call", "--address", address,
+                    "--as-user", user], [to_json(list(c)) for c in calls],
+                   f"dbus_peer call as {user}")
+    return [Reply(**from_json(r)) for r in out]
 
 
 async def call_on(bus: Any, calls: Sequence[Call]) -> List[Reply]:

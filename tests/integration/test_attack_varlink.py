@@ -55,6 +55,7 @@ from dbusbus import (  # type: ignore[import-not-found]
     REPO_ROOT,
     Accounts,
     drop_privileges,
+    run_json,
     stop_process,
 )
 
@@ -182,13 +183,7 @@ def victim_call(daemon: SnpdDaemon, user: Optional[str]) -> Outcome:
     argv = [sys.executable, str(SCRIPT), "victim", "--socket", str(daemon.socket_path)]
     if user is not None:
         argv += ["--as-user", user]
-    proc = subprocess.run(argv, capture_output=True, cwd=str(REPO_ROOT), timeout=DEADLINE,
-                          check=False)
-    try:
-        out = json.loads(proc.stdout)
-    except ValueError:
-        raise AssertionError(f"victim crashed ({proc.returncode}): "
-                             f"{proc.stderr.decode(errors='replace')[-2000:]}") from None
+    out = run_json(argv, None, "victim")
     return Outcome(user or "root", out["ok"], out["latency"], out.get("error", ""))
 
 

@@ -6,7 +6,7 @@ against what a real peer sends, and the unmarshalled result against dbus-fast.""
 from __future__ import annotations
 
 import struct
-from typing import List
+from typing import List, Optional
 
 import pytest
 from dbus_fast import Message, MessageFlag, MessageType
@@ -122,8 +122,15 @@ def test_big_endian_headers_are_read() -> None:
 # -- the gate -----------------------------------------------------------------------------
 
 
-def gate(**limits: int) -> Gate:
-    return Gate(Limits(**limits), METHODS, PATH)  # type: ignore[arg-type]
+class Clock:
+    now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gate(clock: Optional[Clock] = None, **limits: int) -> Gate:
+    return Gate(Limits(**limits), METHODS, PATH, clock or Clock())  # type: ignore[arg-type]
 
 
 def test_classification_follows_what_dbus_fast_dispatches() -> None:
@@ -173,12 +180,14 @@ def test_an_unidentified_call_moves_to_its_user_or_is_refused() -> None:
 
 
 def test_cheap_calls_are_metered_per_user_and_root_is_not() -> None:
-    g = gate(cheap_rate=10, cheap_burst=5)  # type: ignore[arg-type]
-    results = [g.cheap(":1.1", 1000, 0.0) for _ in range(7)]
+    clock = Clock()
+    g = gate(clock, cheap_rate=10, cheap_burst=5)
+    results = [g.cheap(":1.1", 1000) for _ in range(7)]
     assert [r is None for r in results] == [True] * 5 + [False] * 2
     assert results[-1] is not None and results[-1].error_name == LIMITS_EXCEEDED
-    assert g.cheap(":1.2", 1000, 0.2) is None  # two calls refilled after 0.2 s at 10/s
-    assert all(g.cheap(":1.3", 0, 0.0) is None for _ in range(100))
+    clock.now = 0.2
+    assert g.cheap(":1.2", 1000) is None  # two calls refilled after 0.2 s at 10/s
+    assert all(g.cheap(":1.3", 0) is None for _ in range(100))
     # a fresh connection not yet identified gets only a small burst of its own
-    unknown = [g.cheap(":1.7", None, 0.0) for _ in range(20)]
+    unknown = [g.cheap(":1.7", None) for _ in range(20)]
     assert 0 < sum(r is None for r in unknown) < 20
