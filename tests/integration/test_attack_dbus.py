@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import pytest
 from daemonproc import EmulatedKds, EmulatorTemplate, Launcher, SnpdDaemon
-from dbusbus import busctl
+from dbusbus import busctl, run_json
 
 pytestmark = pytest.mark.integration
 
@@ -85,10 +85,7 @@ def raw(daemon: SnpdDaemon, user: Optional[str], calls: Sequence[Dict[str, Any]]
             "--connections", str(connections)]
     if user is not None:
         argv += ["--as-user", user]
-    proc = subprocess.run(argv, input=json.dumps(list(calls)), capture_output=True, text=True,
-                          timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    replies: List[Dict[str, Any]] = json.loads(proc.stdout)
+    replies: List[Dict[str, Any]] = run_json(argv, list(calls), "rawbus.py", timeout=120)
     return replies
 
 
@@ -207,6 +204,18 @@ def test_busctl_with_every_flag_option(daemon: SnpdDaemon, user: Optional[str],
                         assert "Access denied" in result.stderr or "AccessDenied" in \
                             result.stderr, result.stderr
     figures.append(assert_healthy(daemon, f"busctl flag options as {user or 'root'}"))
+
+
+def test_non_ascii_echoed_in_an_error_does_not_cost_the_connection(
+        daemon: SnpdDaemon, figures: List[Dict[str, Any]]) -> None:
+    """The daemon's error texts quote what the caller sent (an unknown option's name).
+    dbus-fast 1.84.2 writes a string's length in characters, not bytes: a non-ASCII
+    name made the reply invalid and the bus dropped snpd's connection."""
+    for name in ("\u00e9t\u00e9", "\u2026", "\U0001f512key"):
+        result = busctl(daemon.bus_address, "call", BUS_NAME, PATH, ATT, "GetReport",
+                        "ayua{sv}", "0", str(OWN_VMPL), "1", name, "s", "x", user=MEMBER)
+        assert result.returncode != 0 and "unknown option" in result.stderr, result.stderr
+    figures.append(assert_healthy(daemon, "non-ASCII option names echoed in errors"))
 
 
 # -- oversized messages ------------------------------------------------------------------
