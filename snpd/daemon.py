@@ -20,6 +20,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
 from snpd.broker import Broker, BrokerState
 from snpd.config import Config, load_config
+from snpd.dbus.gate import Limits
 from snpd.errors import DeviceUnavailable, SnpdError
 from snpd.events import Events
 from snpd.kds.budget import BudgetLimits, KdsBudget
@@ -108,15 +109,13 @@ def resolve_groups(names: Sequence[str], events: Events) -> FrozenSet[int]:
     return frozenset(gids)
 
 
-def dbus_limits(cfg: Config) -> Any:
+def dbus_limits(cfg: Config) -> Limits:
     """The D-Bus gate's bounds from ``[queue]`` and ``[dbus]``: a connection may have
     ``per_client`` calls in flight, a user ``per_uid``, all users together four times
     ``max_pending`` (calls that verify or serve certificates never reach the firmware
     queue), root ``max_pending`` plus its reserve, counted apart from everyone else;
     as many again may wait for the bus to say who their caller is (a burst of new
     connections), each for one round trip."""
-    from snpd.dbus.gate import Limits
-
     q = cfg.queue
     rate = cfg.dbus.cheap_calls_per_s
     return Limits(per_connection=q.per_client, per_uid=q.per_uid, total=4 * q.max_pending,
