@@ -18,6 +18,7 @@ from snpd.errors import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    InputFileError,
     ReportFormatError,
     SnpdError,
 )
@@ -34,6 +35,28 @@ if TYPE_CHECKING:
     from snpd.trust.x509 import Certificate
 
 PRODUCTS = ("Milan", "Genoa", "Turin")
+# snpguest's processor models: Bergamo and Siena are Genoa parts, filed by the KDS
+# under Genoa; names are matched in any case, as snpguest's clap enums are.
+PROCESSOR_MODELS = ("Milan", "Genoa", "Bergamo", "Siena", "Turin")
+_KDS_PRODUCT = {"bergamo": "Genoa", "siena": "Genoa"}
+
+
+def choice(*values: str) -> Callable[[str], str]:
+    """An argparse type that matches ``values`` in any case and gives the canonical
+    spelling, so ``milan``, ``MILAN``, ``PEM`` and ``VLEK`` mean what snpguest means;
+    anything else falls through to argparse's own "invalid choice" error."""
+    canonical = {v.lower(): v for v in values}
+
+    def convert(text: str) -> str:
+        return canonical.get(text.lower(), text)
+
+    convert.__name__ = "choice"
+    return convert
+
+
+def kds_product(name: str) -> str:
+    """The KDS product a processor model is filed under (Bergamo, Siena → Genoa)."""
+    return _KDS_PRODUCT.get(name.lower(), name)
 
 
 def _path(name: str) -> Any:
@@ -51,12 +74,42 @@ def _write(name: str, data: bytes, mode: int = 0o644) -> None:
     from snpd.files import atomic_write
 
     path = _path(name)
-    atomic_write(path, data, mode, within=path.parent)
+    try:
+        atomic_write(path, data, mode, within=path.parent)
+    except OSError as exc:
+        raise OutputFileError(f"cannot write {name}: {exc.strerror or exc}") from None
+
+
+def check_output(name: str, what: str) -> None:
+    """Refuse an output path that cannot be written before anything is asked of the
+    firmware or the KDS: a report or key request spent for nothing is a firmware
+    message (and a sequence number) gone, and the caller still has no file."""
+    if os.path.isdir(name):
+        raise OutputFileError(f"{what} {name} is a directory; give a file name")
+    parent = os.path.dirname(name) or "."
+    if not os.path.isdir(parent):
+        raise OutputFileError(f"cannot write {what} {name}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputFileError(f"cannot write {what} {name}: directory {parent} is not "
+                              "writable")
+
+
+def read_head(name: str, what: str, size: int) -> bytes:
+    """The first ``size`` bytes of a file, as snpguest reads its request file."""
+    try:
+        with open(name, "rb") as f:
+            return f.read(size)
+    except OSError as exc:
+        raise OutputFileError(f"cannot read {what} {name}: {exc.strerror or exc}") from None
 
 
 class UsageError(SnpdError):
     kind = "InvalidArgument"
     exit_code = EXIT_USAGE
+
+
+class OutputFileError(InputFileError):
+    """A file snpctl was told to read or write cannot be (exit 2, one line)."""
 
 
 # -- argument helpers ------------------------------------------------------------
@@ -96,14 +149,30 @@ def product_arg(name: Optional[str]) -> Optional[Product]:
         return None
     from snpd.abi.product import Product
 
-    return Product.parse(name)
+    return Product.parse(kds_product(name))
+
+
+TRUST_ROOT_ENV = "SNPD_TRUST_ROOT"
+KDS_URL_ENV = "SNPD_KDS_URL"
+
+
+def trust_root_env() -> List[str]:
+    """Roots named in $SNPD_TRUST_ROOT (``:``-separated), trusted like --trust-root:
+    how an snpguest command line, which has no such flag, runs against another
+    root (the emulator's). Announced on stderr each time, so it is never silent."""
+    value = os.environ.get(TRUST_ROOT_ENV, "")
+    paths = [p for p in value.split(os.pathsep) if p]
+    if paths:
+        print(f"snpctl: also trusting the root in {', '.join(paths)} (${TRUST_ROOT_ENV})",
+              file=sys.stderr)
+    return paths
 
 
 def trust_roots(paths: Sequence[str]) -> List[Certificate]:
     from snpd.trust.x509 import load_certificates
 
     roots: List[Certificate] = []
-    for path in paths:
+    for path in list(paths) + trust_root_env():
         roots.extend(load_certificates(read_file(path, "trust root")))
     return roots
 
@@ -151,9 +220,21 @@ def cmd_display_report(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+# Fields an older report version does not have (CPUID from v3, mitigation
+# vectors from v5): shown as "n/a (vN)" rather than as if they were zero.
+_VERSIONED_FIELDS = frozenset({"cpuid_fam_id", "cpuid_mod_id", "cpuid_step",
+                               "launch_mit_vector", "current_mit_vector"})
+
+
 def render_report(doc: Dict[str, Any], out: Output) -> None:
+    absent = f"n/a (v{doc.get('version')})"
+
     def show(key: str, value: Any, indent: int = 0) -> None:
         pad = "  " * indent
+        if value is None and key in _VERSIONED_FIELDS:
+            value = absent
+        elif value is None and key == "product":
+            value = "unknown (a v2 report names no CPU; give -p/--processor-model)"
         if isinstance(value, dict):
             out.line(f"{pad}{key}:")
             for k, v in value.items():
@@ -171,6 +252,8 @@ def render_report(doc: Dict[str, Any], out: Output) -> None:
 
 def cmd_display_key(args: argparse.Namespace, out: Output) -> int:
     data = read_file(args.file, "key", limit=4096)
+    if len(data) != 32:
+        raise OutputFileError(f"{args.file} holds {len(data)} bytes; a derived key is 32")
     out.json({"file": args.file, "length": len(data), "key": data.hex()})
     for i in range(0, len(data), 16):
         out.line(" ".join(f"{b:02x}" for b in data[i:i + 16]))
@@ -259,13 +342,14 @@ def _product_for_fetch(args: argparse.Namespace) -> Product:
         if found is None and name is None:
             raise UsageError(f"{args.report} (version {report.version}) does not name its CPU; "
                              f"give the product ({', '.join(PRODUCTS)})")
-        if found is not None and name is not None and Product.parse(name) is not found:
-            raise UsageError(f"--product {name} contradicts the report's CPU ({found})")
+        if found is not None and name is not None and product_arg(name) is not found:
+            raise UsageError(f"processor model {name} contradicts the report's CPU ({found})")
         if found is not None:
             return found
     if name is None:
-        raise UsageError(f"give a product ({', '.join(PRODUCTS)}) or --report FILE")
-    return Product.parse(name)
+        raise UsageError(f"give a processor model ({', '.join(PROCESSOR_MODELS)}) or "
+                         "-r/--report FILE")
+    return Product.parse(kds_product(name))
 
 
 def _endorser(name: str) -> Endorser:
@@ -285,13 +369,15 @@ def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
     with _kds(args) as kds:
         body = kds.fetch_cert_chain(product, endorser)
     certs = load_certificates(body)
-    ark, inter = check_ca_chain(certs, product, endorser, trust_roots(args.trust_root))
+    extra = trust_roots(args.trust_root)
+    ark, inter = check_ca_chain(certs, product, endorser, extra)
     certset = (CertificateSet(ark=ark, ask=inter) if endorser.intermediate == "ask"
                else CertificateSet(ark=ark, asvk=inter))
     paths = write_certs_dir(args.dir, certset, args.encoding)
     out.json({"product": product.value, "endorser": endorser.value,
               "written": [str(p) for p in paths]})
-    anchor = "the given trust root" if args.trust_root else "the pinned AMD ARK"
+    anchor = "the given trust root" if any(r.der == ark.der for r in extra) else \
+        "the pinned AMD ARK"
     out.result(f"wrote {', '.join(str(p) for p in paths)} ({product} {endorser.name} chain, "
                f"verified against {anchor})")
     return EXIT_OK
@@ -305,10 +391,14 @@ def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
     from snpd.trust.x509 import load_certificate
 
     report = load_report(args.report_file)
-    product = report.cpuid_product or product_arg(args.product)
+    given = product_arg(args.product)
+    if given is not None and report.cpuid_product not in (None, given):
+        raise UsageError(f"-p {args.product} contradicts {args.report_file}'s CPU "
+                         f"({report.cpuid_product})")
+    product = given or report.cpuid_product
     if product is None:
         raise UsageError(f"{args.report_file} (version {report.version}) does not name its CPU; "
-                         f"give --product ({', '.join(PRODUCTS)})")
+                         f"give -p/--processor-model ({', '.join(PROCESSOR_MODELS)})")
     if report.chip_id_masked:
         raise UsageError(f"{args.report_file} has a masked (all-zero) CHIP_ID: the KDS cannot "
                          "serve a VCEK for it (VLEK-signed reports need the CSP's VLEK)")
@@ -369,8 +459,14 @@ def _device(args: argparse.Namespace) -> Any:
 
     emulator_dir = _path(args.emulator_dir) if args.emulator_dir else None
     backend = args.backend or ("emulator" if emulator_dir else "auto")
-    return open_device(backend, path=args.device, configfs_root=args.configfs_root,
-                       emulator_dir=emulator_dir)
+    try:
+        return open_device(backend, path=args.device, configfs_root=args.configfs_root,
+                           emulator_dir=emulator_dir)
+    except OSError as exc:
+        where = f"the emulator state in {emulator_dir}" if backend == "emulator" else \
+            f"the {backend} backend"
+        raise OutputFileError(f"cannot open {where}: {exc.strerror or exc}"
+                              + (f" ({exc.filename})" if exc.filename else "")) from None
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -438,14 +534,19 @@ def parse_vmpl(report: bytes) -> int:
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
     import os
 
+    if getattr(args, "platform", False):
+        raise UsageError(
+            "--platform is for Hyper-V (Azure) guests, whose paravisor supplies the report "
+            "data; this snpd has no Azure vTPM backend yet, so it cannot get such a report. "
+            "Without --platform, give REQUEST_FILE or --random")
     if args.random:
         data = os.urandom(64)
+        check_output(args.request_file, "request file")
     else:
-        data = read_file(args.request_file, "request file", limit=64)
-        if len(data) > 64:
-            raise UsageError(f"{args.request_file} holds {len(data)} bytes; report data is "
-                             "at most 64")
-        data = data.ljust(64, b"\0")
+        # snpguest reads the first 64 bytes; a shorter file is zero-padded (snpguest
+        # refuses it) so that a nonce of 32 bytes needs no padding by hand.
+        data = read_head(args.request_file, "request file", 64).ljust(64, b"\0")
+    check_output(args.report_file, "report")
     device = _device(args) if _direct(args) else _DaemonDevice(args)
     try:
         vmpl = _default_vmpl(args, device)
@@ -469,6 +570,8 @@ def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
     from snpd.certsdir import write_certs_dir
     from snpd.trust.certset import CertificateSet
 
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise OutputFileError(f"certs dir {args.dir} exists and is not a directory")
     if _direct(args):
         device = _device(args)
         try:
@@ -493,17 +596,31 @@ def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+_DIGITS = {16: "0123456789abcdefABCDEF", 2: "01", 10: "0123456789"}
+
+
 def _int(text: str) -> int:
-    """Integers as snpguest accepts them: decimal, 0x hex or 0b binary."""
-    try:
-        return int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    """Integers exactly as snpguest's ``parse_int_auto_radix`` reads them: ``0x`` hex,
+    ``0b`` binary, else decimal (so ``010`` is ten), an optional ``+``, and nothing
+    Python's ``int`` would also take (``0X``, ``0o``, ``_``, spaces)."""
+    base, digits = ((16, text[2:]) if text.startswith("0x") else
+                    (2, text[2:]) if text.startswith("0b") else (10, text))
+    body = digits[1:] if digits.startswith("+") else digits
+    if not body or any(c not in _DIGITS[base] for c in body):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an integer (decimal, 0x hex or 0b binary)")
+    return int(body, base)
 
 
 def cmd_key(args: argparse.Namespace, out: Output) -> int:
     from snpd.abi.uapi import DerivedKeyRequest, RootKey
 
+    if args.launch_mit_vector is not None:
+        raise UsageError(
+            "-l/--launch_mit_vector needs MSG_KEY_REQ version 2, and Linux's sev-guest "
+            "ioctl passes only the 32-byte version-1 request, so the firmware would never "
+            "see it; omit -l (the key then mixes in no launch mitigation vector)")
+    check_output(args.key_file, "key file")
     device = _device(args) if _direct(args) else _DaemonDevice(args)
     try:
         vmpl = _default_vmpl(args, device)
@@ -689,6 +806,13 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+FIRMWARE_DEFAULTS: Dict[str, Any] = {
+    "direct": False, "backend": None, "socket": None, "bus": None, "emulator_dir": None,
+    "device": "/dev/sev-guest", "configfs_root": "/sys/kernel/config/tsm/report"}
+ENCODINGS = ("pem", "der")
+ENDORSERS = ("vcek", "vlek")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
@@ -719,8 +843,9 @@ def build_parser() -> argparse.ArgumentParser:
         return g
 
     def kds_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--kds-url", default="https://kdsintf.amd.com", metavar="URL",
-                       help="KDS base URL (default: AMD's)")
+        p.add_argument("--kds-url", default=os.environ.get(KDS_URL_ENV) or
+                       "https://kdsintf.amd.com", metavar="URL",
+                       help=f"KDS base URL (default: ${KDS_URL_ENV}, else AMD's)")
         p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                        help="overall deadline for the KDS, retries included (default 60)")
 
@@ -728,21 +853,35 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--trust-root", action="append", default=[], metavar="FILE",
                        help="also trust this root certificate (PEM or DER) for this command")
 
+    def firmware_options(p: argparse.ArgumentParser, **defaults: Any) -> None:
+        """Where the firmware is reached. The same options stand before the command
+        (``snpctl --direct report …``, the form the no-daemon hint prints) or after
+        it: after it, they are SUPPRESSed, so the value given before stays unless
+        overridden."""
+        def value(name: str) -> Any:
+            return defaults[name] if defaults else argparse.SUPPRESS
+
+        p.add_argument("--direct", action="store_true", default=value("direct"),
+                       help="open the firmware channel yourself instead of asking the "
+                            "daemon (root)")
+        p.add_argument("--backend", choices=("auto", "ioctl", "configfs", "emulator"),
+                       default=value("backend"),
+                       help="firmware backend for --direct (implies --direct)")
+        p.add_argument("--socket", metavar="PATH", default=value("socket"),
+                       help="the daemon's varlink socket (default /run/snpd/snpd.varlink)")
+        p.add_argument("--bus", metavar="ADDRESS", default=value("bus"),
+                       help="talk to the daemon over D-Bus ('system' or an address)")
+        p.add_argument("--emulator-dir", metavar="DIR", default=value("emulator_dir"),
+                       help="emulator state directory (keys, chain, chip ID)")
+        p.add_argument("--device", metavar="PATH", default=value("device"),
+                       help="the sev-guest device for --direct (default /dev/sev-guest)")
+        p.add_argument("--configfs-root", metavar="DIR", default=value("configfs_root"),
+                       help="configfs-tsm report directory for --direct (default "
+                            "/sys/kernel/config/tsm/report)")
+
+    firmware_options(parser, **FIRMWARE_DEFAULTS)
     firmware = _Parser(add_help=False)
-    firmware.add_argument("--direct", action="store_true",
-                          help="open the firmware channel yourself instead of asking the "
-                               "daemon (root)")
-    firmware.add_argument("--backend", choices=("auto", "ioctl", "configfs", "emulator"),
-                          help="firmware backend for --direct (implies --direct)")
-    firmware.add_argument("--socket", metavar="PATH",
-                          help="the daemon's varlink socket (default /run/snpd/snpd.varlink)")
-    firmware.add_argument("--bus", metavar="ADDRESS",
-                          help="talk to the daemon over D-Bus ('system' or an address)")
-    firmware.add_argument("--emulator-dir", metavar="DIR",
-                          help="emulator state directory (keys, chain, chip ID)")
-    firmware.add_argument("--device", default="/dev/sev-guest", metavar="PATH")
-    firmware.add_argument("--configfs-root", default="/sys/kernel/config/tsm/report",
-                          metavar="DIR")
+    firmware_options(firmware)
 
     def add_fw(name: str, func: Callable[[argparse.Namespace, Output], int],
                help_text: str) -> argparse.ArgumentParser:
@@ -758,21 +897,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--random", action="store_true",
                    help="generate random report data and write it to REQUEST_FILE")
     p.add_argument("-v", "--vmpl", type=int, choices=range(4), metavar="0-3",
-                   help="VMPL to request (default: the guest's own)")
+                   help="VMPL to request (default: the guest's own; snpguest's is 1)")
+    p.add_argument("-p", "--platform", action="store_true",
+                   help="Hyper-V (Azure) guests: report data from the paravisor "
+                        "(not supported yet)")
     p = add_fw("certificates", cmd_certificates,
                "write the host's certificates (ark, ask or asvk, vcek or vlek, crl)")
-    p.add_argument("encoding", choices=("pem", "der"))
+    p.add_argument("encoding", type=choice(*ENCODINGS), choices=ENCODINGS)
     p.add_argument("dir")
     p.add_argument("-v", "--vmpl", type=int, choices=range(4), metavar="0-3")
     p = add_fw("key", cmd_key, "derive a key from the firmware")
     p.add_argument("key_file", metavar="KEY_FILE")
-    p.add_argument("root_key", choices=("vcek", "vmrk"))
+    p.add_argument("root_key", type=choice("vcek", "vmrk"), choices=("vcek", "vmrk"))
     p.add_argument("-v", "--vmpl", type=int, choices=range(4), metavar="0-3")
-    p.add_argument("-g", "--guest-field-select", type=_int, default=0, metavar="BITS",
+    # snpguest spells the long options with underscores; the dashed ones stay.
+    p.add_argument("-g", "--guest-field-select", "--guest_field_select", type=_int,
+                   default=0, metavar="BITS", dest="guest_field_select",
                    help="bits 0-5: policy, image_id, family_id, measurement, guest_svn, "
-                        "tcb_version")
-    p.add_argument("-s", "--guest-svn", type=_int, default=0, metavar="N")
-    p.add_argument("-t", "--tcb-version", type=_int, default=0, metavar="N")
+                        "tcb_version (decimal, 0x hex or 0b binary)")
+    p.add_argument("-s", "--guest-svn", "--guest_svn", type=_int, default=0, metavar="N",
+                   dest="guest_svn")
+    p.add_argument("-t", "--tcb-version", "--tcb_version", type=_int, default=0,
+                   metavar="N", dest="tcb_version")
+    p.add_argument("-l", "--launch-mit-vector", "--launch_mit_vector", type=_int,
+                   metavar="N", dest="launch_mit_vector",
+                   help="refused: Linux cannot pass it to the firmware (MSG_KEY_REQ v2)")
     p = add_fw("status", cmd_status, "show the daemon's state, platform and statistics")
     p = add_fw("evidence", cmd_evidence, "get attestation evidence for a fleet verifier")
     p.add_argument("file", help="where to write the evidence")
@@ -792,7 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
     display = group("display", "show a report or a key")
     p = add(display, "report", cmd_display_report, "decode and show an attestation report")
     p.add_argument("file", help="the 1184-byte report")
-    p.add_argument("--product", choices=PRODUCTS,
+    p.add_argument("-p", "--processor-model", "--product", dest="product",
+                   type=choice(*PROCESSOR_MODELS), choices=PROCESSOR_MODELS,
                    help="decode TCBs with this product's layout (v2 reports carry no CPUID)")
     p = add(display, "key", cmd_display_key, "show a derived key as hex")
     p.add_argument("file")
@@ -801,18 +951,22 @@ def build_parser() -> argparse.ArgumentParser:
     for what, func, text in (("ca", cmd_fetch_ca, "the ARK and ASK (or ASVK) of a product"),
                              ("crl", cmd_fetch_crl, "the ARK-signed CRL of a product")):
         p = add(fetch, what, func, f"fetch {text}")
-        p.add_argument("encoding", choices=("pem", "der"))
+        p.add_argument("encoding", type=choice(*ENCODINGS), choices=ENCODINGS)
         p.add_argument("dir", help="certs dir to write into")
-        p.add_argument("product", nargs="?", choices=PRODUCTS, help="processor model")
+        p.add_argument("product", nargs="?", type=choice(*PROCESSOR_MODELS),
+                       choices=PROCESSOR_MODELS, help="processor model")
         p.add_argument("-r", "--report", help="take the product from this report (v3+)")
-        p.add_argument("-e", "--endorser", choices=("vcek", "vlek"), default="vcek")
+        p.add_argument("-e", "--endorser", type=choice(*ENDORSERS), choices=ENDORSERS,
+                       default="vcek")
         kds_options(p)
         trust_option(p)
     p = add(fetch, "vcek", cmd_fetch_vcek, "fetch the VCEK that signs a report")
-    p.add_argument("encoding", choices=("pem", "der"))
+    p.add_argument("encoding", type=choice(*ENCODINGS), choices=ENCODINGS)
     p.add_argument("dir", help="certs dir to write into")
     p.add_argument("report_file", metavar="report", help="the attestation report")
-    p.add_argument("-p", "--product", choices=PRODUCTS, help="for v2 reports, which carry no CPUID")
+    p.add_argument("-p", "--processor-model", "--product", dest="product",
+                   type=choice(*PROCESSOR_MODELS), choices=PROCESSOR_MODELS,
+                   help="for v2 reports, which carry no CPUID")
     kds_options(p)
 
     verify = group("verify", "verify a certificate chain or an attestation report")

@@ -305,13 +305,13 @@ class EmulatorTemplate:
     """An emulator state directory made once (default EmulatorConfig: Genoa, report
     v5, VMPL 0, host certificate table), copied for every daemon."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Any = None) -> None:
         from snpd.emulator.state import EmulatorConfig, EmulatorState
 
         self.directory = Path(tempfile.mkdtemp(prefix="snpd-emulator-template-"))
         try:
             self.state = EmulatorState.load_or_create(
-                self.directory, EmulatorConfig(),
+                self.directory, config or EmulatorConfig(),
                 now=lambda: datetime.datetime.now(datetime.timezone.utc))
         except BaseException:
             shutil.rmtree(self.directory, ignore_errors=True)

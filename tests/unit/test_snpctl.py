@@ -73,7 +73,7 @@ def test_fetch_vcek_of_a_v2_report_needs_the_product(tmp_path: Path, vectors_dir
                                                      amd_kds: KdsServer) -> None:
     report = vectors_dir / "cases" / "milan-v2-vcek" / "report.bin"
     code, _, err = run("fetch", "vcek", "pem", tmp_path, report, "--kds-url", amd_kds.url)
-    assert code == 2 and "give --product" in err
+    assert code == 2 and "give -p/--processor-model" in err
     code, _, err = run("fetch", "vcek", "pem", tmp_path, report, "-p", "Milan",
                        "--kds-url", amd_kds.url)
     assert code == 0, err
