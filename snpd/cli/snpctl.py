@@ -938,6 +938,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_fw("ok", cmd_ok, "check that SEV-SNP is active and the guest interface usable")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
 
+    from snpd.cli import generate
+    generate.add_parsers(sub, common)
     display = group("display", "show a report or a key")
     p = add(display, "report", cmd_display_report, "decode and show an attestation report")
     p.add_argument("file", help="the 1184-byte report")
