@@ -11,10 +11,10 @@ import os
 from pathlib import Path
 from typing import Dict, List, Union
 
-from snpd.errors import CertificateFormatError, InputFileError, InvalidArgument
+from snpd.errors import InputFileError, InvalidArgument
 from snpd.files import atomic_write, read_bounded
-from snpd.trust.certset import KINDS, CertificateSet, classify
-from snpd.trust.x509 import Certificate, Crl, load_certificate, load_crl
+from snpd.trust.certset import KINDS, CertificateSet, load_as
+from snpd.trust.x509 import Certificate, Crl
 
 MAX_FILE = 1 << 20
 
@@ -23,37 +23,59 @@ class CertsDirError(InputFileError):
     """A certs dir or one of its files is missing or unreadable."""
 
 
-def load_certs_dir(directory: Union[str, os.PathLike[str]]) -> CertificateSet:
-    """Load every ``<kind>.pem`` / ``<kind>.der`` in ``directory`` (.pem wins, as in snpguest).
+EXTENSIONS = ("pem", "der", "crt", "cer")
 
-    A file whose content is not the certificate its name says is an error that
-    names the file.
+
+def _pick(names: List[str], wanted: str) -> str:
+    """One of the files whose name matches ``wanted`` in any case: the exact
+    lower-case name (the one snpguest writes and reads), else the first in
+    code-point order, so the choice never depends on the order of the listing."""
+    return wanted if wanted in names else min(names)
+
+
+def load_certs_dir(directory: Union[str, os.PathLike[str]]) -> CertificateSet:
+    """Load every ``<kind>.<ext>`` in ``directory``, for each kind of KINDS.
+
+    Names match in any case (``ARK.PEM``, ``Ask.pem``); per kind, ``.pem`` wins over
+    ``.der`` (then ``.crt``, ``.cer``) as in snpguest, and among names that differ
+    only in case the lower-case one wins, else the first in code-point order.
+
+    A file that cannot be read raises :class:`CertsDirError` (exit 2). A file that is
+    read but is not what its name says (an ASK in ``asvk.pem``, a VCEK in
+    ``vlek.der``, bytes that are no certificate) is host-supplied evidence that
+    fails: it is left out and recorded in the set's ``defects``, which verification
+    reports as a failed check.
     """
     root = Path(directory)
     if not root.is_dir():
         raise CertsDirError(f"{root} is not a directory")
+    by_name: Dict[str, List[str]] = {}
+    try:
+        with os.scandir(root) as listing:
+            for entry in listing:
+                if entry.is_file():
+                    by_name.setdefault(entry.name.lower(), []).append(entry.name)
+    except OSError as exc:
+        raise CertsDirError(f"cannot list {root}: {exc.strerror or exc}") from exc
     found: Dict[str, Union[Certificate, Crl]] = {}
+    defects: List[str] = []
     for kind in KINDS:
-        for ext in ("pem", "der", "crt", "cer"):
-            path = root / f"{kind}.{ext}"
-            if not path.is_file():
+        for ext in EXTENSIONS:
+            wanted = f"{kind}.{ext}"
+            names = by_name.get(wanted)
+            if not names:
                 continue
-            data = read_bounded(path, "certificate file", MAX_FILE)
-            try:
-                if kind == "crl":
-                    found[kind] = load_crl(data)
-                else:
-                    cert = load_certificate(data)
-                    actual = classify(cert)
-                    if actual != kind:
-                        raise CertificateFormatError(f"it holds a {actual.upper()} certificate")
-                    found[kind] = cert
-            except CertificateFormatError as exc:
-                raise CertificateFormatError(f"{path}: {exc}") from exc
+            name = _pick(names, wanted)
+            data = read_bounded(root / name, "certificate file", MAX_FILE)
+            item, defect = load_as(kind, data, name)
+            if item is not None:
+                found[kind] = item
+            else:
+                defects.append(defect or f"{name}: unusable")
             break
-    if not found:
+    if not found and not defects:
         raise CertsDirError(f"{root} holds no ark/ask/asvk/vcek/vlek/crl .pem or .der file")
-    return CertificateSet(**found)  # type: ignore[arg-type]
+    return CertificateSet(**found).with_defects(defects)  # type: ignore[arg-type]
 
 
 def write_certs_dir(directory: Union[str, os.PathLike[str]], certs: CertificateSet,

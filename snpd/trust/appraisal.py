@@ -47,6 +47,7 @@ __all__ = [
     "AppraisalPolicy",
     "TcbMinimum",
     "amd_key_digest",
+    "expected_value",
     "load_policies",
     "policies_from_mapping",
 ]
@@ -113,6 +114,47 @@ def _load_public_key(data: Union[str, bytes]) -> object:
 
 
 # ---------------------------------------------------------------------------
+# Expected values as snpguest's ``verify attestation`` flags give them
+
+
+def expected_value(text: Union[str, bytes], field: str, *, flag: str = "") -> bytes:
+    """The bytes an expected-value flag (``-m``, ``-d``, ``-r``, ``--id-key-digest``,
+    ``--author-key-digest``) stands for, read as snpguest v0.10 reads it, so that its
+    command lines mean the same here:
+
+    * ``0x`` (lower case only) and hex digits of exactly the field's size;
+    * otherwise the argument's own bytes (UTF-8; snpguest's "decimal"), which must
+      be exactly the field's size: ``-r`` with a 64-character string compares
+      those 64 characters;
+    * and, where snpguest could only fail on length, exactly twice the field's size
+      in hex digits without ``0x`` is hex (the form its own help text describes).
+
+    Nothing is padded or truncated. A value that fits none of these raises
+    :class:`InvalidArgument` naming ``flag`` (or the field) and what was wrong.
+    """
+    size = _MATCH_FIELDS[field]
+    what = flag or field
+    raw = text.encode("utf-8", "surrogateescape") if isinstance(text, str) else bytes(text)
+    if raw.startswith(b"0x"):
+        digits = raw[2:].decode("ascii", "replace")
+        bad = next((c for c in digits if c not in _HEXDIGITS), None)
+        if bad is not None:
+            raise InvalidArgument(f"{what}: {bad!r} is not a hex digit (0x is followed by "
+                                  f"{2 * size} hex digits, {size} bytes)")
+        if len(digits) != 2 * size:
+            raise InvalidArgument(f"{what}: expected 0x and {2 * size} hex digits ({size} "
+                                  f"bytes), got {len(digits)} digits")
+        return bytes.fromhex(digits)
+    if len(raw) == size:
+        return raw
+    if len(raw) == 2 * size and all(chr(b) in _HEXDIGITS for b in raw):
+        return bytes.fromhex(raw.decode("ascii"))
+    raise InvalidArgument(f"{what}: expected {size} bytes: 0x and {2 * size} hex digits, "
+                          f"{2 * size} hex digits, or a string of exactly {size} bytes; got "
+                          f"{len(raw)} bytes without 0x")
+
+
+# ---------------------------------------------------------------------------
 # Rule tables. Order here is the order of checks in the output.
 
 # (policy field, POLICY bit name, True if the rule requires the bit, False if it allows it)
@@ -150,6 +192,8 @@ _MATCH_FIELDS: Dict[str, int] = {
     "report_id": 32,
     "report_id_ma": 32,
     "chip_id": 64,
+    "id_key_digest": 48,
+    "author_key_digest": 48,
 }
 _DIGEST_SIZE = 48
 _TURIN_HWID_SIZE = 8
@@ -216,6 +260,9 @@ class AppraisalPolicy:
       ``host_data`` (32), ``measurement`` (48), ``family_id`` (16), ``image_id`` (16),
       ``report_id`` (32), ``report_id_ma`` (32): hex or list, exact length
       ``chip_id``       hex or list, 64 bytes, or 8 bytes (a Turin hwID, zero-padded)
+      ``id_key_digest``, ``author_key_digest`` (48): hex or list, exact length; the
+                        report's field as it is (snpguest's ``--id-key-digest`` and
+                        ``--author-key-digest``; AUTHOR_KEY_EN is not consulted)
       ``vmpl``          integer 0-3 or list of them
     Firmware and TCB:
       ``minimum_build`` (u8)              CURRENT_BUILD >= this
@@ -267,6 +314,8 @@ class AppraisalPolicy:
     report_id: Optional[Tuple[bytes, ...]] = None
     report_id_ma: Optional[Tuple[bytes, ...]] = None
     chip_id: Optional[Tuple[bytes, ...]] = None
+    id_key_digest: Optional[Tuple[bytes, ...]] = None
+    author_key_digest: Optional[Tuple[bytes, ...]] = None
     vmpl: Optional[Tuple[int, ...]] = None
     # Firmware and TCB
     minimum_build: Optional[int] = None
@@ -339,6 +388,18 @@ class AppraisalPolicy:
                              ("trusted_author_key_digests", extra_author)):
             if extra:
                 kwargs[field] = _dedupe(tuple(kwargs.get(field) or ()) + tuple(extra))
+        return cls(**kwargs)
+
+    @classmethod
+    def expecting(cls, values: Mapping[str, bytes]) -> AppraisalPolicy:
+        """A policy of exact values (snpguest's ``-m``, ``-d``, ``-r``,
+        ``--id-key-digest``, ``--author-key-digest``; see :func:`expected_value`):
+        each report field named in ``values`` must equal its value."""
+        unknown = sorted(set(values) - set(_MATCH_FIELDS))
+        if unknown:
+            raise ConfigError(f"AppraisalPolicy.expecting: unknown field {unknown[0]!r} "
+                              f"(expected some of {', '.join(_MATCH_FIELDS)})")
+        kwargs: Dict[str, Any] = {field: (bytes(value),) for field, value in values.items()}
         return cls(**kwargs)
 
     @classmethod

@@ -51,18 +51,32 @@ class Check:
 class Verdict:
     """The result of verifying a report. Its truth value is its validity.
 
-    Valid means: at least one check ran, none failed, and the report signature
-    check itself passed (a verification that could not run is a failure).
+    Valid means: at least one check ran, none failed, the report signature check
+    itself passed (a verification that could not run is a failure), and no check
+    was left out on request. ``omitted`` names the checks the caller asked not to
+    run (snpguest's ``--tcb`` / ``--signature``): such a verdict is ``partial``,
+    never valid, and ``passed`` says whether every check that did run passed.
     """
 
     checks: Tuple[Check, ...]
     report: Optional[AttestationReport] = None
     product: Optional[Product] = None
+    omitted: Tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """Every check that ran passed, and the signature did unless it was omitted."""
+        return bool(self.checks) and all(c.ok for c in self.checks) and (
+            "report.signature" in self.omitted or any(
+                c.name == "report.signature" and c.status is Status.PASS for c in self.checks))
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.omitted)
 
     @property
     def valid(self) -> bool:
-        return bool(self.checks) and all(c.ok for c in self.checks) and any(
-            c.name == "report.signature" and c.status is Status.PASS for c in self.checks)
+        return not self.omitted and self.passed
 
     def __bool__(self) -> bool:
         return self.valid
@@ -81,6 +95,8 @@ class Verdict:
         checks: List[Dict[str, str]] = [c.to_json() for c in self.checks]
         return {
             "valid": self.valid,
+            "partial": self.partial,
+            "skipped": list(self.omitted),
             "product": self.product.value if self.product else None,
             "failures": [c.name for c in self.failures],
             "checks": checks,

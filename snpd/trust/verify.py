@@ -13,7 +13,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple, Union
+from typing import (
+    TYPE_CHECKING,
+    Callable,
+    Collection,
+    Dict,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 from snpd.abi.bits import SigningKey
 from snpd.abi.product import Endorser, Product
@@ -181,16 +191,23 @@ class Verifier:
 
     def chain_checks(self, certs: CertificateSet, endorser: Endorser,
                      at: datetime.datetime) -> Tuple[List[Check], Optional[_ChainFacts]]:
+        """The chain's checks; a set whose labels lied (``certs.defects``) fails
+        ``chain.certificates`` even when the rest of it verifies."""
         ark, inter, leaf = certs.ark, certs.intermediate(endorser), certs.leaf(endorser)
         missing = [name for name, cert in (("ARK", ark), (endorser.intermediate.upper(), inter),
                                            (endorser.name, leaf)) if cert is None]
+        problems = list(certs.defects)
+        if missing:
+            problems.append(f"missing: {', '.join(missing)}")
         if missing or ark is None or inter is None or leaf is None:
-            return [Check.failed("chain.certificates", f"missing: {', '.join(missing)}")], None
+            return [Check.failed("chain.certificates", "; ".join(problems))], None
         facts = self._facts(ark, inter, leaf, endorser)
         checks = list(facts.static)
         for index, (name, label, cert, passed) in zip((2, 4, 6), facts.windows):
             checks.insert(index, _validity(name, label, cert, at, passed))
         checks.append(self._crl_check(certs.crl, ark, inter, at, facts.anchor))
+        if problems:
+            checks.insert(0, Check.failed("chain.certificates", "; ".join(problems)))
         return checks, facts
 
     @staticmethod
@@ -218,10 +235,18 @@ class Verifier:
 
     def verify_chain(self, certs: CertificateSet, *, endorser: Optional[Endorser] = None,
                      at: Optional[datetime.datetime] = None) -> Verdict:
-        """Verify a certificate chain alone (``snpctl verify certs``)."""
-        endorser = endorser or certs.endorser
+        """Verify a certificate chain alone (``snpctl verify certs``): the chain of
+        ``endorser``, by default the set's own (:attr:`CertificateSet.endorser`: the
+        VCEK's when it holds both leaves, and then the VLEK is listed as skipped)."""
+        chosen = endorser or certs.endorser
         at = at or self.clock()
-        checks, facts = self.chain_checks(certs, endorser, at)
+        checks, facts = self.chain_checks(certs, chosen, at)
+        other = Endorser.VLEK if chosen is Endorser.VCEK else Endorser.VCEK
+        if endorser is None and certs.leaf(other) is not None:
+            checks.append(Check.skipped(
+                f"chain.{other}_signature", f"{other.name} not checked: with both present "
+                f"the {chosen.name} is used (snpguest's manual); verifying a report checks "
+                "the key that signed it"))
         product = facts.anchor.product if facts and facts.anchor else None
         if facts is not None and facts.extensions is not None and product is None:
             product = facts.extensions.product
@@ -264,12 +289,29 @@ class Verifier:
         certificates: CertificateSet,
         *,
         at: Optional[datetime.datetime] = None,
-        policy: Optional[AppraisalPolicy] = None,
+        policy: Union[None, AppraisalPolicy, Sequence[AppraisalPolicy]] = None,
         product: Optional[Product] = None,
+        skip: Collection[str] = (),
     ) -> Verdict:
+        """Verify ``report`` with ``certificates`` at ``at`` (default the clock's now).
+
+        ``policy`` is one appraisal policy or several, each appraised in turn.
+        ``skip`` names checks not to run, from :data:`SKIPPABLE` (snpguest's
+        ``--tcb`` is :data:`TCB_ONLY`, ``--signature`` :data:`SIGNATURE_ONLY`); they
+        are listed as skipped and the verdict is partial, never valid. The chain is
+        checked whatever is skipped.
+        """
         at = at or self.clock()
         if at.tzinfo is None:
             raise ValueError("verification time must be timezone-aware")
+        unknown = sorted(set(skip) - set(SKIPPABLE))
+        if unknown:
+            raise ValueError(f"cannot skip {', '.join(unknown)}: only "
+                             f"{', '.join(SKIPPABLE)} may be skipped")
+        omitted = tuple(name for name in SKIPPABLE if name in skip)
+        policies: Tuple[AppraisalPolicy, ...] = (
+            () if policy is None else (policy,) if not isinstance(policy, Sequence)
+            else tuple(policy))
         checks: List[Check] = []
         if isinstance(report, AttestationReport):
             parsed = report
@@ -277,9 +319,16 @@ class Verifier:
             try:
                 parsed = AttestationReport.from_bytes(report)
             except ReportFormatError as exc:
-                return Verdict((Check.failed("report.format", str(exc)),))
+                return Verdict((Check.failed("report.format", str(exc)),), omitted=omitted)
         checks.append(Check.passed("report.format", f"version {parsed.version}, 1184 bytes"))
         checks.extend(_report_checks(parsed))
+
+        skipped = _skipped(omitted)
+
+        def unverifiable(why: str) -> Verdict:
+            checks.append(skipped.get("report.signature") or Check.failed("report.signature",
+                                                                          why))
+            return Verdict(tuple(checks), parsed, product or parsed.cpuid_product, omitted)
 
         sk = parsed.signing_key
         if sk == SigningKey.VCEK:
@@ -287,29 +336,30 @@ class Verifier:
         elif sk == SigningKey.VLEK:
             endorser = Endorser.VLEK
         else:
-            checks.append(Check.failed("report.signature", f"report signing key is "
-                                       f"{SigningKey.describe(sk)}: nothing to verify"))
-            return Verdict(tuple(checks), parsed, product or parsed.cpuid_product)
+            return unverifiable(f"report signing key is {SigningKey.describe(sk)}: "
+                                "nothing to verify")
 
         chain, facts = self.chain_checks(certificates, endorser, at)
         checks.extend(chain)
         if facts is None:
-            checks.append(Check.failed("report.signature", f"no {endorser.name} to verify with"))
-            return Verdict(tuple(checks), parsed, product or parsed.cpuid_product)
+            return unverifiable(f"no {endorser.name} to verify with")
 
         resolved, bound = self._bindings(parsed, endorser, product, facts)
-        checks.extend(bound)
+        checks.extend(skipped[c.name] if c.name in omitted else c for c in bound)
         leaf = certificates.leaf(endorser)
         assert leaf is not None
-        problem = signature.verify_report(parsed, _safe_key(leaf))
-        checks.append(Check.failed("report.signature", problem) if problem else
-                      _SIGNATURE_OK[endorser])
-        if policy is not None:
+        if "report.signature" in omitted:
+            checks.append(skipped["report.signature"])
+        else:
+            problem = signature.verify_report(parsed, _safe_key(leaf))
+            checks.append(Check.failed("report.signature", problem) if problem else
+                          _SIGNATURE_OK[endorser])
+        for each in policies:
             if resolved is None:
                 checks.append(Check.failed("policy", "cannot appraise: product unknown"))
-            else:
-                checks.extend(policy.appraise(parsed, resolved))
-        return Verdict(tuple(checks), parsed, resolved)
+                break
+            checks.extend(each.appraise(parsed, resolved))
+        return Verdict(tuple(checks), parsed, resolved, omitted)
 
 
 def _safe_key(cert: Certificate) -> object:
@@ -317,6 +367,21 @@ def _safe_key(cert: Certificate) -> object:
         return cert.public_key
     except CertificateFormatError:
         return None
+
+
+# The checks a caller may leave out, as snpguest's ``verify attestation`` can: its
+# ``--tcb`` runs "the TCB section" alone (no signature), its ``--signature`` the
+# signature alone (no TCB and chip-ID binding). Everything else always runs.
+SKIPPABLE = ("binding.hwid", "binding.tcb", "report.signature")
+TCB_ONLY = ("report.signature",)
+SIGNATURE_ONLY = ("binding.hwid", "binding.tcb")
+_SCOPES = {TCB_ONLY: " (TCB only)", SIGNATURE_ONLY: " (signature only)"}
+
+
+def _skipped(omitted: Tuple[str, ...]) -> Dict[str, Check]:
+    scope = _SCOPES.get(omitted, "")
+    return {name: Check.skipped(name, f"not checked: skipped on request{scope}")
+            for name in omitted}
 
 
 _SIGNATURE_OK = {e: Check.passed("report.signature", f"ECDSA P-384/SHA-384 by the {e.name} "
@@ -429,9 +494,11 @@ def verify_report(
     certificates: CertificateSet,
     *,
     at: Optional[datetime.datetime] = None,
-    policy: Optional[AppraisalPolicy] = None,
+    policy: Union[None, AppraisalPolicy, Sequence[AppraisalPolicy]] = None,
     roots: TrustRoots = AMD_ROOTS,
     product: Optional[Product] = None,
+    skip: Collection[str] = (),
 ) -> Verdict:
     """One-shot verification (a fresh :class:`Verifier`, nothing remembered)."""
-    return Verifier(roots).verify(report, certificates, at=at, policy=policy, product=product)
+    return Verifier(roots).verify(report, certificates, at=at, policy=policy, product=product,
+                                  skip=skip)

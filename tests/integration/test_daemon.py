@@ -776,7 +776,7 @@ def dbus_bad_calls() -> List[Tuple[str, Tuple[Any, ...], str]]:
                                  [bytes(REPORT_SIZE), {"policy": _variant("s", "nope")}]), IA),
         ("VerifyReport certificates", (ATTESTATION, "VerifyReport", "aya{sv}",
                                        [bytes(REPORT_SIZE),
-                                        {"certificates": _variant("a(say)", [["vcek", b"x"]])}]),
+                                        {"certificates": _variant("a(say)", [["root", b"x"]])}]),
          IA),
         ("GetEvidence 65 bytes", (ATTESTATION, "GetEvidence", "saya{sv}",
                                   ["trustee", big, {}]), IA),
@@ -817,6 +817,14 @@ def test_bad_input_over_dbus_gets_typed_errors_and_serving_goes_on(daemon: SnpdD
         (ATTESTATION, "VerifyReport", "aya{sv}", [bytes(REPORT_SIZE - 1), {}])])
     result = _plain(verdict.value)
     assert result["valid"] is False and result["failures"] == ["report.format"]
+    # So is a certificate that is not what its kind says (issue 11, item 4).
+    (verdict,) = dbus_calls(daemon.bus_address, [
+        (ATTESTATION, "VerifyReport", "aya{sv}", [DbusFastClient(daemon).get_report(b""), {
+            "certificates": _variant("a(say)", [["vcek", b"x"]])}])])
+    result = _plain(verdict.value)
+    assert result["valid"] is False and "chain.certificates" in result["failures"]
+    assert any(c[0] == "chain.certificates" and "given as vcek) is not a VCEK" in c[2]
+               for c in result["checks"])
     data = nonce(secrets)
     assert AttestationReport.from_bytes(DbusFastClient(daemon).get_report(data)
                                         ).report_data == data.ljust(64, b"\0")
@@ -916,6 +924,13 @@ def test_bad_input_over_varlink_gets_typed_errors_and_serving_goes_on(daemon: Sn
         "method": A + "VerifyReport", "parameters": {"report": b64(bytes(REPORT_SIZE - 1))}}))
     assert verdict["parameters"]["valid"] is False
     assert verdict["parameters"]["failures"] == ["report.format"]
+    # So is a certificate that is not what its kind says (issue 11, item 4).
+    report = VarlinkPackageClient(daemon).get_report(b"")
+    (verdict,) = raw_varlink(str(daemon.socket_path), frame({
+        "method": A + "VerifyReport", "parameters": {
+            "report": b64(report), "certificates": [{"kind": "asvk", "data": b64(b"x")}]}}))
+    assert verdict["parameters"]["valid"] is False
+    assert "chain.certificates" in verdict["parameters"]["failures"]
     data = nonce(secrets)
     assert AttestationReport.from_bytes(VarlinkPackageClient(daemon).get_report(data)
                                         ).report_data == data.ljust(64, b"\0")

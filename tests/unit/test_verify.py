@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from pathlib import Path
 
 import pytest
 from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-not-found]
 
 from snpd.abi.product import Endorser, Product
+from snpd.abi.report import AttestationReport
 from snpd.abi.tcb import TcbVersion
 from snpd.emulator.pki import make_chain, make_crl, make_vcek
 from snpd.trust.certset import CertificateSet
@@ -227,3 +229,156 @@ def test_verdict_json_lists_every_check(milan: Platform) -> None:
 def test_chain_only_verdict(milan: Platform) -> None:
     assert Verifier(milan.roots).verify_chain(milan.certs(), at=NOW)
     assert not Verifier(AMD_ROOTS).verify_chain(milan.certs(), at=NOW)
+
+
+# -- a certificate set that lies about itself (issue 11, item 4) ---------------------------
+
+
+def test_a_mislabelled_certificate_is_a_failed_check_not_an_error(milan: Platform) -> None:
+    """The host, or whoever assembled the pairs, labels them: a lying label fails the
+    verdict with the reason, and the lying item is not used."""
+    chain = milan.chain
+    pairs = [("ark", chain.ark.der), ("ask", chain.ask.der), ("vcek", milan.vcek.der),
+             ("asvk", chain.ask.der)]
+    certs = CertificateSet.from_kinds(pairs)
+    assert certs.asvk is None
+    assert certs.defects == ("certificate 3 (given as asvk) holds an ASK certificate, "
+                             "not an ASVK",)
+    verdict = Verifier(milan.roots).verify(milan.report(), certs, at=NOW)
+    assert failed(verdict) == ["chain.certificates"]
+    assert verdict.failures[0].detail == certs.defects[0]
+    assert not Verifier(milan.roots).verify_chain(certs, at=NOW)
+    # The same pairs without the lie verify.
+    assert Verifier(milan.roots).verify(milan.report(), CertificateSet.from_kinds(pairs[:3]),
+                                        at=NOW)
+
+
+def test_a_vlek_given_a_vcek_fails_whatever_fills_the_gap(milan: Platform) -> None:
+    certs = CertificateSet.from_kinds([("ark", milan.chain.ark.der),
+                                       ("asvk", milan.chain.asvk.der),
+                                       ("vlek", milan.vcek.der)])
+    assert certs.vlek is None and "holds a VCEK certificate, not a VLEK" in certs.defects[0]
+    verdict = Verifier(milan.roots).verify(milan.report(Endorser.VLEK), certs, at=NOW)
+    assert failed(verdict) == ["chain.certificates", "report.signature"]
+    assert verdict.check("chain.certificates").detail.endswith(  # type: ignore[union-attr]
+        "not a VLEK; missing: VLEK")
+    # A cache that supplies the real VLEK does not make the caller's set honest.
+    healed = certs.merged(milan.certs(Endorser.VLEK))
+    assert healed.vlek is not None and healed.defects == certs.defects
+    verdict = Verifier(milan.roots).verify(milan.report(Endorser.VLEK), healed, at=NOW)
+    assert failed(verdict) == ["chain.certificates"]
+
+
+def test_bytes_that_are_no_certificate_and_duplicates_are_defects(milan: Platform) -> None:
+    from snpd.errors import CertificateFormatError
+
+    certs = CertificateSet.from_kinds([("ark", milan.chain.ark.der), ("vcek", b"x"),
+                                       ("crl", milan.chain.ark.der),
+                                       ("ark", milan.chain.ask.der)])
+    assert [d.split(":")[0] for d in certs.defects] == [
+        "certificate 1 (given as vcek) is not a VCEK certificate",
+        "certificate 2 (given as crl) is not a CRL",
+        "certificate 3 (given as ark) holds an ASK certificate, not an ARK"]
+    dup = CertificateSet.from_kinds([("vcek", milan.vcek.der),
+                                     ("vcek", make_vcek(milan.chain, chip_id_for(
+                                         Product.MILAN, seed=5), TCBS[Product.MILAN],
+                                         now=NOW)[1].der)])
+    assert dup.vcek == milan.vcek
+    assert dup.defects == ("certificate 1 (given as vcek) is a second, different VCEK",)
+    with pytest.raises(CertificateFormatError, match="unknown certificate kind 'root'"):
+        CertificateSet.from_kinds([("root", milan.chain.ark.der)])
+
+
+def test_load_certs_dir_records_a_lying_file(tmp_path: Path, milan: Platform) -> None:
+    from snpd.certsdir import load_certs_dir, write_certs_dir
+
+    write_certs_dir(tmp_path, milan.certs(), "pem")
+    (tmp_path / "vlek.der").write_bytes(milan.vcek.der)
+    certs = load_certs_dir(tmp_path)
+    assert certs.vlek is None and certs.vcek == milan.vcek
+    assert certs.defects == ("vlek.der holds a VCEK certificate, not a VLEK",)
+    assert failed(Verifier(milan.roots).verify(milan.report(), certs, at=NOW)) == [
+        "chain.certificates"]
+
+
+def test_the_daemon_answers_a_mislabelled_list_with_an_invalid_verdict(
+        milan: Platform) -> None:
+    """VerifyReport (both transports call Service.verify_report): valid=false with the
+    reason, not an InvalidArgument error."""
+    import asyncio
+
+    from snpd.events import Events
+    from snpd.service import Access, Caller, Service
+
+    class Sink:
+        def send(self, fields: object) -> None:
+            pass
+
+    service = Service(broker=None, access=Access(), events=Events(Sink()),  # type: ignore
+                      verifier=Verifier(milan.roots))
+    root = Caller(uid=0)
+    at = int(NOW.timestamp())
+    chain = milan.chain
+
+    good = [("ark", chain.ark.der), ("ask", chain.ask.der), ("vcek", milan.vcek.der)]
+    lists = (good, [*good, ("asvk", chain.ask.der)], [*good[:2], ("vcek", b"x")])
+
+    async def calls() -> list:  # type: ignore[type-arg]
+        return [await service.verify_report(root, milan.report(),
+                                            {"certificates": pairs, "at": at})
+                for pairs in lists]
+
+    try:
+        honest, lying, garbage = asyncio.run(calls())
+    finally:
+        service.close()
+    assert honest["valid"] is True
+    assert lying["valid"] is False and lying["failures"] == ["chain.certificates"]
+    assert ("chain.certificates", "fail",
+            "certificate 3 (given as asvk) holds an ASK certificate, not an ASVK"
+            ) in lying["checks"]
+    assert garbage["valid"] is False and "chain.certificates" in garbage["failures"]
+
+
+# -- partial verification: snpguest's --tcb and --signature --------------------------------
+
+
+def test_skipping_makes_a_partial_verdict_that_is_never_valid(milan: Platform) -> None:
+    from snpd.trust.verify import SIGNATURE_ONLY, TCB_ONLY
+
+    verifier = Verifier(milan.roots)
+    for skip in (TCB_ONLY, SIGNATURE_ONLY):
+        verdict = verifier.verify(milan.report(), milan.certs(), at=NOW, skip=skip)
+        assert verdict.passed and verdict.partial and not verdict.valid and not verdict
+        assert verdict.omitted == skip
+        assert all(verdict.check(n).status is Status.SKIP for n in skip)  # type: ignore
+        doc = verdict.to_json()
+        assert doc["valid"] is False and doc["partial"] is True and doc["skipped"] == list(skip)
+    forged = bytearray(milan.report())
+    forged[0x50] ^= 1
+    assert verifier.verify(bytes(forged), milan.certs(), at=NOW, skip=TCB_ONLY).passed
+    assert not verifier.verify(bytes(forged), milan.certs(), at=NOW, skip=SIGNATURE_ONLY).passed
+    # The chain is checked whatever is skipped.
+    other = make_chain(Product.MILAN, now=NOW, rsa_bits=2048)
+    verdict = verifier.verify(milan.report(), milan.certs(ask=other.ask), at=NOW, skip=TCB_ONLY)
+    assert not verdict.passed and "chain.ask_signature" in failed(verdict)
+    with pytest.raises(ValueError, match="cannot skip chain.ark_trusted"):
+        verifier.verify(milan.report(), milan.certs(), at=NOW, skip=("chain.ark_trusted",))
+
+
+def test_several_policies_are_each_appraised(milan: Platform) -> None:
+    from snpd.trust.appraisal import AppraisalPolicy
+
+    report = milan.report()
+    parsed = AttestationReport.from_bytes(report)
+    exact = AppraisalPolicy.expecting({"measurement": parsed.measurement,
+                                       "id_key_digest": bytes(48),
+                                       "author_key_digest": b"\x01" * 48})
+    verdict = Verifier(milan.roots).verify(report, milan.certs(), at=NOW,
+                                           policy=[AppraisalPolicy(vmpl=(0,)), exact])
+    assert failed(verdict) == ["policy.author_key_digest"]
+    names = [c.name for c in verdict.checks if c.name.startswith("policy.")]
+    assert names == ["policy.vmpl", "policy.measurement", "policy.id_key_digest",
+                     "policy.author_key_digest"]
+    with pytest.raises(Exception, match="unknown field 'vmpl'"):
+        AppraisalPolicy.expecting({"vmpl": b"\0"})

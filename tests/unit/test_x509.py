@@ -90,8 +90,11 @@ def test_pem_der_round_trip(case_dir: Callable[[Any], Path]) -> None:
 def test_certificate_set_from_kinds_checks_the_kind(case_dir: Callable[[Any], Path]) -> None:
     d = case_dir("milan-v2-vcek")
     ark = (d / "ark.pem").read_bytes()
-    with pytest.raises(CertificateFormatError, match="given as ask is a ark"):
-        CertificateSet.from_kinds([("ask", ark)])
+    # A kind that lies is a defect of the set (it fails verification), not an error.
+    lying = CertificateSet.from_kinds([("ask", ark)])
+    assert lying.ask is None and lying.ark is None
+    assert lying.defects == ("certificate 0 (given as ask) holds an ARK certificate, "
+                             "not an ASK",)
     with pytest.raises(CertificateFormatError, match="unknown certificate kind"):
         CertificateSet.from_kinds([("root", ark)])
     certs = CertificateSet.from_kinds([("ark", ark), ("vcek", (d / "vcek.der").read_bytes())])
