@@ -27,7 +27,17 @@ from snpd.kds.budget import BudgetLimits, KdsBudget
 from snpd.notify import Notifier
 from snpd.ratelimit import Rate
 from snpd.service import Access, Caller, Service
-from snpd.status.probe import SevStatus, probe
+from snpd.status.probe import SevStatus, emulated, probe, status_properties
+from snpd.status.summary import (
+    ATTESTATION,
+    MANAGER,
+    changed_message,
+    changes,
+    journal_fields,
+    startup_message,
+    status_document,
+)
+from snpd.status.summary import status_line as summary_status_line
 from snpd.trust.roots import AMD_ROOTS, TrustRoots
 from snpd.trust.verify import Verifier
 
@@ -131,27 +141,9 @@ def kds_budget(cfg: Config) -> KdsBudget:
         kds.per_uid_fetch_burst, kds.per_uid_fetch_interval_s)))
 
 
-def status_dict(status: SevStatus) -> Dict[str, object]:
-    """SevStatus as flat, D-Bus-friendly values (a{sv}); unknowns are left out."""
-    k = status.kernel
-    out: Dict[str, object] = {
-        "snp_active": bool(status.snp_active),
-        "features": list(k.memory_encryption),
-        "sev_status": list(k.sev_status),
-        "device_node": status.device_node,
-        "configfs_tsm": status.configfs_tsm,
-        "unavailable": list(status.unavailable),
-    }
-    for key, value in (("vmpl", status.vmpl), ("vmpck", k.driver_vmpck),
-                       ("vmpck_disabled", k.vmpck_disabled),
-                       ("cpuid_table_entries", k.cpuid_table_entries)):
-        if value is not None:
-            out[key] = value
-    return out
-
-
 def load_probe(path: Path) -> Optional[SevStatus]:
-    """The facts snpd-probe (the unit's privileged ExecStartPre) wrote, if any."""
+    """The facts snpd-probe (the unit's privileged ExecStartPre) wrote, if any; sysfs,
+    device nodes and /proc/cpuinfo are read again here (anyone may read them)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -159,7 +151,14 @@ def load_probe(path: Path) -> Optional[SevStatus]:
     lines = data.get("kernel_lines") if isinstance(data, dict) else None
     if not isinstance(lines, list):
         return None
-    return probe(Path(data.get("root", "/")), kernel_lines=[str(x) for x in lines][:20000])
+    why = data.get("kernel_log_error")
+    source = data.get("kernel_log_source")
+    msr = data.get("sev_status_msr")
+    return probe(Path(data.get("root", "/")), kernel_lines=[str(x) for x in lines][:20000],
+                 kernel_log=None if why else f"snpd-probe ({source or 'kernel log'})",
+                 unavailable=[f"{why} (snpd-probe)"] if isinstance(why, str) and why else (),
+                 sev_status_msr=msr if isinstance(msr, int) and not isinstance(msr, bool)
+                 else None)
 
 
 class Daemon:
@@ -181,6 +180,7 @@ class Daemon:
         self._reload: Optional[asyncio.Event] = None
         self._tasks: List[asyncio.Task[None]] = []
         self.status: Optional[SevStatus] = None
+        self._logged_status: Optional[Dict[str, Any]] = None  # the last status logged
         self.exit_status = 0  # what run() returns once stopped
 
     # -- assembly ------------------------------------------------------------------------
@@ -230,8 +230,22 @@ class Daemon:
         self.status = load_probe(self.probe_file) or probe(self.root)
         device = self._device()
         emulator = getattr(device, "emulator", None)
-        guest_vmpl = (emulator.firmware.state.config.guest_vmpl if emulator is not None
-                      else self.status.vmpl or 0)
+        product_hint, hint_source = None, ""
+        if emulator is not None:
+            # The emulated guest, not this machine: its VMPL, its driver's VMPCK, and the
+            # product it is configured as (known without spending a report).
+            emulated_config = emulator.firmware.state.config
+            self.status = emulated(emulated_config.guest_vmpl, list(emulator.log),
+                                   device_node=emulator.device != "absent")
+            guest_vmpl = emulated_config.guest_vmpl
+            product_hint, hint_source = emulated_config.product, "emulator"
+        else:
+            guest_vmpl = self.status.vmpl or 0
+            if device.name != "none" and self.status.cpu is not None:
+                # CPUID family/model name the product on hardware (spec/ABI.md §4.8);
+                # the first report confirms or corrects it.
+                product_hint = self.status.cpu.product
+                hint_source = "cpuid" if product_hint is not None else ""
 
         def state_changed(state: BrokerState) -> None:  # called on the device thread
             loop.call_soon_threadsafe(self._state_changed, state)
@@ -252,20 +266,14 @@ class Daemon:
                           resolve_groups(cfg.access.key_groups, self.events)),
             events=self.events, cache=self._cache(roots), verifier=Verifier(roots),
             policies=cfg.policies, guest_vmpl=guest_vmpl, backend=device.name,
-            sev_status=({"snp_active": True, "emulated": True, "vmpl": guest_vmpl}
-                        if emulator is not None else status_dict(self.status)),
+            sev_status=status_properties(self.status), product_hint=product_hint,
+            product_hint_source=hint_source,
             request_timeout=cfg.device.request_timeout_s,
             kds_budget=kds_budget(cfg), kds_workers=cfg.kds.workers)
         await self._start_transports()
         self.notifier.ready(self.status_line())
-        k = self.status.kernel
-        self.events.startup_status(
-            f"snpd {self._version()} serving: {self.status_line()}",
-            backend=device.name, snp_active=self.status.snp_active,
-            vmpl=self.status.vmpl, vmpck=k.driver_vmpck,
-            features=" ".join(k.memory_encryption) or None,
-            sev_status=" ".join(k.sev_status) or None,
-            unavailable="; ".join(self.status.unavailable) or None)
+        self._log_status()
+        self.service.subscribe(self._properties_changed)
         self._tasks.append(loop.create_task(self._learn_platform()))
         self._tasks.append(loop.create_task(self._flush_events()))
         if self.notifier.watchdog_usec:
@@ -317,8 +325,47 @@ class Daemon:
         if not self._transports:
             raise SnpdError("no transport could be started: " + "; ".join(errors))
 
+    def _status_document(self) -> Dict[str, Any]:
+        assert self.service is not None
+        return status_document(self.service.properties())
+
+    def _log_status(self) -> None:
+        """The SEV status in the journal: the start-up record first, then one record
+        each time a fact in it changes (product, reported TCB, state, VMPCK)."""
+        doc = self._status_document()
+        before = self._logged_status
+        fields = journal_fields(doc)
+        if before is None:
+            self.events.startup_status(startup_message(doc), **fields)
+        else:
+            changed = changes(before, doc)
+            if not changed:
+                return
+            self.events.sev_status_changed(changed_message(doc, changed),
+                                           ready=doc.get("state") == "ready",
+                                           changed=", ".join(changed), **fields)
+        self._logged_status = doc
+
+    def _properties_changed(self, interface: str, changed: Dict[str, object]) -> None:
+        """Service listener (on the loop): the product, TCB or state changed. It runs
+        inside the request that learned it, so a failure here is logged, never
+        passed on to that caller."""
+        if interface != ATTESTATION or not {"Product", "ReportedTcb", "State"} & set(changed):
+            return
+        try:
+            if "Product" in changed and self.service is not None:
+                # product_source (in SevStatus) moved to "report" with it.
+                self.service.notify(MANAGER, {
+                    "SevStatus": self.service.properties()[MANAGER]["SevStatus"]})
+            self._log_status()
+            self.notifier.status(self.status_line())
+        except Exception as exc:  # a status display must not fail a request
+            self.events.log("err", f"cannot record the SEV status change: "
+                                   f"{type(exc).__name__}: {exc}")
+
     async def _learn_platform(self) -> None:
-        """One report at start-up names the product and TCB for status displays."""
+        """One report at start-up names the product (v3+) and the reported TCB for
+        status displays; the journal records the change (see _properties_changed)."""
         assert self.service is not None
         with contextlib.suppress(SnpdError):
             await self.service.get_report(STARTUP_CALLER, b"", 0xFFFFFFFF, {})
@@ -367,26 +414,12 @@ class Daemon:
                                 {"State": state.state, "StateReason": state.reason})
         self.notifier.status(self.status_line())
 
-    @staticmethod
-    def _version() -> str:
-        from snpd import __version__
-
-        return __version__
-
     def status_line(self) -> str:
-        """What ``systemctl status snpd`` shows: backend, product, VMPL, state, counts."""
+        """What ``systemctl status snpd`` shows: state, product, VMPL, reported TCB,
+        backend, counts (snpd.status.summary.status_line)."""
         if self.service is None or self.broker is None:
             return "starting"
-        state = self.broker.state
-        stats = self.broker.stats()
-        product = self.service.product.value if self.service.product else "product unknown"
-        head = (f"{self.service.backend} backend, {product}, VMPL {self.service.guest_vmpl}")
-        counts = (f"{stats.get('report.ok', 0) + stats.get('extended_report.ok', 0)} reports, "
-                  f"{stats.get('derived_key.ok', 0)} keys, "
-                  f"{stats.get('queue.rejected_busy', 0)} busy")
-        if state.state != "ready":
-            return f"{state.state.upper()}: {state.reason} ({head}; {counts})"
-        return f"ready: {head}; {counts}"
+        return summary_status_line(self._status_document())
 
     # -- running -------------------------------------------------------------------------------
 
@@ -511,15 +544,19 @@ def write_probe(path: Path = PROBE_FILE, root: Path = Path("/")) -> Dict[str, ob
     """
     from snpd.files import atomic_write
     from snpd.status.kernel_log import parse_kernel_log
-    from snpd.status.probe import read_kernel_log
+    from snpd.status.probe import read_kernel_log_from, read_sev_status_msr
 
-    lines, why = read_kernel_log(root)
+    lines, source, why = read_kernel_log_from(root)
     keep = [line for line in lines if any(
         word in line for word in ("SEV", "sev-guest", "VMPCK", "vmpck", "Memory Encryption",
                                   "ASP"))]
+    # The MSR only when the msr driver is already there: the probe loads no modules.
+    msr, _msr_error = read_sev_status_msr(root)
+    facts = parse_kernel_log(keep).to_json()
     doc: Dict[str, object] = {"root": str(root), "kernel_lines": keep[:2000],
-                              "kernel_log_error": why,
-                              "facts": parse_kernel_log(keep).to_json()}
+                              "kernel_log_source": source, "kernel_log_error": why,
+                              "kernel_log_lines": len(lines), "sev_status_msr": msr,
+                              "facts": facts}
     # exact_mode: the unit's UMask=0077 would leave the file unreadable to user snpd.
     atomic_write(path, json.dumps(doc, indent=1).encode(), mode=0o644, exact_mode=True,
                  within=path.parent.parent)

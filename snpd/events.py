@@ -51,6 +51,9 @@ IDENTIFIER = "snpd"
 # MESSAGE_IDs (systemd-id128 new), one per event type; the catalog documents each.
 MESSAGE_IDS: Dict[str, str] = {
     "STARTUP_STATUS": "6f1c0e2b4f3a4d7c9a51d2e8b0c4a7f1",
+    # The same facts again whenever they change after start-up (product or TCB
+    # learned from the first report, state degraded or failed).
+    "SEV_STATUS_CHANGED": "fa7582eb052f453786ccbc737feca547",
     "REPORT_ISSUED": "2d7b9a4e1c6f4b0a8e3d5c7f9b1a2e40",
     "KEY_DERIVED": "a3e5c7f9b1d24f6a8c0e2b4d6f8a1c35",
     "KDS_FETCH": "5b8d1f3a6c9e4b2d7f0a3c5e8b1d4f62",
@@ -277,7 +280,14 @@ class Events:
         self.emit(None, priority, message, **fields)
 
     def startup_status(self, summary: str, **facts: object) -> None:
+        """What the kernel log, sysfs and the backend showed at start-up, in words
+        (snpd.status.summary.startup_message) and as SNPD_* fields."""
         self.emit("STARTUP_STATUS", "notice", summary, **facts)
+
+    def sev_status_changed(self, summary: str, *, ready: bool = True, **facts: object) -> None:
+        """The start-up facts again, after a change (snpd.status.summary.changed_message);
+        a warning when the firmware channel is no longer ready."""
+        self.emit("SEV_STATUS_CHANGED", "notice" if ready else "warning", summary, **facts)
 
     def report_issued(self, caller: Caller, vmpl: int, parsed: AttestationReport,
                       product: Optional[Product]) -> None:

@@ -164,6 +164,8 @@ class Service:
         guest_vmpl: int = 0,
         backend: str = "",
         sev_status: Optional[Mapping[str, object]] = None,
+        product_hint: Optional[Product] = None,
+        product_hint_source: str = "",
         request_timeout: float = 30.0,
         clock: Callable[[], float] = lambda: asyncio.get_running_loop().time(),
         kds_budget: Optional[KdsBudget] = None,
@@ -178,6 +180,11 @@ class Service:
         self.guest_vmpl = guest_vmpl
         self.backend = backend
         self.sev_status = dict(sev_status or {})
+        # What names the product before a report does (the emulator's configuration,
+        # or CPUID from /proc/cpuinfo): shown by the Product property and the status
+        # texts only; certificates go by ``product``, which only reports set.
+        self.product_hint = product_hint
+        self.product_hint_source = product_hint_source
         self.request_timeout = request_timeout
         self._clock = clock
         self.product: Optional[Product] = None
@@ -515,10 +522,15 @@ class Service:
         stats = {k: int(v) for k, v in self.broker.stats().items()}
         if self.cache is not None:
             stats.update({f"kds.{k}": v for k, v in self.cache.stats.as_dict().items()})
+        product, source = ((self.product, "report") if self.product is not None
+                           else (self.product_hint, self.product_hint_source))
+        sev_status = dict(self.sev_status)
+        if product is not None and source:
+            sev_status["product_source"] = source
         return {
             "org.snpd.Snpd1.Attestation": {
                 "Backend": self.backend,
-                "Product": self.product.value if self.product else "",
+                "Product": product.value if product else "",
                 "Vmpl": self.guest_vmpl,
                 "ReportedTcb": self.reported_tcb,
                 "State": state.state,
@@ -526,7 +538,7 @@ class Service:
             },
             "org.snpd.Snpd1.Manager": {
                 "Version": __version__,
-                "SevStatus": dict(self.sev_status),
+                "SevStatus": sev_status,
                 "Statistics": stats,
             },
         }

@@ -101,8 +101,9 @@ def test_no_guest_interface_is_exit_3(tmp_path: Path) -> None:
     assert code == 3 and "emulator" in err
 
 
+# Not "ok": without a daemon it checks locally (tests/unit/test_snpctl_status.py).
 @pytest.mark.parametrize("command", [["report", "r.bin", "q.bin", "--random"], ["status"],
-                                     ["key", "k.bin", "vcek"], ["evidence", "e.json"], ["ok"],
+                                     ["key", "k.bin", "vcek"], ["evidence", "e.json"],
                                      ["certificates", "pem", "certs"]])
 def test_daemon_not_running_is_exit_3_with_a_hint(command: list, tmp_path: Path,  # type: ignore[type-arg]
                                                   monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,8 +7,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
+from snpd.abi.product import Product
 from snpd.status.kernel_log import parse_kernel_log, sev_status_names
-from snpd.status.probe import probe
+from snpd.status.probe import emulated, parse_cpuinfo, probe, status_properties
 
 MODERN = """\
 [    0.000000] Linux version 6.12.0 (builder@debian)
@@ -90,3 +91,67 @@ def test_probe_says_what_it_could_not_read(tmp_path: Path) -> None:
     status = probe(tmp_path)
     assert status.snp_active is None
     assert any("kernel log" in why for why in status.unavailable)
+
+
+# -- the facts beyond the kernel log, and why a guest is not SEV-SNP -------------------------
+
+CPUINFO = """\
+processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 160
+stepping\t: 2
+flags\t\t: fpu sev_snp sev
+"""
+
+
+def test_cpuinfo_names_the_product() -> None:
+    cpu = parse_cpuinfo(CPUINFO + "\nprocessor\t: 1\nvendor_id\t: Other\n")
+    assert (cpu.vendor, cpu.family, cpu.model, cpu.stepping) == ("AuthenticAMD", 0x19, 0xA0, 2)
+    assert cpu.product is Product.GENOA  # Zen4c is filed under Genoa
+    assert cpu.flags == ("sev", "sev_snp")
+    assert cpu.describe() == "AuthenticAMD family 0x19 model 0xa0 stepping 2 (Genoa)"
+    assert parse_cpuinfo(CPUINFO.replace("AuthenticAMD", "GenuineIntel")).product is None
+    assert parse_cpuinfo("").describe() == "unknown vendor"
+
+
+def test_a_log_without_sev_lines_is_not_sev_snp_and_says_why(tmp_path: Path) -> None:
+    status = probe(tmp_path, kernel_lines=[], kernel_log="snpd-probe (/dev/kmsg)")
+    assert status.snp_active is False  # the log was read: it said nothing of SEV
+    assert status.reason == ("not an SEV-SNP guest: no 'Memory Encryption Features active' "
+                             "line in the kernel log and no /dev/sev-guest")
+    sev_only = probe(tmp_path, kernel_lines=["Memory Encryption Features active: AMD SEV"])
+    assert sev_only.features == ("SEV",)
+    assert sev_only.reason == ("not an SEV-SNP guest: the kernel reports 'Memory Encryption "
+                               "Features active: SEV' without SEV-SNP and no /dev/sev-guest")
+    unknown = probe(tmp_path)
+    assert unknown.snp_active is None and unknown.reason is not None
+    assert unknown.reason.startswith("SEV-SNP state unknown: no /dev/sev-guest and no "
+                                     "/sys/devices/platform/sev-guest; could not read kernel "
+                                     "log (")
+    assert probe(tmp_path, kernel_lines=MODERN).reason is None
+
+
+def test_the_msr_decides_when_it_was_read(tmp_path: Path) -> None:
+    (tmp_path / "dev/cpu/0").mkdir(parents=True)
+    with open(tmp_path / "dev/cpu/0/msr", "wb") as f:
+        f.seek(0xC0010131)
+        f.write((0b011).to_bytes(8, "little"))  # SEV and SEV-ES, no SNP
+    status = probe(tmp_path, kernel_lines=MODERN, msr=True)
+    assert status.sev_status_msr == 0b011 and status.snp_active is False
+    assert status.reason is not None and "SEV_STATUS MSR is 0x3" in status.reason
+    missing = probe(tmp_path / "elsewhere", kernel_lines=MODERN, msr=True)
+    assert any("msr module is not loaded" in why for why in missing.unavailable)
+    assert probe(tmp_path, kernel_lines=MODERN).sev_status_msr is None  # only when asked
+
+
+def test_emulated_status_and_its_properties() -> None:
+    status = emulated(2, ["sev-guest sev-guest: Initialized SEV guest driver (using VMPCK2 "
+                          "communication key)"])
+    assert status.snp_active and status.emulated and status.vmpl == 2
+    props = status_properties(status)
+    assert props["features"] == ["SEV", "SEV-ES", "SEV-SNP"]
+    assert (props["vmpl"], props["vmpck"], props["kernel_log"]) == (2, 2, "emulator")
+    assert "reason" not in props and props["emulated"] is True
+    # Unknowns are left out (D-Bus has no null), snp_active included.
+    assert "snp_active" not in status_properties(probe(Path("/nonexistent-root")))
