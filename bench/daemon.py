@@ -23,11 +23,14 @@ backend (zero firmware latency) in a temporary directory, and prints:
 5. the daemon's RSS at READY=1 and while it serves --rss-requests more reports
    (8 varlink clients), sampled every tenth, to show whether it grows over the
    last half;
-6. ``snpctl status`` as a whole process over varlink, next to ``python -c
-   pass``, and both again with ``python -S`` (no site module, so no .pth
-   import hooks such as an editable install's, which no installed package has);
-   then as the Debian package runs it: /usr/bin/python3 with snpd byte-compiled
-   in a plain directory (when /usr/bin/python3 exists).
+6. ``snpctl status`` and ``snpctl report REPORT REQUEST --random`` as whole
+   processes over varlink, next to ``python -c pass`` (the three take turns, so
+   a busy neighbour shifts them alike), and all again with ``python -S`` (no
+   site module, so no .pth import hooks such as an editable install's, which no
+   installed package has); then as the Debian package runs them: /usr/bin/python3
+   with snpd byte-compiled in a plain directory (when /usr/bin/python3 exists).
+   Both commands take snpctl's fast path (snpd.cli.fastpath), as a plain
+   command line does.
 
 Children get a private bytecode cache (PYTHONPYCACHEPREFIX in the run's
 directory, PYTHONDONTWRITEBYTECODE dropped): an installed package is
@@ -58,7 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -346,21 +349,40 @@ def rss_run(path: str, total: int, clients: int, procs: int, daemon_pid: int,
 # -- 6. whole process ---------------------------------------------------------------------------
 
 
-def whole_process_ms(argv: Sequence[str], runs: int,
-                     env: Optional[Dict[str, str]] = None) -> Tuple[float, int, str]:
-    """Median wall time of ``argv`` as a fresh process (after 3 untimed runs), its last
-    exit status and stderr."""
-    samples = []
-    result: Optional[subprocess.CompletedProcess[bytes]] = None
+def whole_process_ms(argvs: Mapping[str, Sequence[str]], runs: int,
+                     env: Optional[Dict[str, str]] = None, cwd: Path = REPO
+                     ) -> Dict[str, Tuple[float, int, str]]:
+    """For each named command line: the median wall time as a fresh process (after 3
+    untimed runs) in ``cwd``, its last exit status and stderr. The commands take turns."""
+    samples: Dict[str, List[float]] = {name: [] for name in argvs}
+    last: Dict[str, Tuple[int, str]] = {}
     for i in range(runs + 3):
-        start = time.perf_counter()
-        result = subprocess.run(list(argv), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                cwd=str(REPO), env=env, timeout=30, check=False)
-        if i >= 3:
-            samples.append((time.perf_counter() - start) * 1e3)
-    assert result is not None
-    return statistics.median(samples), result.returncode, result.stderr.decode(errors="replace")
+        for name, argv in argvs.items():
+            start = time.perf_counter()
+            result = subprocess.run(list(argv), stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    cwd=str(cwd), env=env, timeout=30, check=False)
+            if i >= 3:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+            last[name] = result.returncode, result.stderr.decode(errors="replace")
+    return {name: (statistics.median(samples[name]), *last[name]) for name in argvs}
+
+
+def snpctl_commands(prefix: Sequence[str], socket_path: str, directory: Path
+                    ) -> Dict[str, List[str]]:
+    """The two daemon-answered commands timed, run by ``prefix`` (an interpreter and
+    how it finds snpctl), and ``pass`` under the same interpreter."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"status": [*prefix, "status", "--socket", socket_path, "-q"],
+            "report": [*prefix, "report", str(directory / "report.bin"),
+                       str(directory / "request.bin"), "--random", "--socket", socket_path,
+                       "-q"],
+            "pass": [prefix[0], *(["-S"] if "-S" in prefix else []), "-c", "pass"]}
+
+
+def failed(results: Dict[str, Tuple[float, int, str]]) -> str:
+    return "".join(f"   ({name} exited {code}: {stderr.strip()[-300:]})\n"
+                   for name, (_, code, stderr) in results.items() if code != 0)
 
 
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -369,12 +391,12 @@ ENTRY_POINT = "import sys; from snpd.cli.snpctl import main; sys.exit(main())"
 
 
 def installed_snpctl_ms(directory: Path, socket_path: str, runs: int
-                        ) -> Optional[Tuple[float, float, str]]:
-    """``snpctl status`` as the Debian package runs it: the system interpreter, snpd
-    byte-compiled in a plain directory on sys.path, no venv and no import hook.
-    The client path needs only the standard library, so no other package is needed.
-    (median ms, the same interpreter's ``-c pass`` ms, its version), or None without
-    /usr/bin/python3."""
+                        ) -> Optional[Tuple[Dict[str, Tuple[float, int, str]], str]]:
+    """``snpctl status`` and ``report`` as the Debian package runs them: the system
+    interpreter, snpd byte-compiled in a plain directory on sys.path, no venv and no
+    import hook. The client path needs only the standard library, so no other package
+    is needed. (whole_process_ms's figures, with the same interpreter's ``-c pass``;
+    its version), or None without /usr/bin/python3."""
     if not SYSTEM_PYTHON.exists():
         return None
     target = directory / "installed"
@@ -385,17 +407,15 @@ def installed_snpctl_ms(directory: Path, socket_path: str, runs: int
     subprocess.run([str(SYSTEM_PYTHON), "-m", "compileall", "-q", str(target)], env=env,
                    stdout=subprocess.DEVNULL, check=True)
     env["PYTHONPATH"] = str(target)
-    status_ms, status, stderr = whole_process_ms(
-        [str(SYSTEM_PYTHON), "-c", ENTRY_POINT, "status", "--socket", socket_path, "-q"],
-        runs, env)
-    bare, _, _ = whole_process_ms([str(SYSTEM_PYTHON), "-c", "pass"], runs, env)
+    # Not in the repository: ``-c`` puts the working directory first on sys.path, and
+    # snpd would be imported from the tree instead of the byte-compiled copy.
+    results = whole_process_ms(snpctl_commands([str(SYSTEM_PYTHON), "-c", ENTRY_POINT],
+                                               socket_path, directory / "installed-files"),
+                               runs, env, cwd=directory)
     version = subprocess.run([str(SYSTEM_PYTHON), "-c", "import platform; "
                               "print(platform.python_version())"], env=env,
                              capture_output=True, text=True, check=False).stdout.strip()
-    if status != 0:
-        print(f"   (installed-layout snpctl failed: {stderr.strip()[-300:]})")
-        return None
-    return status_ms, bare, version
+    return results, version
 
 
 # -- output -------------------------------------------------------------------------------------
@@ -622,45 +642,49 @@ def measure(run: Run, args: argparse.Namespace) -> int:
          f"none (±{RSS_NOISE_KIB} KiB)", growth <= RSS_NOISE_KIB)]
 
     # 6.
-    snpctl, status, stderr = whole_process_ms(
-        [sys.executable, "-m", "snpd.cli.snpctl", "status", "--socket", str(socket_path),
-         "-q"], args.snpctl_runs)
-    bare, _, _ = whole_process_ms([sys.executable, "-c", "pass"], args.snpctl_runs)
+    files = run.directory / "snpctl-files"
+    dev = whole_process_ms(snpctl_commands([sys.executable, "-m", "snpd.cli.snpctl"],
+                                           str(socket_path), files), args.snpctl_runs)
     # Without the site module: no .pth hooks (an editable install's import finder costs
-    # ~10 ms here at every start, and no installed package has it); snpctl status needs
+    # ~10 ms here at every start, and no installed package has it); the two commands need
     # only the standard library and snpd, found through PYTHONPATH.
     env_path = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env_path]))
     try:
-        no_site, _, _ = whole_process_ms(
-            [sys.executable, "-S", "-m", "snpd.cli.snpctl", "status", "--socket",
-             str(socket_path), "-q"], args.snpctl_runs)
-        floor, _, _ = whole_process_ms([sys.executable, "-S", "-c", "pass"], args.snpctl_runs)
+        no_site = whole_process_ms(snpctl_commands(
+            [sys.executable, "-S", "-m", "snpd.cli.snpctl"], str(socket_path), files),
+            args.snpctl_runs)
     finally:
         if env_path is None:
             del os.environ["PYTHONPATH"]
         else:
             os.environ["PYTHONPATH"] = env_path
-    print(f"\n6. whole process, median of {args.snpctl_runs} (after 3 untimed runs)")
-    print(f"   snpctl status --socket … -q       {snpctl:6.1f} ms"
-          + ("" if status == 0 else f"   (exit {status}: {stderr.strip()[-300:]})"))
-    print(f"   python -c pass                    {bare:6.1f} ms   "
-          f"(snpctl's own share: {snpctl - bare:.1f} ms)")
-    print(f"   the same two with python -S       {no_site:6.1f} ms / {floor:.1f} ms   "
-          f"(own share {no_site - floor:.1f} ms; no site, so no .pth hooks; snpd via "
-          "PYTHONPATH)")
+    print(f"\n6. whole process, median of {args.snpctl_runs} (after 3 untimed runs; the three "
+          "of each group take turns), ms")
+    print(f"   {'':44} {'status':>7} {'report':>7} {'-c pass':>8}   own share (status, report)")
+
+    def line(label: str, results: Dict[str, Tuple[float, int, str]]) -> None:
+        ms = {name: value[0] for name, value in results.items()}
+        print(f"   {label:44} {ms['status']:7.1f} {ms['report']:7.1f} {ms['pass']:8.1f}   "
+              f"{ms['status'] - ms['pass']:.1f}, {ms['report'] - ms['pass']:.1f}")
+        print(failed(results), end="")
+
+    line("dev venv", dev)
+    line("dev venv, python -S, snpd on PYTHONPATH", no_site)
     installed = installed_snpctl_ms(run.directory, str(socket_path), args.snpctl_runs)
     if installed is not None:
-        ms, bare_system, version = installed
-        print(f"   installed layout: {SYSTEM_PYTHON} ({version}), snpd byte-compiled on "
-              f"PYTHONPATH, as /usr/bin/snpctl runs it\n"
-              f"   snpctl status --socket … -q       {ms:6.1f} ms\n"
-              f"   python -c pass                    {bare_system:6.1f} ms   (snpctl's own "
-              f"share: {ms - bare_system:.1f} ms)")
-        rows.append(("snpctl status, whole process, installed", f"{ms:.1f} ms",
-                     f"≤ {BUDGET_SNPCTL_MS:.0f} ms", ms <= BUDGET_SNPCTL_MS))
-    rows.append(("snpctl status, whole process, dev venv", f"{snpctl:.1f} ms",
-                 f"≤ {BUDGET_SNPCTL_MS:.0f} ms", snpctl <= BUDGET_SNPCTL_MS and status == 0))
+        results, version = installed
+        line(f"installed layout, {SYSTEM_PYTHON} {version}", results)
+        print("   (installed layout: snpd byte-compiled on PYTHONPATH, no venv, as "
+              "/usr/bin/snpctl runs it)")
+        for name in ("status", "report"):
+            ms, code, _ = results[name]
+            rows.append((f"snpctl {name}, whole process, installed", f"{ms:.1f} ms",
+                         f"≤ {BUDGET_SNPCTL_MS:.0f} ms", ms <= BUDGET_SNPCTL_MS and code == 0))
+    for name in ("status", "report"):
+        ms, code, _ = dev[name]
+        rows.append((f"snpctl {name}, whole process, dev venv", f"{ms:.1f} ms",
+                     f"≤ {BUDGET_SNPCTL_MS:.0f} ms", ms <= BUDGET_SNPCTL_MS and code == 0))
 
     daemon, run.daemon = run.daemon, None
     exit_status = daemon.stop()

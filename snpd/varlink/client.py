@@ -7,7 +7,10 @@ asyncio (imported by :class:`AsyncVarlinkClient` only when it is used), never
 cryptography or dbus-fast. Replies are decoded here with a few lines of their own
 for the same reason, and the socket comes from ``_socket``, the C module under
 :mod:`socket`, whose own import (enum conversions, selectors) costs more than
-everything else here together: about 2.5 of 5 ms.
+everything else here together: about 2.5 of 5 ms. For the same reason again the
+JSON is read and written by the C accelerator under :mod:`json`, ``_json``,
+driven as :mod:`json` drives it: json.decoder and json.encoder import re (and re
+imports enum), about 6 ms of a 25 ms budget.
 
 Errors come back as the :mod:`snpd.errors` classes the daemon raised:
 ``org.snpd.<Interface>.<Kind>`` maps to the class of that kind (``...Busy`` →
@@ -24,8 +27,6 @@ OSError unchanged, so a caller can fall back to D-Bus.
 from __future__ import annotations
 
 import _socket  # socket.py's enum set-up would be half this module's import time
-import contextlib
-import json
 import time
 
 from snpd.errors import (
@@ -60,6 +61,56 @@ _NOT_FOUND = ("org.varlink.service.InterfaceNotFound", "org.varlink.service.Meth
               "org.varlink.service.MethodNotImplemented")
 
 
+def _not_serializable(value: Any) -> Any:
+    raise TypeError(f"Object of type {value.__class__.__name__} is not JSON serializable")
+
+
+class _Scanning:
+    """The settings json.JSONDecoder() gives its C scanner (json.loads' defaults)."""
+
+    def __init__(self) -> None:
+        self.strict = True
+        self.object_hook = self.object_pairs_hook = None
+        self.parse_float, self.parse_int = float, int
+        self.parse_constant = {"-Infinity": float("-inf"), "Infinity": float("inf"),
+                               "NaN": float("nan")}.__getitem__
+
+
+try:
+    import _json
+except ImportError:  # not CPython: json itself, import cost and all
+    import json
+
+    def _dumps(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=True, separators=(",", ":"))
+
+    def _loads(text: str) -> Any:
+        return json.loads(text)
+else:
+    _scan = _json.make_scanner(_Scanning())  # type: ignore[arg-type]  # typeshed: itself
+    _SPACE = " \t\n\r"  # JSON's whitespace, json.decoder's WHITESPACE
+
+    def _dumps(value: Any) -> str:
+        """json.dumps(value, ensure_ascii=True, separators=(",", ":")), run as
+        JSONEncoder.encode runs it: circular references checked (a fresh set of
+        markers each time, as a failed call leaves its own behind), NaN allowed,
+        keys in their order."""
+        encode = _json.make_encoder({}, _not_serializable, _json.encode_basestring_ascii,
+                                    None, ":", ",", False, False, True)
+        return "".join(encode(value, 0))
+
+    def _loads(text: str) -> Any:
+        """json.loads(text) for a str: a ValueError (as json.JSONDecodeError is) for
+        anything but one JSON value between optional whitespace."""
+        try:
+            value, end = _scan(text, len(text) - len(text.lstrip(_SPACE)))
+        except StopIteration:
+            raise ValueError("Expecting value") from None
+        if text[end:].strip(_SPACE):
+            raise ValueError("Extra data")
+        return value
+
+
 class TransportError(Internal):
     """The connection failed in the middle of a call, or the reply is not varlink."""
 
@@ -87,6 +138,8 @@ def error_from_reply(name: str, parameters: Mapping[str, Any]) -> SnpdError:
         return NotSupported(f"the daemon does not implement {what!r} ({name})")
     if name == "org.varlink.service.PermissionDenied":
         return PermissionDenied("the daemon denied the call")
+    import json
+
     return Internal(f"{name}: {json.dumps(dict(parameters), sort_keys=True)}")
 
 
@@ -98,14 +151,14 @@ def encode_call(method: str, parameters: Optional[Mapping[str, Any]], oneway: bo
     message: Dict[str, Any] = {"method": method, "parameters": dict(parameters or {})}
     if oneway:
         message["oneway"] = True
-    return json.dumps(message, ensure_ascii=True, separators=(",", ":")).encode() + b"\0"
+    return _dumps(message).encode() + b"\0"
 
 
 def decode_reply(message: bytes) -> Dict[str, Any]:
     """A reply's parameters; raises the mapped error for an error reply and
     TransportError for anything that is not a single varlink reply."""
     try:
-        value = json.loads(message.decode("utf-8"))
+        value = _loads(message.decode("utf-8"))
     except (ValueError, RecursionError):
         raise TransportError("the daemon's reply is not JSON") from None
     if not isinstance(value, dict):
@@ -290,6 +343,8 @@ class AsyncVarlinkClient:
         streams, self._streams = self._streams, None
         if streams is not None:
             streams[1].close()
+            import contextlib
+
             with contextlib.suppress(OSError):
                 await streams[1].wait_closed()
 
