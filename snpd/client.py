@@ -15,8 +15,7 @@ answers.
 
 from __future__ import annotations
 
-import base64
-import contextlib
+import binascii  # not base64, which imports re: a quarter of snpctl status's start-up
 import os
 
 from snpd.errors import EXIT_UNAVAILABLE, SnpdError
@@ -33,16 +32,24 @@ DEFAULT_VMPL = 0xFFFFFFFF
 
 
 class DaemonUnavailable(SnpdError):
-    kind = "NotSupported"
+    """Neither the varlink socket nor the bus reached a daemon. Its own kind (what
+    ``snpctl --json`` prints), not "NotSupported": that one means a running daemon
+    cannot do something. Raised by this client only, so no wire kind (ALL_KINDS)."""
+
+    kind = "DaemonUnavailable"
     exit_code = EXIT_UNAVAILABLE
 
 
 def _b64(data: bytes) -> str:
-    return base64.b64encode(bytes(data)).decode()
+    return binascii.b2a_base64(bytes(data), newline=False).decode()  # = base64.b64encode
 
 
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text)
+def _unb64(text: Any) -> bytes:  # Any: whatever JSON value the daemon sent
+    if isinstance(text, str):
+        return binascii.a2b_base64(text)  # what base64.b64decode does with a str
+    import base64
+
+    return base64.b64decode(text)  # and its errors for anything else
 
 
 def _certs_from_varlink(items: Sequence[Mapping[str, str]]) -> CertificateList:
@@ -108,9 +115,12 @@ class _DBus:
 
     NAME, PATH = "org.snpd.Snpd1", "/org/snpd/Snpd1"
 
-    def __init__(self, address: Optional[str], timeout: float) -> None:
+    def __init__(self, address: Optional[str], timeout: float, tried: Sequence[str] = ()
+                 ) -> None:
         import asyncio
 
+        self.where = _bus_where(address)
+        self.tried = tuple(tried)  # what failed before the bus, for DaemonUnavailable
         self.loop = asyncio.new_event_loop()
         self.timeout = timeout
         try:
@@ -132,6 +142,8 @@ class _DBus:
         except BaseException:
             # dbus-fast (1.84, Debian bookworm's) leaves its socket open when connecting
             # fails; close it here rather than leak a descriptor per attempt.
+            import contextlib  # here only: the varlink path does without it
+
             for name in ("_stream", "_sock"):
                 with contextlib.suppress(Exception):
                     getattr(bus, name).close()
@@ -153,7 +165,10 @@ class _DBus:
             raise Timeout(f"the daemon did not answer {member} within {self.timeout} s") \
                 from None
         if reply.message_type == MessageType.ERROR:
-            raise _dbus_error(reply.error_name or "", reply.body)
+            error = _dbus_error(reply.error_name or "", reply.body)
+            if isinstance(error, DaemonUnavailable):  # the bus runs, snpd is not on it
+                error = DaemonUnavailable(_hint([*self.tried, f"{self.where}: {error}"]))
+            raise error
         return list(reply.body)
 
     def close(self) -> None:
@@ -205,7 +220,7 @@ def _dbus_error(name: str, body: Sequence[Any]) -> SnpdError:
         return PermissionDenied(f"the bus policy refused the call: {message}")
     if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
                 "org.freedesktop.DBus.Error.NameHasNoOwner"):
-        return DaemonUnavailable("snpd is not running on the bus (org.snpd.Snpd1 has no owner)")
+        return DaemonUnavailable("org.snpd.Snpd1 has no owner (snpd is not on the bus)")
     from snpd.errors import Internal
 
     return Internal(f"{name}: {message}")
@@ -298,13 +313,16 @@ class SnpdClient:
                 errors.append(f"varlink socket {path}: {exc.strerror or exc}")
                 if socket is not None:
                     raise DaemonUnavailable(_hint(errors)) from exc
+        address = None if bus in (None, "system") else bus
         try:
-            dbus = _DBus(None if bus in (None, "system") else bus, timeout)
+            dbus = _DBus(address, timeout, errors)
         except ImportError as exc:
             errors.append(f"D-Bus: dbus-fast is not installed ({exc.name})")
             raise DaemonUnavailable(_hint(errors)) from exc
         except (OSError, EOFError, ValueError) as exc:
-            errors.append(f"D-Bus: {exc}")
+            code = exc.errno if isinstance(exc, OSError) else None
+            reason = os.strerror(code) if code else str(exc)
+            errors.append(f"{_bus_where(address)}: {reason}")
             raise DaemonUnavailable(_hint(errors)) from exc
         self._ops = _dbus_ops(dbus)
         self._closer, self.transport = dbus, "dbus"
@@ -431,6 +449,13 @@ class AsyncSnpdClient:
         return result
 
 
+def _bus_where(address: Optional[str]) -> str:
+    """The bus as a message names it: the address given, else the system bus's."""
+    return "D-Bus " + (address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
+                       or "unix:path=/var/run/dbus/system_bus_socket")
+
+
 def _hint(errors: Sequence[str]) -> str:
-    return ("daemon not running (" + "; ".join(errors) + "). Start it with 'systemctl start "
-            "snpd', or use 'snpctl --direct' to open the device yourself (root)")
+    return ("daemon not running or not reachable (" + "; ".join(errors) + "). Start it "
+            "with 'systemctl start snpd', or use 'snpctl --direct' to open the device "
+            "yourself (root)")

@@ -11,7 +11,13 @@ time, which is why every answer is bounded in size and every call by a deadline.
 Retry policy, per call of :meth:`KdsClient.get`:
 
 - retried with exponential backoff and jitter: HTTP 429, 500, 502, 503, 504,
-  connection failures, timeouts, and bodies cut short;
+  timeouts, connections reset or closed early, and bodies cut short;
+- asked once, never again in this call: a host name that does not resolve, a
+  refused connection and a TLS failure (certificate or handshake). Those describe the
+  URL, not the moment: asking again seconds later gets the same answer, so a user's
+  ``snpctl fetch`` fails at once with the host and the cause instead of spinning
+  through the whole deadline. The daemon asks again later, through its negative
+  cache and its per-user KDS budget, not by looping here;
 - ``Retry-After`` (seconds or HTTP date) is honoured instead of the backoff; one that
   would end past the deadline, or that is longer than ``max_retry_wait``, gives up on
   that URL at once rather than sleeping;
@@ -21,7 +27,7 @@ Retry policy, per call of :meth:`KdsClient.get`:
   for it to have waited for a Retry-After itself;
 - any other 4xx (404 above all) is the KDS's answer and fails at once;
 - after ``max_retries`` retries, or a failure that retrying the same server cannot
-  fix (an oversized body, a TLS failure, an unexpected status), the next mirror is
+  fix (one of the above, an oversized body, an unexpected status), the next mirror is
   tried; everything shares one overall deadline.
 
 Why this is a loop here and not urllib3's ``Retry`` on an ``HTTPAdapter``: the
@@ -41,9 +47,12 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import errno
 import logging
 import random
 import re
+import socket
+import ssl
 import threading
 import time
 from datetime import timezone
@@ -128,11 +137,14 @@ class _Failure:
 
     ``retry``: asking the same URL again may help. ``final``: the KDS has answered
     and no server will say otherwise (a 4xx), so stop without trying mirrors.
+    ``permanent``: the host could not be resolved, refused, or failed TLS; ``what``
+    then names the host, the cause and what to check.
     """
 
     what: str
     retry: bool
     final: bool = False
+    permanent: bool = False
     status: Optional[int] = None
     retry_after: Optional[float] = None
 
@@ -291,7 +303,8 @@ class KdsClient:
                     outcomes.append(_UrlOutcome(url, tries, failure, "final"))
                     raise self._error(outcomes, total)
                 if not failure.retry:
-                    outcomes.append(_UrlOutcome(url, tries, failure, "not-retryable"))
+                    ending = "permanent" if failure.permanent else "not-retryable"
+                    outcomes.append(_UrlOutcome(url, tries, failure, ending))
                     break
                 if tries > self._max_retries:
                     outcomes.append(_UrlOutcome(url, tries, failure, "retries"))
@@ -361,10 +374,11 @@ class KdsClient:
             return _Failure(f"no connection within {connect:.3g} s (connect timeout)", retry=True)
         except requests.exceptions.ReadTimeout:
             return _Failure(f"no answer within {read:.3g} s (read timeout)", retry=True)
-        except requests.exceptions.SSLError as exc:
-            # Certificate or protocol trouble: asking again gets the same answer.
-            return _Failure(f"TLS failure ({_reason(exc)})", retry=False)
-        except requests.exceptions.ConnectionError as exc:
+        except requests.exceptions.ConnectionError as exc:  # SSLError and ProxyError too
+            permanent = _permanent_failure(exc, url)
+            if permanent is not None:
+                return _Failure(permanent, retry=False, permanent=True)
+            # A reset, a connection closed before the answer, no route right now.
             return _Failure(f"connection failed ({_reason(exc)})", retry=True)
         except requests.exceptions.RequestException as exc:
             return _Failure(f"request failed ({type(exc).__name__}: {exc})", retry=False)
@@ -467,6 +481,8 @@ class KdsClient:
             hint = " (the KDS has no such certificate: check the product, chip id and TCB)" \
                 if f.status == 404 else ""
             return f"{f.what} for {url}; not retried{hint}"
+        if outcome.ending == "permanent":
+            return f"{f.what}; asked once for {url}, not retried"
         if outcome.ending == "not-retryable":
             return f"{f.what} for {url} ({n}); not retried against this server"
         if outcome.ending == "paused":
@@ -484,6 +500,74 @@ class KdsClient:
             return (f"{f.what} persisted past the {self._deadline:g} s deadline for {url} "
                     f"({n}); retry later")
         return f"{f.what} persisted for {url} after {n}; retry later"
+
+
+def _chain(exc: BaseException) -> List[BaseException]:
+    """``exc`` and every exception it wraps, outermost first.
+
+    requests wraps urllib3's MaxRetryError (in ``args``), which holds the real failure
+    in ``reason``; urllib3 2.x chains the socket error as ``__cause__``, 1.26 only as
+    ``__context__`` (raised while handling it), and 1.26's SSLError holds the ssl
+    module's error in ``args``. Walking all four finds the cause on both.
+    """
+    found: List[BaseException] = []
+    todo: List[BaseException] = [exc]
+    while todo and len(found) < 32:
+        current = todo.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        linked = [*current.args, getattr(current, "reason", None), current.__cause__,
+                  current.__context__]
+        todo.extend(e for e in linked if isinstance(e, BaseException))
+    return found
+
+
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)$")
+
+
+def _permanent_failure(exc: requests.exceptions.ConnectionError, url: str) -> Optional[str]:
+    """What to tell the operator when ``exc`` is a failure that asking again cannot fix
+    (the name does not resolve, the port refuses, TLS fails), else None.
+
+    Classified by the socket and ssl errors underneath, not by urllib3's wrappers,
+    whose classes differ between urllib3 1.26 (Debian bookworm) and 2.x.
+    """
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    subject = f"the KDS host {host}"
+    if isinstance(exc, requests.exceptions.ProxyError):
+        subject = f"the proxy for the KDS host {host}"
+    chain = _chain(exc)
+    for inner in chain:
+        if isinstance(inner, socket.gaierror):
+            # Also EAI_AGAIN ("temporary failure"): in practice no DNS server answers,
+            # which does not change within one call either.
+            cause = inner.strerror or str(inner)
+            return (f"cannot resolve {subject} ({cause}): check the URL and this "
+                    "machine's DNS")
+    for inner in chain:
+        if isinstance(inner, ConnectionRefusedError) or (
+                isinstance(inner, OSError) and inner.errno == errno.ECONNREFUSED):
+            return (f"{subject} refused the connection (nothing listens on that port): "
+                    "check the URL")
+    if not isinstance(exc, requests.exceptions.SSLError):
+        return None
+    cause = _reason(exc)
+    for inner in chain:
+        if isinstance(inner, ssl.SSLCertVerificationError):
+            detail = inner.verify_message or _SSL_SOURCE.sub("", str(inner))
+            cause = f"certificate verify failed: {detail}"
+            break
+        if type(inner).__name__ == "CertificateError":  # urllib3 1.26's hostname check
+            cause = f"certificate does not match: {inner}"
+            break
+        if isinstance(inner, ssl.SSLError):
+            cause = _SSL_SOURCE.sub("", str(inner.args[1] if len(inner.args) > 1
+                                            else inner))
+            break
+    return (f"TLS with {subject} failed ({cause}): check the URL, the machine's CA "
+            "certificates and clock")
 
 
 def _reason(exc: BaseException) -> str:

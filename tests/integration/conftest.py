@@ -5,6 +5,10 @@ accounts (see dbusbus.py).
 These tests need root (they create users and groups and change uid), dbus-daemon,
 busctl and dbus-fast; a missing prerequisite is a failure, never a skip:
 scripts/test installs and creates all of them.
+
+At the end of the session, after every fixture has stopped what it started (the
+private dbus-daemons, the daemon, the emulated KDS), any process the tests started
+that is still alive fails the session (tests/leftovers.py).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dbusbus import (  # type: ignore[import-not-found]
     PrivateBus,
     ensure_test_accounts,
 )
+from leftovers import no_leftover_processes  # type: ignore[import-not-found]  # noqa: F401
 
 if TYPE_CHECKING:
     from daemonproc import EmulatedKds, EmulatorTemplate  # type: ignore[import-not-found]

@@ -1,4 +1,5 @@
-"""Session fixtures: one emulated platform per product (see emuplatform.py)."""
+"""Session fixtures: one emulated platform per product (see emuplatform.py), and the
+check that no process a test started outlives the session (see tests/leftovers.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from typing import Any, Dict
 
 import pytest
 from emuplatform import Platform, make_platform  # type: ignore[import-not-found]
+from leftovers import no_leftover_processes  # type: ignore[import-not-found]  # noqa: F401
 
 from snpd.abi.product import Product
 

@@ -322,13 +322,14 @@ def test_hang_forever_fails_by_the_deadline(srv, make_client):
     assert 2 <= len(srv.requests) < 50
 
 
-def test_connection_refused_is_retried_then_fails(make_client, sleeps):
-    url = f"http://127.0.0.1:{_closed_port()}"
+def test_connection_refused_fails_at_once(make_client, sleeps):
+    # Permanent failures (refused, DNS, TLS): test_kds_permanent_errors.py.
+    port = _closed_port()
     with pytest.raises(KdsError) as info:
-        make_client(url).get(CHAIN_PATH)
-    assert "connection failed" in str(info.value) and "refused" in str(info.value).lower()
-    assert f"after {MAX_RETRIES + 1} attempts" in str(info.value)
-    assert len(sleeps.delays) == MAX_RETRIES
+        make_client(f"http://127.0.0.1:{port}").get(CHAIN_PATH)
+    assert f"127.0.0.1:{port} refused the connection" in str(info.value)
+    assert "not retried" in str(info.value)
+    assert sleeps.delays == []
 
 
 # ------------------------------------------------------------ broken bodies ---
