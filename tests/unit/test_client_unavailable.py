@@ -7,7 +7,6 @@ looking for a missing feature instead of starting the daemon.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -16,16 +15,10 @@ from pathlib import Path
 from typing import Iterator, Tuple
 
 import pytest
+from snpctlrun import run  # type: ignore[import-not-found]
 
-from snpd.cli import snpctl
 from snpd.client import DaemonUnavailable, SnpdClient
 from snpd.errors import ALL_KINDS, EXIT_UNAVAILABLE
-
-
-def run(*argv: object) -> Tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = snpctl.main([str(a) for a in argv], stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture

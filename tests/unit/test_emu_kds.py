@@ -11,16 +11,9 @@ from pathlib import Path
 from typing import Iterator, List, Tuple
 
 import pytest
-
-from snpd.cli import snpctl
+from snpctlrun import run  # type: ignore[import-not-found]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(*argv: object) -> Tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = snpctl.main([str(a) for a in argv], stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def start_kds(emu: Path, tmp_path: Path, *faults: str) -> Tuple[subprocess.Popen[bytes], str]:

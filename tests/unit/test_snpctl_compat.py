@@ -6,22 +6,16 @@ processes in tests/integration/test_snpguest_compat.py.)"""
 from __future__ import annotations
 
 import argparse
-import io
 import json
 from pathlib import Path
 from typing import Any, List, Tuple
 
 import pytest
+from snpctlrun import run  # type: ignore[import-not-found]
 
 from snpd.abi.product import Product
 from snpd.abi.report import parse_report
 from snpd.cli import snpctl
-
-
-def run(*argv: object) -> Tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = snpctl.main([str(a) for a in argv], stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 def parse(*argv: str) -> argparse.Namespace:

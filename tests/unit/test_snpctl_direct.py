@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Tuple
 
 import pytest
+from snpctlrun import run  # type: ignore[import-not-found]
 
 from snpd.abi.report import parse_report
-from snpd.cli import snpctl
-
-
-def run(*argv: object) -> Tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = snpctl.main([str(a) for a in argv], stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,12 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import pytest
+from snpctlrun import run  # type: ignore[import-not-found]
 
 from snpd.abi.report import parse_report
 from snpd.cli import snpctl
 from snpd.emulator.state import EmulatorConfig
 from snpd.status.summary import ATTESTATION, DOCUMENT_KEYS, MANAGER
-
-
-def run(*argv: object) -> Tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = snpctl.main([str(a) for a in argv], stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
