@@ -70,7 +70,8 @@ snpctl verify attestation ./certs-a report.bin -t
 snpctl verify attestation ./certs-a report.bin --signature
 snpctl verify attestation ./certs-a report.bin -m 0x{measurement} -d 0x{host_data}
 snpctl verify attestation ./certs-a report.bin --report-data 0x{report_data}
-snpctl verify attestation ./certs-a report.bin --id-key-digest 0x{digest} --author-key-digest 0x{digest}
+snpctl verify attestation ./certs-a report.bin --id-key-digest 0x{digest} \
+    --author-key-digest 0x{digest}
 snpctl key derived-key.bin vcek
 snpctl key derived-vmrk.bin VMRK --vmpl 0
 snpctl key derived-gfs.bin vcek --guest_field_select 0b100001 --guest_svn 0 --tcb_version 0x0

@@ -102,10 +102,17 @@ def _inner(tmp_path: Path, suite: str, tests: str) -> subprocess.CompletedProces
     (tmp_path / "conftest.py").write_text(INNER_CONFTEST.format(
         tests=str(TESTS), suite=str(TESTS / suite), conftest=str(TESTS / suite / "conftest.py")))
     (tmp_path / "test_inner.py").write_text(tests)
+    # The inner session imports snpd from where this one does: an installed copy, a
+    # checkout, or a package build tree (whose path only this process's sys.path has).
+    import snpd
+
+    where = str(Path(snpd.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (where, os.environ.get("PYTHONPATH", "")) if p)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "--rootdir", str(tmp_path), str(tmp_path)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "SNPD_LEFTOVER_GRACE": "0.5"})
+                          env={**os.environ, "SNPD_LEFTOVER_GRACE": "0.5",
+                               "PYTHONPATH": path})
 
 
 @pytest.mark.parametrize("suite", ["unit", "integration"])
