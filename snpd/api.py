@@ -61,8 +61,11 @@ def verify_attestation(
     ``policy`` an optional :class:`~snpd.trust.appraisal.AppraisalPolicy`;
     ``trust_roots`` extra roots for this verification only. The verdict's truth
     value is its validity; ``verdict.checks`` says why. A report that does not
-    parse is an invalid verdict, not an exception; unreadable certificates raise
-    :class:`snpd.errors.CertificateFormatError` or :class:`snpd.errors.InvalidArgument`.
+    parse is an invalid verdict, not an exception, and so is a certificate that is
+    not what its name or kind says, or no certificate at all (``chain.certificates``:
+    host data is attacker-controlled). A directory or file that cannot be read
+    raises :class:`snpd.errors.InputFileError`; an unknown kind raises
+    :class:`snpd.errors.InvalidArgument`.
     """
     roots = AMD_ROOTS.with_explicit(*trust_roots) if trust_roots else AMD_ROOTS
     return Verifier(roots).verify(report, certificate_set(certificates), at=at,
