@@ -104,7 +104,9 @@ def test_report_verifies_and_carries_every_field(state_dirs: Dict[Product, Path]
     elif product is Product.TURIN:
         assert any(report.chip_id[:8]) and not any(report.chip_id[8:])
     else:
-        assert report.chip_id == state.chip_id and all(report.chip_id[i] for i in (0, 63))
+        # All 64 bytes are the chip's (a random byte is zero one time in 256, so the
+        # test asks for a nonzero byte beyond the 8 a Turin hwID has, not a given one).
+        assert report.chip_id == state.chip_id and any(report.chip_id[8:])
     assert report.nonzero_reserved() == () and report.signature_reserved_nonzero() == ()
 
 
