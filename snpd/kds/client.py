@@ -96,6 +96,9 @@ PAUSE_STATUSES = frozenset({429, 503})
 #: The longest pause a Retry-After can impose: a broken or hostile server must not
 #: switch the KDS off until the daemon restarts.
 MAX_PAUSE = 3600.0
+# An attempt with less time than this left would only time out: after a backoff
+# that leaves less, the call gives up with the failure it has (KdsClient.get).
+MIN_ATTEMPT_S = 0.25
 
 
 def parse_retry_after(value: str, now: float) -> Optional[float]:
@@ -223,6 +226,8 @@ class KdsClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._deadline = deadline
+        # The least time worth an attempt after a backoff (see get()).
+        self._min_attempt = min(MIN_ATTEMPT_S, connect_timeout, read_timeout)
         self._backoff_base = backoff_base
         self._backoff_max = backoff_max
         self._max_retries = max_retries
@@ -317,10 +322,12 @@ class KdsClient:
                 else:
                     delay = backoff_delay(tries, self._backoff_base, self._backoff_max,
                                           self._rng.random())
-                if delay >= deadline_at - self._clock():
-                    # Sleeping would end at or past the deadline and leave no time to
-                    # ask again: give up on this URL now rather than after a pointless
-                    # wait (a mirror, if any, gets what time is left).
+                if delay + self._min_attempt >= deadline_at - self._clock():
+                    # Sleeping would leave no time (or only a sliver) to ask again:
+                    # give up on this URL now rather than after a pointless wait, and
+                    # with this failure as the cause (an attempt squeezed into a few
+                    # milliseconds would only time out and hide it). A mirror, if any,
+                    # gets what time is left.
                     ending = "retry-after" if failure.retry_after is not None else "deadline"
                     outcomes.append(_UrlOutcome(url, tries, failure, ending))
                     break
