@@ -142,11 +142,7 @@ class _DBus:
         except BaseException:
             # dbus-fast (1.84, Debian bookworm's) leaves its socket open when connecting
             # fails; close it here rather than leak a descriptor per attempt.
-            import contextlib  # here only: the varlink path does without it
-
-            for name in ("_stream", "_sock"):
-                with contextlib.suppress(Exception):
-                    getattr(bus, name).close()
+            _release_transport(bus)
             raise
 
     def call(self, interface: str, member: str, signature: str, body: List[Any]) -> List[Any]:
@@ -175,6 +171,20 @@ class _DBus:
         self.bus.disconnect()
         self.loop.run_until_complete(asyncio_sleep0())
         self.loop.close()
+        _release_transport(self.bus)
+
+
+def _release_transport(bus: Any) -> None:
+    """Close dbus-fast's socket and the file object it made from it. Not every version
+    does both: 1.84 (Debian 12) leaves them open when connecting fails, and 2.x (2.44,
+    Debian 13) closes only the socket on disconnect, so the file object keeps the
+    descriptor open until the garbage collector finds it (a ResourceWarning). Closing
+    what is closed already is a no-op, so this runs on every version."""
+    import contextlib  # here only: the varlink path does without it
+
+    for name in ("_stream", "_sock"):
+        with contextlib.suppress(Exception):
+            getattr(bus, name).close()
 
 
 async def asyncio_sleep0() -> None:
