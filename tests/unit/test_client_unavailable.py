@@ -68,7 +68,7 @@ def empty_bus(tmp_path: Path) -> Iterator[str]:
     if shutil.which("dbus-daemon") is None:
         if os.environ.get("CI"):
             pytest.fail("dbus-daemon is missing (scripts/test installs it)")
-        pytest.skip("needs dbus-daemon")
+        pytest.fail("needs dbus-daemon (scripts/test installs it)")
     path = tmp_path / "bus"
     daemon = subprocess.Popen(
         ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1",

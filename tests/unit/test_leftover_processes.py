@@ -118,7 +118,7 @@ def _inner(tmp_path: Path, suite: str, tests: str) -> subprocess.CompletedProces
 @pytest.mark.parametrize("suite", ["unit", "integration"])
 def test_a_session_that_leaves_processes_fails(suite, tmp_path, arguments):
     if shutil.which("setsid") is None:
-        pytest.skip("needs setsid (util-linux)")
+        pytest.fail("needs setsid (util-linux, which scripts/test installs)")
     child, escaped = _unique_seconds(), _unique_seconds()
     arguments += [child, escaped]
     as_snpd = ""
@@ -154,11 +154,11 @@ def test_a_test_only_account_without_a_marker_is_reported_not_killed(arguments):
     from leftovers import check, snapshot  # type: ignore[import-not-found]
 
     if os.geteuid() != 0 or shutil.which("setpriv") is None or shutil.which("setsid") is None:
-        pytest.skip("needs root, setpriv and setsid")
+        pytest.fail("needs root, setpriv and setsid (run scripts/test as root)")
     try:
         pwd.getpwnam("snpd-test-outsider")
     except KeyError:
-        pytest.skip("needs the test account snpd-test-outsider (scripts/test creates it)")
+        pytest.fail("needs the test account snpd-test-outsider (scripts/test creates it)")
     seconds = _unique_seconds()
     arguments.append(seconds)
     before = snapshot()
