@@ -381,6 +381,9 @@ def _varlink_clients(path: str, count: int) -> Any:
 
 
 async def _dbus_load(address: str, count: int) -> None:
+    from snpd.bundled import use_bundled_dbus_fast
+
+    use_bundled_dbus_fast()
     from dbus_fast import Message, MessageType
     from dbus_fast.aio import MessageBus
 

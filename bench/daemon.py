@@ -83,6 +83,8 @@ from _daemonproc import (  # noqa: E402
 )
 from _timing import private_bytecode  # noqa: E402
 
+from snpd.bundled import use_bundled_dbus_fast  # noqa: E402
+
 # DESIGN.md's budgets for the figures this script measures.
 BUDGET_READY_MS = 300.0
 BUDGET_DBUS_ADDED_P50_US = 300.0
@@ -463,6 +465,7 @@ def parse_clients(text: str) -> List[int]:
 def dbus_unavailable() -> str:
     if shutil.which("dbus-daemon") is None:
         return "dbus-daemon is not installed"
+    use_bundled_dbus_fast()
     if importlib.util.find_spec("dbus_fast") is None:
         return "the dbus-fast package is not installed"
     return ""

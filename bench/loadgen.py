@@ -164,6 +164,9 @@ async def varlink_client(target: str, timeout: float) -> Any:
 
 
 async def dbus_client(target: str, timeout: float) -> Any:
+    from snpd.bundled import use_bundled_dbus_fast
+
+    use_bundled_dbus_fast()
     from dbus_fast import Message, MessageType
     from dbus_fast.aio import MessageBus
 

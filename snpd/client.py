@@ -130,6 +130,9 @@ class _DBus:
             raise
 
     async def _connect(self, address: Optional[str]) -> Any:
+        from snpd.bundled import use_bundled_dbus_fast
+
+        use_bundled_dbus_fast()
         from dbus_fast import BusType
         from dbus_fast.aio import MessageBus
 

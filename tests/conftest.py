@@ -18,6 +18,12 @@ from typing import Any, Callable, Dict, List, Union
 import pytest
 from vectors import MISSING, vectors_path  # type: ignore[import-not-found]
 
+from snpd.bundled import use_bundled_dbus_fast
+
+# As the daemon does: where no dbus-fast is installed (a profile whose distribution
+# lacks it), the tests use the copy its package bundles in snpd/_bundled.
+use_bundled_dbus_fast()
+
 Case = Dict[str, Any]
 
 

@@ -296,6 +296,7 @@ def test_validator_rejects_broken_tables(distros):
         p["debian-12"]["mac"]["sorce"] = p["debian-12"]["mac"].pop("source")
 
     def no_alternative(p):
+        p["rhel-9"]["libs"]["dbus-fast"]["resolution"] = "absent-needs-alternative"
         for fact in p["rhel-9"]["dbus_bindings"].values():
             fact["version"] = ABSENT
 
@@ -503,3 +504,34 @@ def test_pyproject_ranges_admit_every_profile(distros, pyproject):
     if pending:
         pytest.xfail("issue 12 item 2, pyproject.toml not widened yet: "
                      + "; ".join(map(str, pending)))
+
+
+# ------------------------------------------------- bundled libraries ---
+
+BUNDLED_PINS = Path(__file__).resolve().parents[2] / "packaging" / "bundled"
+
+
+def bundled_pin(lib: str) -> Dict[str, str]:
+    """packaging/bundled/LIB.txt as a dict (the format packaging/bundle-dbus-fast reads)."""
+    pin = {}
+    for line in (BUNDLED_PINS / f"{lib}.txt").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" = ")
+            pin[key.strip()] = value.strip()
+    return pin
+
+
+def test_bundled_libraries_are_pinned_within_pyproject_ranges(distros, pyproject):
+    """A library a profile gets from snpd's own package is pinned, hash and all, and
+    the pinned version is one pyproject.toml admits."""
+    bundled = {lib for profile in distros["profiles"].values()
+               for lib, fact in profile["libs"].items() if fact.get("resolution") == "bundled"}
+    assert bundled == {"dbus-fast"}
+    wanted = {canonicalize_name(r.name): r.specifier for r in runtime_requirements(pyproject)}
+    for lib in bundled:
+        pin = bundled_pin(lib)
+        assert pin["name"] == lib
+        assert re.fullmatch(r"[0-9a-f]{64}", pin["sha256"]), pin
+        assert pin["sdist"].endswith(f"-{pin['version']}.tar.gz"), pin
+        assert wanted[canonicalize_name(lib)].contains(Version(pin["version"])), pin
+
