@@ -886,6 +886,16 @@ class _Reader:
         if header.type != wire.METHOD_CALL:
             self._dispatch(event.data, None)
             return
+        if fields.interface is None:
+            # D-Bus lets a call leave out its interface, and dbus-fast versions differ
+            # on what follows: 1.84 (Debian 12) answers UnknownMethod, 2.21 (Ubuntu
+            # 24.04) raises inside its dispatcher and never answers, so the caller
+            # waits out its timeout, and 2.44 finds the method by name. snpd answers
+            # the same on every version, and its access rules stay per interface.
+            self._answer(header, fields, "org.freedesktop.DBus.Error.UnknownMethod",
+                         f"{fields.member or 'the method'}: snpd needs the interface "
+                         "named on every call")
+            return
         server = self._server
         sender = fields.sender
         known = server.identity.known(sender)
