@@ -352,8 +352,13 @@ async def connect(address: str) -> Any:
 
 
 async def disconnect(bus: Any) -> None:
+    from snpd.client import _release_transport
+
     bus.disconnect()
     await bus.wait_for_disconnect()
+    # dbus-fast 2.x (Debian 13's 2.44) closes the socket but not the file object
+    # it made from it; snpd's client closes both, and so must this one.
+    _release_transport(bus)
 
 
 def dbus_calls(address: str, calls: Sequence[Call]) -> List[Reply]:
