@@ -6,8 +6,15 @@ Pure checks (no tool needed, they always run):
 - The file contexts (``snpd.fc``) agree with what the package installs and what the
   daemon uses, both ways. The package's files come from the Debian packaging as
   debhelper installs them (``snpd.install``, ``rules``, pyproject's scripts, the
-  units, udev rule, sysusers and tmpfiles files, ``snpd.manpages``) and, once it
-  exists, from the RPM spec's ``%files``. The run-time paths come from the units
+  units, udev rule, sysusers and tmpfiles files, ``snpd.manpages``) and from the RPM
+  spec's ``%files`` (all sections, snpd-selinux's included): once as this file's own
+  macro expansion reads them, and once per target distribution as ``rpmspec -P``
+  expands them (tests/packaging/rpm_targets.py: RHEL 9 with its .egg-info, RHEL 10,
+  SLES 15 SP6 and 16, build-rpm's Debian build). A built RPM is checked the same way
+  on its payload (``rpm -qp``, every file, directory and %ghost of snpd and
+  snpd-selinux): the RPMs named in ``SNPD_TEST_RPMS`` (space-separated; the package
+  stage builds them and runs that test, which is deselected without them). The
+  run-time paths come from the units
   (ExecStart=, ExecStartPre=, StateDirectory=, ...), snpd.socket, tmpfiles.d, the
   udev rule and the code's defaults. Every path the two domains depend on must get
   the type its role needs, nothing else the package installs (snpctl, snpd-emu, the
@@ -28,8 +35,8 @@ Tool checks: the module compiles with the reference policy's devel Makefile
 of ``snpd.if``, and the profiles parse and compile (``packaging/apparmor/check``,
 about 0.3 s) with no capability beyond the reviewed ones once the abstractions are
 in. They need Debian's selinux-policy-dev and apparmor, which scripts/test installs;
-without them these tests fail, they do not skip. Each checker is also shown to fail
-on a broken input.
+without them these tests fail, they do not skip. So do the ``rpmspec`` checks without
+Debian's rpm. Each checker is also shown to fail on a broken input.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import pytest
+from rpm_targets import TARGETS, rpmspec  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.integration
 
@@ -524,19 +532,80 @@ def test_the_deb_file_list_is_what_debhelper_installs() -> None:
 
 
 def package_lists() -> List[str]:
-    return ["deb", "rpm"] if RPM_SPEC.exists() else ["deb"]
+    if not RPM_SPEC.exists():
+        return ["deb"]
+    return ["deb", "rpm", *(f"rpmspec-{target}" for target in TARGETS)]
 
 
 @pytest.mark.parametrize("package", package_lists())
 def test_file_contexts_match_the_package_and_the_daemon(package: str) -> None:
     if package == "deb":
         files = deb_files()
-    else:
+    elif package == "rpm":
         files, unresolved = rpm_files(RPM_SPEC.read_text())
         assert files, f"no %files paths in {RPM_SPEC} (unexpanded: {unresolved})"
         files = expand_globs(files, (f.path for f in deb_files()))
+    else:  # as rpm expands the spec for one target distribution
+        expanded = rpmspec(package[len("rpmspec-"):], "-P")
+        files, unresolved = rpm_files(expanded)
+        assert files and not unresolved, unresolved
+        files = expand_globs(files, (f.path for f in deb_files()))
     problems = fc_problems((SELINUX / "snpd.fc").read_text(), files, layout())
     assert not problems, "\n".join(problems)
+
+
+# -- a built RPM's payload ----------------------------------------------------------------------
+
+RPM_KINDS = {"-": "file", "d": "dir", "l": "lnk", "s": "sock", "c": "chr", "b": "blk",
+             "p": "fifo"}
+
+
+def rpm_payload(rpm: Path) -> List[Item]:
+    """Every path of a built RPM (files, directories, %ghost entries), from rpm -qp."""
+    done = subprocess.run(["rpm", "-qp", "--qf", "[%{FILEMODES:perms} %{FILENAMES}\n]", str(rpm)],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert done.returncode == 0, done.stderr
+    items = []
+    for line in done.stdout.splitlines():
+        perms, _, path = line.partition(" ")
+        items.append(Item(path, RPM_KINDS.get(perms[0], "file"), f"{rpm.name} payload"))
+    assert items, f"{rpm}: no files"
+    return items
+
+
+@pytest.mark.rpm_payload
+def test_file_contexts_match_the_rpm_payload() -> None:
+    """The file contexts against what the built packages install: snpd's payload and
+    snpd-selinux's, with the same checks as the file lists above. The RPMs are the
+    ones SNPD_TEST_RPMS names (the package stage builds them and runs this test);
+    without it the test is deselected (tests/conftest.py), not skipped."""
+    rpms = tuple(Path(p) for p in os.environ["SNPD_TEST_RPMS"].split())
+    assert rpms, "SNPD_TEST_RPMS is empty"
+    for rpm in rpms:
+        assert rpm.is_file(), f"SNPD_TEST_RPMS names {rpm}, which does not exist"
+    assert any(rpm.name.startswith("snpd-selinux-") for rpm in rpms), f"no snpd-selinux in {rpms}"
+    files = [item for rpm in rpms for item in rpm_payload(rpm)]
+    paths = {f.path for f in files}
+    assert "/usr/bin/snpd" in paths and "/usr/share/selinux/packages/targeted/snpd.pp.bz2" in paths
+    problems = fc_problems((SELINUX / "snpd.fc").read_text(), files, layout())
+    assert not problems, "\n".join(problems)
+
+
+def test_the_payload_check_fails_when_it_should(tmp_path: Path) -> None:
+    """A payload that moves the daemon, or puts a file the daemon writes under a path
+    without its label, is caught (on a list shaped like rpm_payload's)."""
+    fc, lay = (SELINUX / "snpd.fc").read_text(), layout()
+    payload = [Item(f.path.replace("/lib/systemd/", "/usr/lib/systemd/"), f.kind, "payload")
+               for f in deb_files()]
+    assert not fc_problems(fc, payload, lay)
+    moved = [Item("/usr/sbin/snpd", f.kind, f.source) if f.path == "/usr/bin/snpd" else f
+             for f in payload]
+    assert any("does not install" in p for p in fc_problems(fc, moved, lay))
+    state = [*payload, Item("/var/lib/snpd/emulator", "dir", "payload")]
+    assert not fc_problems(fc, state, lay)
+    unlabeled = fc.replace("/var/lib/snpd(/.*)?", "/var/lib/snpd")
+    assert any(p.startswith("/var/lib/snpd/emulator (dir") and "matches no entry" in p
+               for p in fc_problems(unlabeled, state, lay))
 
 
 def test_the_file_context_check_fails_when_it_should() -> None:
