@@ -160,3 +160,55 @@ ensure_venv() {
 has_py() {
     [[ -d $1 ]] && [[ -n $(find "$1" -name '*.py' -print -quit 2>/dev/null) ]]
 }
+
+# public_python PYTHON : print the path of an interpreter of PYTHON's installation
+# that any uid can run. The integration tests run the daemon as the unprivileged
+# snpd test user, under the venv's interpreter. pyenv's installations live under
+# /root (mode 0700), which that user cannot search, and their RUNPATH points
+# there: the loader fails to find libpython, or (3.11) finds Debian's and runs
+# Debian's standard library instead. Such an installation is copied once (its
+# test suites left out) to $SNPD_PUBLIC_PYTHONS/NAME, root-owned and not
+# writable by others, with RUNPATH set to $ORIGIN/../lib by patchelf.
+SNPD_PUBLIC_PYTHONS=${SNPD_PUBLIC_PYTHONS:-/opt/snpd-test/python}
+_runs_unprivileged() { # PYTHON PREFIX : it starts as nobody and sees its own prefix
+    command -v setpriv >/dev/null || return 1
+    [[ $(cd / && setpriv --reuid=65534 --regid=65534 --clear-groups "$1" -S -c \
+        'import sys; print(sys.base_prefix)' 2>/dev/null) == "$2" ]]
+}
+public_python() {
+    local py=$1 prefix name dest exe tmp
+    [[ $(id -u) -eq 0 ]] || { printf '%s\n' "$py"; return 0; }
+    prefix=$("$py" -S -c 'import sys; print(sys.base_prefix)') || return 1
+    if _runs_unprivileged "$py" "$prefix"; then
+        printf '%s\n' "$py"
+        return 0
+    fi
+    name=$(basename "$prefix")
+    dest=$SNPD_PUBLIC_PYTHONS/$name
+    exe=$dest/bin/$(basename "$py")
+    if [[ -f $dest/.snpd-source && $(<"$dest/.snpd-source") == "$prefix $(stat -c %Y "$py")" ]] &&
+        _runs_unprivileged "$exe" "$dest"; then
+        printf '%s\n' "$exe"
+        return 0
+    fi
+    ensure_apt patchelf >&2 || return 1
+    say "copying $prefix to $dest (the daemon's test user cannot reach it)" >&2
+    install -d -m 0755 "$SNPD_PUBLIC_PYTHONS"
+    tmp=$(mktemp -d "$SNPD_PUBLIC_PYTHONS/.copy.XXXXXX")
+    tar -C "$prefix" --exclude='./lib/python*/test' --exclude='./lib/python*/idlelib' \
+        --exclude='./lib/python*/tkinter' --exclude='*/__pycache__' -cf - . |
+        tar -C "$tmp" --no-same-owner -xf - || { rm -rf "$tmp"; return 1; }
+    local f
+    for f in "$tmp"/bin/python3*; do
+        [[ -f $f && ! -L $f ]] && readelf -d "$f" 2>/dev/null | grep -q 'R.*PATH' &&
+            { patchelf --set-rpath '$ORIGIN/../lib' "$f" || { rm -rf "$tmp"; return 1; }; }
+    done
+    chown -R root:root "$tmp"
+    chmod -R go-w,a+rX "$tmp"
+    chmod 0755 "$tmp"
+    printf '%s %s\n' "$prefix" "$(stat -c %Y "$py")" >"$tmp/.snpd-source"
+    rm -rf "$dest"
+    mv "$tmp" "$dest"
+    _runs_unprivileged "$exe" "$dest" || { warn "$exe does not run unprivileged"; return 1; }
+    printf '%s\n' "$exe"
+}
