@@ -51,6 +51,7 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Set, Tuple
 
 import pytest
 from rpm_targets import TARGETS, rpmspec  # type: ignore[import-not-found]
+from unitfile import unit  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.integration
 
@@ -178,23 +179,6 @@ class Item(NamedTuple):
     path: str
     kind: str
     source: str
-
-
-def unit(name: str) -> Dict[str, Dict[str, List[str]]]:
-    """A unit file as {section: {key: [values in order]}}."""
-    out: Dict[str, Dict[str, List[str]]] = {}
-    section = ""
-    for raw in re.sub(r"\\\n", " ", (UNITS / name).read_text()).splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            out.setdefault(section, {})
-            continue
-        key, _, value = line.partition("=")
-        out[section].setdefault(key.strip(), []).append(value.strip())
-    return out
 
 
 def exec_command(value: str) -> List[str]:

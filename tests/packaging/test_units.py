@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 import pytest
+from unitfile import unit  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.integration
 
@@ -60,25 +61,6 @@ def tool(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed (scripts/test installs systemd)")
     return path
-
-
-def unit(name: str) -> Dict[str, Dict[str, List[str]]]:
-    """A unit file as {section: {key: [values in order]}} (keys repeat in units)."""
-    out: Dict[str, Dict[str, List[str]]] = {}
-    section = ""
-    text = (UNITS / name).read_text()
-    text = re.sub(r"\\\n", " ", text)  # continuation lines
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith(("#", ";")):
-            continue
-        if line.startswith("["):
-            section = line.strip("[]")
-            out.setdefault(section, {})
-            continue
-        key, _, value = line.partition("=")
-        out[section].setdefault(key.strip(), []).append(value.strip())
-    return out
 
 
 def last(u: Dict[str, Dict[str, List[str]]], section: str, key: str) -> str:
