@@ -82,7 +82,9 @@ DEFAULT_SOURCE = "snpd.toml"
 MAX_CONFIG_SIZE = 1 << 20
 
 BACKENDS = ("auto", "ioctl", "configfs", "emulator")
-LOG_LEVELS = ("debug", "info", "notice", "warning", "error")
+# [log] level -> the highest syslog priority (journald PRIORITY=) the daemon emits.
+# The one table: start-up and reload both read it (LogSection.max_priority).
+LOG_LEVELS = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3}
 BUS_NAMES = ("system", "session")
 
 _MAX_PATH = 4096
@@ -565,6 +567,10 @@ class LogSection(_Section):
     # counted and reported as "suppressed N similar".
     repeat_burst: int = field(default=10, metadata=_kind(_integer(1, 100_000)))
     repeat_interval_s: float = field(default=10.0, metadata=_kind(_seconds(3600)))
+
+    @property
+    def max_priority(self) -> int:
+        return LOG_LEVELS[self.level]
 
 
 _SECTIONS: Dict[str, Type[_Section]] = {

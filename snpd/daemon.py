@@ -470,9 +470,7 @@ class Daemon:
             self.service.access = Access(resolve_groups(new.access.report_groups, self.events),
                                          resolve_groups(new.access.key_groups, self.events))
             self.service.policies = dict(new.policies)
-        from snpd.events import PRIORITIES
-
-        self.events.max_priority = PRIORITIES.get(new.log.level, 6)
+        self.events.max_priority = new.log.max_priority
         self._repeat_limit()
         restart = [name for name in ("device", "queue", "kds", "dbus", "varlink", "emulator")
                    if getattr(old, name).to_dict() != getattr(new, name).to_dict()]
@@ -518,8 +516,7 @@ def run_daemon(config_path: Optional[Path], *, log_target: str = "auto") -> int:
     except SnpdError as exc:
         events.log("err", str(exc))
         return exc.exit_code
-    events.max_priority = {"debug": 7, "info": 6, "notice": 5, "warning": 4,
-                           "error": 3}.get(config.log.level, 6)
+    events.max_priority = config.log.max_priority
     daemon = Daemon(config, config_path=config_path, events=events)
     try:
         return asyncio.run(daemon.run())
