@@ -176,7 +176,7 @@ _runs_unprivileged() { # PYTHON PREFIX : it starts as nobody and sees its own pr
         'import sys; print(sys.base_prefix)' 2>/dev/null) == "$2" ]]
 }
 public_python() {
-    local py=$1 prefix name dest exe tmp
+    local py=$1 prefix name dest exe tmp stamp
     [[ $(id -u) -eq 0 ]] || { printf '%s\n' "$py"; return 0; }
     prefix=$("$py" -S -c 'import sys; print(sys.base_prefix)') || return 1
     if _runs_unprivileged "$py" "$prefix"; then
@@ -186,7 +186,8 @@ public_python() {
     name=$(basename "$prefix")
     dest=$SNPD_PUBLIC_PYTHONS/$name
     exe=$dest/bin/$(basename "$py")
-    if [[ -f $dest/.snpd-source && $(<"$dest/.snpd-source") == "$prefix $(stat -c %Y "$py")" ]] &&
+    stamp="copy 2: $prefix $(stat -c %Y "$py")"  # bump "copy N" when the recipe changes
+    if [[ -f $dest/.snpd-source && $(<"$dest/.snpd-source") == "$stamp" ]] &&
         _runs_unprivileged "$exe" "$dest"; then
         printf '%s\n' "$exe"
         return 0
@@ -195,8 +196,10 @@ public_python() {
     say "copying $prefix to $dest (the daemon's test user cannot reach it)" >&2
     install -d -m 0755 "$SNPD_PUBLIC_PYTHONS"
     tmp=$(mktemp -d "$SNPD_PUBLIC_PYTHONS/.copy.XXXXXX")
+    # The bytecode comes along: the test user cannot write it, and a daemon or
+    # client that compiles the standard library at every start is 3 times slower.
     tar -C "$prefix" --exclude='./lib/python*/test' --exclude='./lib/python*/idlelib' \
-        --exclude='./lib/python*/tkinter' --exclude='*/__pycache__' -cf - . |
+        --exclude='./lib/python*/tkinter' -cf - . |
         tar -C "$tmp" --no-same-owner -xf - || { rm -rf "$tmp"; return 1; }
     local f
     for f in "$tmp"/bin/python3*; do
@@ -206,7 +209,8 @@ public_python() {
     chown -R root:root "$tmp"
     chmod -R go-w,a+rX "$tmp"
     chmod 0755 "$tmp"
-    printf '%s %s\n' "$prefix" "$(stat -c %Y "$py")" >"$tmp/.snpd-source"
+    "$tmp/bin/$(basename "$py")" -m compileall -q -j 0 "$tmp/lib" >/dev/null 2>&1 || true
+    printf '%s\n' "$stamp" >"$tmp/.snpd-source"
     rm -rf "$dest"
     mv "$tmp" "$dest"
     _runs_unprivileged "$exe" "$dest" || { warn "$exe does not run unprivileged"; return 1; }
