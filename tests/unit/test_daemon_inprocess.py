@@ -17,7 +17,8 @@ from snpd.varlink.client import VarlinkClient
 
 def test_start_serve_reload_stop(tmp_path: Path) -> None:
     socket_path = tmp_path / "run" / "snpd.varlink"
-    config = parse_config(f"""
+    config_path = tmp_path / "snpd.toml"
+    config_path.write_text(f"""
 [device]
 backend = "emulator"
 [emulator]
@@ -30,10 +31,13 @@ socket = "{socket_path}"
 [dbus]
 enabled = false
 """)
+    config = parse_config(config_path.read_text())
     log = io.StringIO()
-    daemon = Daemon(config, config_path=None, events=Events(StderrSink(log)),
+    events = Events(StderrSink(log))
+    daemon = Daemon(config, config_path=config_path, events=events,
                     notifier=Notifier({}), probe_file=tmp_path / "probe.json", root=tmp_path)
     answers = {}
+    reloaded = {}
 
     def client_calls() -> None:
         with VarlinkClient(str(socket_path), timeout=30) as client:
@@ -49,8 +53,15 @@ enabled = false
                 break
             await asyncio.sleep(0.05)
         await asyncio.get_running_loop().run_in_executor(None, client_calls)
+        # The reload must happen before the stop: wait (bounded) until it is logged.
+        # (Stopping right after asking let the stop win the race: nothing reloaded.)
+        config_path.write_text(config_path.read_text() + '[log]\nlevel = "debug"\n')
         daemon.request_reload()
-        await asyncio.sleep(0)
+        for _ in range(600):
+            if "configuration reloaded" in log.getvalue():
+                break
+            await asyncio.sleep(0.05)
+        reloaded["max_priority"] = events.max_priority
         daemon.request_stop()
         return await task
 
@@ -60,3 +71,5 @@ enabled = false
     assert attestation["Backend"] == "emulator" and attestation["State"] == "ready"
     assert not socket_path.exists()  # the bound socket is removed on stop
     assert "serving" in log.getvalue()
+    assert "configuration reloaded" in log.getvalue()
+    assert reloaded["max_priority"] == 7  # [log] level = "debug", from the reload
