@@ -8,6 +8,8 @@ import base64
 import io
 from pathlib import Path
 
+from inprocess import emulator_config  # type: ignore[import-not-found]
+
 from snpd.config import parse_config
 from snpd.daemon import Daemon
 from snpd.events import Events, StderrSink
@@ -18,19 +20,7 @@ from snpd.varlink.client import VarlinkClient
 def test_start_serve_reload_stop(tmp_path: Path) -> None:
     socket_path = tmp_path / "run" / "snpd.varlink"
     config_path = tmp_path / "snpd.toml"
-    config_path.write_text(f"""
-[device]
-backend = "emulator"
-[emulator]
-state_dir = "{tmp_path / 'emu'}"
-[kds]
-cache_dir = "{tmp_path / 'cache'}"
-offline = true
-[varlink]
-socket = "{socket_path}"
-[dbus]
-enabled = false
-""")
+    config_path.write_text(emulator_config(tmp_path, socket_path))
     config = parse_config(config_path.read_text())
     log = io.StringIO()
     events = Events(StderrSink(log))

@@ -9,6 +9,7 @@ import io
 from pathlib import Path
 
 import pytest
+from inprocess import emulator_config  # type: ignore[import-not-found]
 
 from snpd.config import LOG_LEVELS, parse_config
 from snpd.daemon import Daemon
@@ -17,21 +18,7 @@ from snpd.notify import Notifier
 
 
 def config_text(tmp_path: Path, level: str) -> str:
-    return f"""
-[device]
-backend = "emulator"
-[emulator]
-state_dir = "{tmp_path / 'emu'}"
-[kds]
-cache_dir = "{tmp_path / 'cache'}"
-offline = true
-[varlink]
-socket = "{tmp_path / 'snpd.varlink'}"
-[dbus]
-enabled = false
-[log]
-level = "{level}"
-"""
+    return emulator_config(tmp_path, tmp_path / "snpd.varlink", f'[log]\nlevel = "{level}"\n')
 
 
 # What each level lets through: journald's priorities (syslog's), "error" being "err".
