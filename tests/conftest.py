@@ -2,7 +2,7 @@
 
 The vectors live outside the repo, in ``$SNPD_VECTORS`` or else
 ``<repo>/../shared/vectors`` (see that folder's README.md). Tests that use them
-fail when neither exists (``scripts/test`` stops earlier when ``CI`` is set).
+are skipped when neither exists; ``scripts/test`` fails instead when ``CI`` is set.
 
     def test_something(cases, case_dir):
         for case in cases:
@@ -33,7 +33,7 @@ def vectors_dir() -> Path:
     """The vectors folder (holds cases.json, cases/, roots/, golden/)."""
     path = vectors_path()
     if path is None:
-        pytest.fail(MISSING)
+        pytest.skip(MISSING)
     return path
 
 

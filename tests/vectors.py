@@ -1,8 +1,8 @@
 """Where the shared SEV-SNP test vectors are: ``$SNPD_VECTORS`` or ``<repo>/../shared/vectors``.
 
-They are third-party data and never part of the repository. A test that needs
-them fails, naming both places, when neither has them (scripts/test stops
-earlier under CI). Nothing in the suite skips.
+They are third-party data and never part of the repository. The only skips in
+the suite are tests that need them when neither place has them (scripts/test
+fails instead under CI).
 """
 
 from __future__ import annotations
