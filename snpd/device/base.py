@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Protocol, Tuple
+from typing import Dict, Protocol, Tuple, Union
 
 from snpd.abi.certtable import CertTableEntry
 from snpd.abi.report import REPORT_DATA_SIZE
@@ -17,6 +17,40 @@ class ExtendedReport:
 
     report: bytes
     certificates: Tuple[CertTableEntry, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportRequest:
+    """MSG_REPORT_REQ as a value: validated once, here, where a request is made.
+
+    Shorter ``report_data`` is padded with zeros to the firmware's 64 bytes, so
+    every caller (service, snpctl's direct path, tests) gets the same rule. The repr
+    leaves report_data out: it may be a secret's digest and must never be logged."""
+
+    report_data: bytes = dataclasses.field(default=bytes(REPORT_DATA_SIZE), repr=False)
+    vmpl: int = 0
+
+    def __post_init__(self) -> None:
+        data = self.report_data
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidArgument("report_data must be bytes")
+        data = bytes(data)
+        if len(data) > REPORT_DATA_SIZE:
+            raise InvalidArgument(f"report_data is {len(data)} bytes; at most "
+                                  f"{REPORT_DATA_SIZE}")
+        object.__setattr__(self, "report_data", data.ljust(REPORT_DATA_SIZE, b"\0"))
+        vmpl = self.vmpl
+        if not isinstance(vmpl, int) or isinstance(vmpl, bool) or not 0 <= vmpl <= 3:
+            raise InvalidArgument(f"vmpl {vmpl!r} is not 0-3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendedReportRequest(ReportRequest):
+    """A report request that also asks for the host's certificate table."""
+
+
+FirmwareRequest = Union[ReportRequest, ExtendedReportRequest, DerivedKeyRequest]
+"""Everything a caller can ask the firmware for: the broker's unit of work."""
 
 
 class Device(Protocol):
