@@ -92,13 +92,13 @@ class Child:
 
     def __init__(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
                  stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.DEVNULL,
-                 stderr: Any = subprocess.DEVNULL) -> None:
+                 stderr: Any = subprocess.DEVNULL, cwd: Optional[Path] = None) -> None:
         parent = os.getpid()
         self.argv = list(argv)
         # preexec_fn is safe here: the benchmark spawns from its only thread.
         self.proc = subprocess.Popen(
             self.argv, env=dict(env) if env is not None else None, stdin=stdin,
-            stdout=stdout, stderr=stderr, cwd=str(REPO), start_new_session=True,
+            stdout=stdout, stderr=stderr, cwd=str(cwd or REPO), start_new_session=True,
             preexec_fn=lambda: _die_with_parent(parent))
 
     @property
@@ -229,7 +229,9 @@ class Daemon:
     READY=1 datagram, which is what systemd waits for before starting dependants."""
 
     def __init__(self, config: Path, directory: Path, *, timeout: float, number: int = 0,
-                 profile: Optional[Path] = None) -> None:
+                 profile: Optional[Path] = None, python: Optional[str] = None,
+                 env: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None
+                 ) -> None:
         self.log_path = directory / f"snpd-{number}.log"
         notify_path = directory / f"notify-{number}"
         with contextlib.suppress(FileNotFoundError):
@@ -237,14 +239,15 @@ class Daemon:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(notify_path))
-            env = {k: v for k, v in os.environ.items() if k not in _FOREIGN_ENV}
-            env["NOTIFY_SOCKET"] = str(notify_path)
+            child_env = {k: v for k, v in (os.environ if env is None else env).items()
+                         if k not in _FOREIGN_ENV}
+            child_env["NOTIFY_SOCKET"] = str(notify_path)
             profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-            argv = [sys.executable, *profiler, "-m", "snpd.cli.daemon", "--config", str(config),
-                    "--log-target", "stderr"]
+            argv = [python or sys.executable, *profiler, "-m", "snpd.cli.daemon", "--config",
+                    str(config), "--log-target", "stderr"]
             with open(self.log_path, "wb") as log:
                 start = time.perf_counter()
-                self.child = Child(argv, env=env, stderr=log)
+                self.child = Child(argv, env=child_env, stderr=log, cwd=cwd)
             try:
                 self.ready_ms = self._wait_ready(sock, start, timeout)
             except BaseException:

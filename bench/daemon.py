@@ -31,6 +31,10 @@ backend (zero firmware latency) in a temporary directory, and prints:
    with snpd byte-compiled in a plain directory (when /usr/bin/python3 exists).
    Both commands take snpctl's fast path (snpd.cli.fastpath), as a plain
    command line does.
+7. section 5 again as the package runs the daemon (/usr/bin/python3, snpd
+   byte-compiled in a plain directory, the distribution's python3-* libraries, the
+   same configuration), once the first daemon has stopped: the RSS budget is about
+   this figure.
 
 Children get a private bytecode cache (PYTHONPYCACHEPREFIX in the run's
 directory, PYTHONDONTWRITEBYTECODE dropped): an installed package is
@@ -61,7 +65,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -392,23 +396,67 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 ENTRY_POINT = "import sys; from snpd.cli.snpctl import main; sys.exit(main())"
 
 
+def installed_layout(directory: Path) -> Dict[str, str]:
+    """snpd byte-compiled by the system interpreter in a plain directory, as the Debian
+    package installs it; the environment that puts it on sys.path (no venv, no import
+    hook). Made once per run."""
+    target = directory / "installed"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTHONPATH")}
+    if not target.exists():
+        shutil.copytree(REPO / "snpd", target / "snpd",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        subprocess.run([str(SYSTEM_PYTHON), "-m", "compileall", "-q", str(target)], env=env,
+                       stdout=subprocess.DEVNULL, check=True)
+    env["PYTHONPATH"] = str(target)
+    return env
+
+
+def system_daemon_missing() -> str:
+    """Why the daemon cannot run on /usr/bin/python3 here ('' when it can): it needs
+    the distribution's cryptography, requests and dbus-fast (python3-* packages)."""
+    if not SYSTEM_PYTHON.exists():
+        return f"{SYSTEM_PYTHON} does not exist"
+    probe = subprocess.run([str(SYSTEM_PYTHON), "-c", "import cryptography, requests, dbus_fast"],
+                           capture_output=True, text=True, check=False, cwd="/")
+    if probe.returncode:
+        lines = probe.stderr.strip().splitlines()
+        return lines[-1] if lines else "an import failed"
+    return ""
+
+
+def system_rss(run: Run, args: argparse.Namespace, config: Path, socket_path: str
+               ) -> Union[str, Tuple[str, int, int, List[Tuple[int, int]], int]]:
+    """Section 5 again, the first daemon stopped, with the same configuration (D-Bus
+    included) on /usr/bin/python3 and the installed layout: (Python version, RSS at
+    READY=1, before the phase, points, errors), or why it could not run."""
+    missing = system_daemon_missing()
+    if missing:
+        return missing
+    env = installed_layout(run.directory)
+    daemon = Daemon(config, run.directory, timeout=READY_TIMEOUT, number=98,
+                    python=str(SYSTEM_PYTHON), env=env, cwd=run.directory)
+    try:
+        ready_kib = rss_kib(daemon.pid)
+        start_kib, points, errors = rss_run(socket_path, args.rss_requests, args.rss_clients,
+                                            args.procs, daemon.pid, args.rss_time_cap)
+    finally:
+        daemon.stop()
+    version = subprocess.run([str(SYSTEM_PYTHON), "-c", "import platform; "
+                              "print(platform.python_version())"], capture_output=True,
+                             text=True, check=False, cwd="/").stdout.strip()
+    return version, ready_kib, start_kib, points, errors
+
+
 def installed_snpctl_ms(directory: Path, socket_path: str, runs: int
                         ) -> Optional[Tuple[Dict[str, Tuple[float, int, str]], str]]:
     """``snpctl status`` and ``report`` as the Debian package runs them: the system
-    interpreter, snpd byte-compiled in a plain directory on sys.path, no venv and no
-    import hook. The client path needs only the standard library, so no other package
-    is needed. (whole_process_ms's figures, with the same interpreter's ``-c pass``;
-    its version), or None without /usr/bin/python3."""
+    interpreter and :func:`installed_layout`. The client path needs only the standard
+    library, so no other package is needed. (whole_process_ms's figures, with the same
+    interpreter's ``-c pass``; its version), or None without /usr/bin/python3."""
     if not SYSTEM_PYTHON.exists():
         return None
-    target = directory / "installed"
-    shutil.copytree(REPO / "snpd", target / "snpd",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTHONPATH")}
-    subprocess.run([str(SYSTEM_PYTHON), "-m", "compileall", "-q", str(target)], env=env,
-                   stdout=subprocess.DEVNULL, check=True)
-    env["PYTHONPATH"] = str(target)
+    env = installed_layout(directory)
     # Not in the repository: ``-c`` puts the working directory first on sys.path, and
     # snpd would be imported from the tree instead of the byte-compiled copy.
     results = whole_process_ms(snpctl_commands([str(SYSTEM_PYTHON), "-c", ENTRY_POINT],
@@ -693,6 +741,30 @@ def measure(run: Run, args: argparse.Namespace) -> int:
     exit_status = daemon.stop()
     if exit_status != 0:
         print(f"\nsnpd exited with {exit_status} on SIGTERM; its log:\n{daemon.log()}")
+    # 7. Section 5 on the package's interpreter: what an installed snpd uses.
+    package_rss = system_rss(run, args, config, str(socket_path))
+    if isinstance(package_rss, str):
+        print(f"\n7. RSS on {SYSTEM_PYTHON}: skipped ({package_rss})")
+    else:
+        version, ready_kib, start_kib, package_points, package_errors = package_rss
+        p_total = package_points[-1][0]
+        p_half = package_points[len(package_points) // 2 - 1]
+        p_end = package_points[-1][1]
+        p_growth = p_end - p_half[1]
+        print(f"\n7. section 5 again on the package's interpreter ({SYSTEM_PYTHON} {version}, snpd "
+              "byte-compiled in a plain directory, the distribution's libraries)"
+              + (f", {package_errors} errors" if package_errors else ""))
+        print(f"   at READY=1 (no request yet): {mb(ready_kib):6.2f} MB")
+        print(f"   before this phase:           {mb(start_kib):6.2f} MB")
+        for done, kib in package_points:
+            print(f"   after {done:7d}: {mb(kib):6.2f} MB")
+        print(f"   over the last half ({p_half[0]} → {p_total}): {p_growth:+d} KiB")
+        rows += [
+            (f"RSS after {p_total} requests, package interpreter", f"{mb(p_end):.1f} MB",
+             f"≤ {BUDGET_RSS_MB:.0f} MB", mb(p_end) <= BUDGET_RSS_MB),
+            ("RSS growth over the last half, package interpreter", f"{p_growth:+d} KiB",
+             f"none (±{RSS_NOISE_KIB} KiB)", p_growth <= RSS_NOISE_KIB)]
+
     if args.profile_daemon:
         show_profile(args.profile_daemon)
     print(f"\nload average at the end {load_average()}\n")

@@ -63,6 +63,14 @@ def check_config(path: Optional[Path], as_json: bool, stdout: TextIO, stderr: Te
     return EXIT_OK
 
 
+def without_glib() -> None:
+    """Keep GLib out of the daemon. dbus-fast's package (before 2.x) imports its GLib
+    front end, which loads PyGObject (libglib, libgio, libgobject, typelibs: 3.4 MB of
+    RSS) wherever python3-gi is installed, as it is on most Ubuntu servers. The daemon
+    uses the asyncio bus only; a process that has already imported gi keeps it."""
+    sys.modules.setdefault("gi", None)  # type: ignore[arg-type]
+
+
 def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
          stderr: TextIO = sys.stderr) -> int:
     parser = build_parser()
@@ -75,6 +83,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
         return int(exc.code or 0)
     if args.check_config:
         return check_config(args.config, args.json, stdout, stderr)
+    without_glib()
     from snpd.daemon import run_daemon
 
     return run_daemon(args.config, log_target=args.log_target)
