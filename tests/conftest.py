@@ -2,7 +2,9 @@
 
 The vectors live outside the repo, in ``$SNPD_VECTORS`` or else
 ``<repo>/../shared/vectors`` (see that folder's README.md). Tests that use them
-are skipped when neither exists; ``scripts/test`` fails instead when ``CI`` is set.
+fail when neither exists (``scripts/test`` stops earlier when ``CI`` is set); the
+Debian package build, which has no vectors, deselects them by this fixture
+(packaging/debian/pytest_debian.py).
 
     def test_something(cases, case_dir):
         for case in cases:
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Union
 
 import pytest
-from vectors import MISSING, vectors_path  # type: ignore[import-not-found]
+from vectors import missing, vectors_path  # type: ignore[import-not-found]
 
 from snpd.bundled import use_bundled_dbus_fast
 
@@ -33,7 +35,7 @@ def vectors_dir() -> Path:
     """The vectors folder (holds cases.json, cases/, roots/, golden/)."""
     path = vectors_path()
     if path is None:
-        pytest.skip(MISSING)
+        pytest.fail(missing())
     return path
 
 

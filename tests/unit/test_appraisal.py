@@ -5,12 +5,12 @@ from __future__ import annotations
 import datetime
 import hashlib
 import struct
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Iterator, Optional, Tuple
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from vectors import MISSING, vectors_path  # type: ignore[import-not-found]
 
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport
@@ -30,15 +30,32 @@ if TYPE_CHECKING:
 # -- vectors -------------------------------------------------------------------
 
 
-VECTORS = vectors_path()
 PRODUCTS = {"milan-v2-vcek": Product.MILAN, "milan-v3-vlek": Product.MILAN,
             "genoa-v5-vcek": Product.GENOA, "turin-v5-vcek": Product.TURIN}
 
+# The vectors folder while a test that asked for it (needs_vectors) runs; else None.
+_VECTORS: Optional[Path] = None
+
+
+@pytest.fixture
+def real_reports(vectors_dir: Path) -> Iterator[Path]:
+    """Lends the vectors to raw() for one test. Through vectors_dir, a test that uses it is
+    one that needs the vectors, which a build without them deselects by that fixture."""
+    global _VECTORS
+    _VECTORS = vectors_dir
+    yield vectors_dir
+    _VECTORS = None
+
+
+# Every test that reads a report (raw, report, patched, appraise) carries this mark.
+needs_vectors = pytest.mark.usefixtures("real_reports")
+
 
 def raw(case: str) -> bytes:
-    if VECTORS is None:
-        pytest.skip(MISSING)
-    path = VECTORS / "cases" / case / "report.bin"
+    if _VECTORS is None:
+        pytest.fail("this test reads the test vectors but is not marked @needs_vectors: mark"
+                    " it, so that a build without the vectors deselects it by that mark")
+    path = _VECTORS / "cases" / case / "report.bin"
     return path.read_bytes()
 
 
@@ -77,12 +94,14 @@ def pol(**data: object) -> AppraisalPolicy:
 # -- empty policy and guest policy ---------------------------------------------
 
 
+@needs_vectors
 @pytest.mark.parametrize("case", sorted(PRODUCTS))
 def test_empty_policy_yields_no_checks(case: str) -> None:
     assert AppraisalPolicy().appraise(report(case), PRODUCTS[case]) == ()
     assert AppraisalPolicy.from_toml("").appraise(report(case), PRODUCTS[case]) == ()
 
 
+@needs_vectors
 def test_milan_debug_policy_rejected() -> None:
     rep = report("milan-v2-vcek")
     assert rep.policy.raw == 0xB0000
@@ -94,6 +113,7 @@ def test_milan_debug_policy_rejected() -> None:
     assert appraise(pol(allow_debug=False), "genoa-v5-vcek")["policy.debug"].ok
 
 
+@needs_vectors
 def test_guest_policy_flags_on_real_reports() -> None:
     # 0x30000: SMT + reserved bit 17; nothing else.
     checks = appraise(pol(allow_smt=False, allow_migrate_ma=False, allow_cxl=False,
@@ -107,6 +127,7 @@ def test_guest_policy_flags_on_real_reports() -> None:
     assert checks["policy.mem_aes_256_xts"].ok  # false = not required
 
 
+@needs_vectors
 def test_minimum_abi() -> None:
     rep = patched("genoa-v5-vcek", policy=struct.pack("<Q", 0x3011F))  # ABI 1.31
     ok = appraise(pol(minimum_abi="1.31"), "genoa-v5-vcek", rep)["policy.minimum_abi"]
@@ -116,6 +137,7 @@ def test_minimum_abi() -> None:
     assert appraise(pol(minimum_abi="0.255"), "genoa-v5-vcek", rep)["policy.minimum_abi"].ok
 
 
+@needs_vectors
 def test_unknown_policy_bits_fail_only_when_strict() -> None:
     rep = patched("genoa-v5-vcek", policy=struct.pack("<Q", 0x30000 | 1 << 30))
     assert appraise(AppraisalPolicy(), "genoa-v5-vcek", rep) == {}
@@ -128,6 +150,7 @@ def test_unknown_policy_bits_fail_only_when_strict() -> None:
 # -- platform info ---------------------------------------------------------------
 
 
+@needs_vectors
 def test_turin_platform_info_bit6_passes_unless_strict() -> None:
     rep = report("turin-v5-vcek")
     assert rep.platform_info.raw == 0x67 and rep.platform_info.unknown_bits == (6,)
@@ -144,6 +167,7 @@ def test_turin_platform_info_bit6_passes_unless_strict() -> None:
     assert "6" in strict["policy.platform_info.unknown_bits"].detail
 
 
+@needs_vectors
 def test_platform_info_maximum_rejects() -> None:
     checks = appraise(pol(platform_allow_smt_en=False, platform_allow_tsme_en=False,
                           platform_require_rapl_dis=True), "turin-v5-vcek")
@@ -156,6 +180,7 @@ def test_platform_info_maximum_rejects() -> None:
 # -- exact matches ---------------------------------------------------------------
 
 
+@needs_vectors
 def test_measurement_exact_and_allow_list() -> None:
     rep = report("genoa-v5-vcek")
     good = rep.measurement.hex()
@@ -171,6 +196,7 @@ def test_measurement_exact_and_allow_list() -> None:
         "policy.measurement"].ok
 
 
+@needs_vectors
 def test_report_data_padded_and_never_logged_in_full() -> None:
     rep = report("turin-v5-vcek")
     data = rep.report_data
@@ -185,6 +211,7 @@ def test_report_data_padded_and_never_logged_in_full() -> None:
     assert data[:5].hex() not in bad.detail and wrong[:5].hex() not in bad.detail
 
 
+@needs_vectors
 @pytest.mark.parametrize("field", ["host_data", "family_id", "image_id", "report_id",
                                    "report_id_ma", "chip_id"])
 def test_other_exact_fields(field: str) -> None:
@@ -195,12 +222,14 @@ def test_other_exact_fields(field: str) -> None:
     assert not appraise(pol(**{field: flipped.hex()}), "genoa-v5-vcek")[f"policy.{field}"].ok
 
 
+@needs_vectors
 def test_turin_chip_id_as_8_byte_hwid() -> None:
     rep = report("turin-v5-vcek")
     assert not any(rep.chip_id[8:])
     assert appraise(pol(chip_id=rep.chip_id[:8].hex()), "turin-v5-vcek")["policy.chip_id"].ok
 
 
+@needs_vectors
 def test_vmpl_guest_svn_build_version() -> None:
     assert appraise(pol(vmpl=0), "genoa-v5-vcek")["policy.vmpl"].ok
     vlek = appraise(pol(vmpl=0), "milan-v3-vlek")["policy.vmpl"]
@@ -222,6 +251,7 @@ def test_vmpl_guest_svn_build_version() -> None:
 # -- TCB -------------------------------------------------------------------------
 
 
+@needs_vectors
 def test_minimum_tcb_milan_layout() -> None:
     # 0x4405000000000002: bootloader 2, TEE 0, SNP 5, microcode 68.
     ok = appraise(pol(minimum_tcb={"reported": {"bootloader": 2, "snp": 5, "microcode": 68}}),
@@ -237,6 +267,7 @@ def test_minimum_tcb_milan_layout() -> None:
     assert na.ok and "fmc not applicable to Milan" in na.detail
 
 
+@needs_vectors
 def test_minimum_tcb_turin_layout() -> None:
     # 0x4700000002000100: FMC 0, bootloader 1, TEE 0, SNP 2, microcode 71.
     checks = appraise(pol(minimum_tcb={
@@ -256,6 +287,7 @@ def test_minimum_tcb_turin_layout() -> None:
     assert not milan["policy.minimum_tcb.reported"].ok
 
 
+@needs_vectors
 def test_provisional_firmware() -> None:
     same = {"permit": appraise(pol(permit_provisional_firmware=True), "genoa-v5-vcek"),
             "deny": appraise(pol(permit_provisional_firmware=False), "genoa-v5-vcek")}
@@ -291,6 +323,7 @@ def test_provisional_firmware() -> None:
 # -- mitigation vectors ------------------------------------------------------------
 
 
+@needs_vectors
 def test_mitigation_vectors_v5_and_v3() -> None:
     # genoa-v5: LAUNCH_MIT_VECTOR = CURRENT_MIT_VECTOR = 1.
     checks = appraise(pol(minimum_launch_mit_vector=1, minimum_current_mit_vector="0x1"),
@@ -376,6 +409,7 @@ def test_amd_key_digest_rejects_other_keys() -> None:
         pol(trusted_id_keys=[_pem(p256)])
 
 
+@needs_vectors
 def test_id_and_author_key_trust() -> None:
     id_key, author_key = _p384(), _p384()
     id_d, author_d = _manual_digest(id_key), _manual_digest(author_key)
@@ -488,6 +522,7 @@ microcode = 71
 """
 
 
+@needs_vectors
 def test_toml_named_policies() -> None:
     rep = report("turin-v5-vcek")
     text = TOML_TWO % ("00" * 48, rep.measurement.hex().upper())
@@ -519,6 +554,7 @@ def test_toml_errors() -> None:
         AppraisalPolicy.from_toml('allow_debug = "false"', name="mine")
 
 
+@needs_vectors
 def test_every_configured_rule_yields_one_check() -> None:
     rep = report("genoa-v5-vcek")
     data: Dict[str, object] = {
