@@ -18,9 +18,9 @@ from exactly one worker thread, and adds what the kernel cannot:
   sequence number and, on a bad day, the key);
 - pacing: an optional minimum interval between firmware requests, and bounded
   retries with exponential backoff when the host answers busy;
-- VMPCK health: after an error that makes the kernel wipe the key (ETIMEDOUT,
-  EBADMSG, EIO other than a certificate-length answer) or that shows it is gone
-  (ENOTTY), every later request fails fast with an explanation of what the
+- VMPCK health: after an error that made the kernel wipe the key (VmpckLost:
+  ETIMEDOUT, EBADMSG) or that shows it is gone (ENOTTY, which also confirms an
+  earlier EIO), every later request fails fast with an explanation of what the
   operator must do, instead of queueing for a device that can no longer answer.
 
 This module is the thin shell: the policy lives in pure parts, each tested with
