@@ -18,10 +18,16 @@ from exactly one worker thread, and adds what the kernel cannot:
   sequence number and, on a bad day, the key);
 - pacing: an optional minimum interval between firmware requests, and bounded
   retries with exponential backoff when the host answers busy;
-- VMPCK health: after an error that makes the kernel wipe the key (ETIMEDOUT,
-  EBADMSG, EIO other than a certificate-length answer) or that shows it is gone
-  (ENOTTY), every later request fails fast with an explanation of what the
+- VMPCK health: after an error that made the kernel wipe the key (VmpckLost:
+  ETIMEDOUT, EBADMSG) or that shows it is gone (ENOTTY, which also confirms an
+  earlier EIO), every later request fails fast with an explanation of what the
   operator must do, instead of queueing for a device that can no longer answer.
+
+This module is the thin shell: the policy lives in pure parts, each tested with
+plain calls: :mod:`snpd.scheduler` (admission, fairness, deadlines in the queue)
+and :mod:`snpd.vmpck` (the health machine). Requests are typed values
+(:data:`~snpd.device.base.FirmwareRequest`), validated where they are made, and
+dispatched to the :class:`Device` method their type names.
 
 Threading contract: the asyncio side (``submit``, ``stop``, ``close``) runs on
 one event loop; the worker thread touches the loop only through
@@ -33,31 +39,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import errno as errno_mod
 import logging
 import math
 import threading
 import time
-from collections import deque
 from typing import (
     Any,
     Callable,
-    Deque,
     Dict,
     Hashable,
     List,
-    Literal,
     Optional,
     Tuple,
+    Union,
     overload,
 )
 
-from snpd.abi.uapi import SNP_GUEST_VMM_ERR_INVALID_LEN, DerivedKeyRequest
-from snpd.device.base import Device, ExtendedReport, check_request
+from snpd.abi.uapi import DerivedKeyRequest
+from snpd.device.base import (
+    Device,
+    ExtendedReport,
+    ExtendedReportRequest,
+    FirmwareRequest,
+    ReportRequest,
+)
 from snpd.errors import (
     Busy,
-    DeviceError,
     DeviceUnavailable,
     Internal,
     ShuttingDown,
@@ -65,40 +72,38 @@ from snpd.errors import (
     Timeout,
     VmpckDisabled,
 )
+from snpd.scheduler import Scheduler, Ticket
+from snpd.vmpck import BrokerState, StateName, VmpckHealth
 
-__all__ = ["OPS", "Broker", "BrokerState", "StateName"]
+__all__ = ["OPS", "Broker", "BrokerState", "StateName", "operation"]
 
 log = logging.getLogger(__name__)
 
-StateName = Literal["ready", "degraded", "failed"]
-
 OPS: Tuple[str, ...] = ("report", "extended_report", "derived_key")
-"""The device operations a caller may submit (the :class:`Device` method names)."""
+"""The operation names, one per request type (the :class:`Device` method each runs);
+they name the ``<op>.<outcome>`` statistics."""
 
-_FIXED_STATS = (
-    "firmware_requests",
-    "queue.high_water",
-    "queue.rejected_busy",
-    "dropped.deadline",
-    "dropped.cancelled",
-    "retries.busy",
-)
+_FIXED_STATS = ("firmware_requests", "retries.busy")
 
 
-@dataclasses.dataclass(frozen=True)
-class BrokerState:
-    """The broker's health, as the D-Bus ``State``/``StateReason`` properties show it.
+def operation(request: FirmwareRequest) -> str:
+    """The operation name of ``request``: which :class:`Device` method runs it."""
+    if isinstance(request, ExtendedReportRequest):  # before its base, ReportRequest
+        return "extended_report"
+    if isinstance(request, ReportRequest):
+        return "report"
+    if isinstance(request, DerivedKeyRequest):
+        return "derived_key"
+    raise Internal(f"broker: not a firmware request: {type(request).__name__}")
 
-    ``ready``: requests go to the firmware. ``degraded``: the kernel disabled the
-    VMPCK; nothing can succeed until the operator acts, and ``reason`` says how.
-    ``failed``: the firmware channel is unavailable (missing node, permissions) or
-    the worker broke. Both non-ready states are final for this broker: recovering
-    needs the operator (reboot, or reload the driver with another key, or fix the
-    device), and the daemon is restarted afterwards.
-    """
 
-    state: StateName = "ready"
-    reason: str = ""
+def _perform(device: Device, request: FirmwareRequest) -> object:
+    """Run ``request`` on ``device`` (worker thread only)."""
+    if isinstance(request, ExtendedReportRequest):
+        return device.extended_report(request.report_data, request.vmpl)
+    if isinstance(request, ReportRequest):
+        return device.report(request.report_data, request.vmpl)
+    return device.derived_key(request)
 
 
 _QUEUED, _RUNNING, _DONE = 0, 1, 2
@@ -107,24 +112,24 @@ _QUEUED, _RUNNING, _DONE = 0, 1, 2
 class _Request:
     """One submitted call; mutable bookkeeping private to the broker (not a value)."""
 
-    __slots__ = ("abandoned", "args", "client", "deadline", "future", "loop", "op", "reserved",
-                 "status", "user")
+    __slots__ = ("abandoned", "future", "loop", "op", "request", "status", "ticket")
 
-    def __init__(self, client: Hashable, op: str, args: Tuple[Any, ...], deadline: float,
-                 loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], *,
-                 user: Hashable = None, reserved: bool = False) -> None:
-        self.client = client
-        self.user = client if user is None else user
-        self.reserved = reserved
+    def __init__(self, request: FirmwareRequest, op: str, loop: asyncio.AbstractEventLoop,
+                 future: asyncio.Future[Any]) -> None:
+        self.request = request
         self.op = op
-        self.args = args
-        self.deadline = deadline
         self.loop = loop
         self.future = future
         self.status = _QUEUED
+        self.ticket: Optional[Ticket[_Request]] = None  # set once admitted
         # Set (under the lock) when the caller stopped waiting while the request
         # was running: the worker then stops retrying on its behalf.
         self.abandoned = False
+
+    @property
+    def deadline(self) -> float:
+        assert self.ticket is not None
+        return self.ticket.deadline
 
 
 class Broker:
@@ -161,19 +166,11 @@ class Broker:
         vmpck_id: Optional[int] = None,
         on_state_change: Optional[Callable[[BrokerState], None]] = None,
     ) -> None:
-        if max_pending < 1 or per_client < 1 or (per_user is not None and per_user < 1):
-            raise ValueError("max_pending, per_client and per_user must be at least 1")
-        if reserve < 0:
-            raise ValueError("reserve must not be negative")
         if min_interval < 0 or busy_backoff < 0 or busy_retries < 0:
             raise ValueError("min_interval, busy_backoff and busy_retries must not be negative")
         if not request_timeout > 0:
             raise ValueError("request_timeout must be positive (math.inf for none)")
         self._device = device
-        self._max_pending = max_pending
-        self._per_client = per_client
-        self._per_user = per_user if per_user is not None else max_pending
-        self._reserve = reserve
         self._min_interval = min_interval
         self._request_timeout = request_timeout
         self._busy_retries = busy_retries
@@ -181,20 +178,15 @@ class Broker:
         self._clock = clock
         self._abort = threading.Event()  # set by a non-draining stop: cut sleeps short
         self._sleep: Callable[[float], None] = sleep or self._interruptible_sleep
-        self._vmpck = f"VMPCK{vmpck_id}" if vmpck_id is not None else "the VMPCK"
-        self._suspect: Optional[str] = None  # an EIO that probably cost the VMPCK
         self._on_state_change = on_state_change
 
         self._cond = threading.Condition(threading.Lock())
         # Everything below is guarded by self._cond.
-        self._queues: Dict[Hashable, Deque[_Request]] = {}
-        # Users with queued work in serving order, and each one's clients likewise.
-        self._ring: Deque[Hashable] = deque()
-        self._clients: Dict[Hashable, Deque[Hashable]] = {}
-        self._by_user: Dict[Hashable, int] = {}
-        self._queued = 0
+        self._queue: Scheduler[_Request] = Scheduler(
+            max_pending=max_pending, per_client=per_client, per_user=per_user,
+            reserve=reserve)
+        self._health = VmpckHealth(vmpck_id)
         self._running: Optional[_Request] = None
-        self._state = BrokerState()
         self._stats: Dict[str, int] = dict.fromkeys(_FIXED_STATS, 0)
         self._stats.update({f"{op}.ok": 0 for op in OPS})
         self._thread: Optional[threading.Thread] = None
@@ -212,12 +204,12 @@ class Broker:
     @property
     def state(self) -> BrokerState:
         with self._cond:
-            return self._state
+            return self._health.state
 
     def pending(self) -> int:
         """Requests accepted and not yet answered: queued plus the one in flight."""
         with self._cond:
-            return self._queued + (self._running is not None)
+            return len(self._queue) + (self._running is not None)
 
     def stats(self) -> Dict[str, int]:
         """A snapshot of the counters (the D-Bus ``Statistics a{st}`` property).
@@ -225,10 +217,11 @@ class Broker:
         ``<op>.<outcome>`` counts answers given to callers (``ok`` or the error
         class name, including fast refusals); ``firmware_requests`` counts device
         calls, retries included; ``dropped.*`` counts requests never sent because
-        their deadline passed or their caller went away.
+        their deadline passed or their caller went away; ``queue.*`` is the
+        scheduler's (:data:`snpd.scheduler.STAT_KEYS`).
         """
         with self._cond:
-            return dict(self._stats)
+            return {**self._queue.stats(), **self._stats}
 
     def start(self) -> None:
         """Start the one worker thread. Requests submitted earlier wait in the queue."""
@@ -239,36 +232,26 @@ class Broker:
             thread = self._thread
         thread.start()
 
-    @overload
-    async def submit(self, client: Hashable, op: Literal["report"], report_data: bytes,
-                     vmpl: int, /, *, deadline: Optional[float] = None, user: Hashable = None,
-                     reserved: bool = False) -> bytes: ...
-
-    @overload
-    async def submit(self, client: Hashable, op: Literal["extended_report"],
-                     report_data: bytes, vmpl: int, /, *,
+    @overload  # the subclass first: an extended request answers an ExtendedReport
+    async def submit(  # type: ignore[overload-overlap]
+            self, request: ExtendedReportRequest, *, client: Hashable,
                      deadline: Optional[float] = None, user: Hashable = None,
                      reserved: bool = False) -> ExtendedReport: ...
 
     @overload
-    async def submit(self, client: Hashable, op: Literal["derived_key"],
-                     request: DerivedKeyRequest, /, *,
-                     deadline: Optional[float] = None, user: Hashable = None,
-                     reserved: bool = False) -> bytes: ...
+    async def submit(self, request: Union[ReportRequest, DerivedKeyRequest], *,
+                     client: Hashable, deadline: Optional[float] = None,
+                     user: Hashable = None, reserved: bool = False) -> bytes: ...
 
-    @overload
-    async def submit(self, client: Hashable, op: str, *args: Any,
-                     deadline: Optional[float] = None, user: Hashable = None,
-                     reserved: bool = False) -> object: ...
-
-    async def submit(self, client: Hashable, op: str, *args: Any,
+    async def submit(self, request: FirmwareRequest, *, client: Hashable,
                      deadline: Optional[float] = None, user: Hashable = None,
                      reserved: bool = False) -> Any:
-        """Run ``device.<op>(*args)`` on the worker and return its result.
+        """Run ``request`` on the worker and return the device's answer.
 
         ``client`` is one connection, ``user`` the account behind it (default: the
         client itself); ``reserved`` requests (root's) may use the reserve beyond
-        ``max_pending`` and are not bounded per user.
+        ``max_pending`` and are not bounded per user. The request's type says what
+        the firmware is asked; it was validated when it was made.
 
         Raises the device's typed error; :class:`Busy` at once when the queue or
         this client's or user's share of it is full; :class:`Timeout` when ``deadline``
@@ -278,14 +261,13 @@ class Broker:
         Cancelling the awaiting task withdraws a queued request.
         """
         loop = asyncio.get_running_loop()
-        self._check_args(op, args)
+        op = operation(request)
         now = self._clock()
         if deadline is None:
             deadline = now + self._request_timeout
-        req = _Request(client, op, args, deadline, loop, loop.create_future(), user=user,
-                       reserved=reserved)
+        req = _Request(request, op, loop, loop.create_future())
         with self._cond:
-            refusal = self._admit(req, now)
+            refusal = self._admit(req, client, user, reserved, deadline, now)
         if refusal is not None:
             raise refusal
         timer = (loop.call_later(max(0.0, deadline - now), self._expire, req)
@@ -346,57 +328,23 @@ class Broker:
 
     # -- asyncio side ----------------------------------------------------------------
 
-    def _check_args(self, op: str, args: Tuple[Any, ...]) -> None:
-        """Reject malformed calls before they take a queue slot or a firmware turn."""
-        if op in ("report", "extended_report") and len(args) == 2:
-            try:
-                check_request(args[0], args[1])
-            except SnpdError as exc:
-                with self._cond:
-                    self._count(op, exc)
-                raise
-        elif not (op == "derived_key" and len(args) == 1
-                  and isinstance(args[0], DerivedKeyRequest)):
-            raise Internal(f"broker: unknown operation or arguments: {op}"
-                           f"({', '.join(type(a).__name__ for a in args)})")
-
-    def _admit(self, req: _Request, now: float) -> Optional[SnpdError]:
+    def _admit(self, req: _Request, client: Hashable, user: Hashable, reserved: bool,
+               deadline: float, now: float) -> Optional[SnpdError]:
         """Queue ``req`` or say why not. Caller holds the lock."""
         refusal: Optional[SnpdError] = None
-        queue = self._queues.get(req.client)
         if not self._accepting:
             refusal = ShuttingDown("snpd is stopping: the request was not queued")
-        elif self._state.state != "ready":
+        elif self._health.state.state != "ready":
             refusal = self._refusal()
-        elif now >= req.deadline:
-            refusal = Timeout("the request's deadline had passed before it was queued")
-            self._stats["dropped.deadline"] += 1
-        elif self._queued >= self._max_pending + (self._reserve if req.reserved else 0):
-            refusal = Busy(f"the firmware queue is full ({self._queued} requests waiting); "
-                           "retry later")
-        elif queue is not None and len(queue) >= self._per_client:
-            refusal = Busy(f"this client already has {len(queue)} requests waiting for the "
-                           "firmware; retry later")
-        elif not req.reserved and self._by_user.get(req.user, 0) >= self._per_user:
-            refusal = Busy(f"this user already has {self._by_user[req.user]} requests "
-                           "waiting for the firmware, its share of the queue; retry later")
-        if isinstance(refusal, Busy):
-            self._stats["queue.rejected_busy"] += 1
+        else:
+            try:
+                req.ticket = self._queue.admit(req, client=client, user=user,
+                                               reserved=reserved, deadline=deadline, now=now)
+            except (Busy, Timeout) as exc:
+                refusal = exc
         if refusal is not None:
             self._count(req.op, refusal)
             return refusal
-        if queue is None:
-            queue = self._queues[req.client] = deque()
-            clients = self._clients.get(req.user)
-            if clients is None:
-                clients = self._clients[req.user] = deque()
-                self._ring.append(req.user)
-            clients.append(req.client)
-        queue.append(req)
-        self._by_user[req.user] = self._by_user.get(req.user, 0) + 1
-        self._queued += 1
-        if self._queued > self._stats["queue.high_water"]:
-            self._stats["queue.high_water"] = self._queued
         self._cond.notify()
         return None
 
@@ -404,8 +352,9 @@ class Broker:
         """The caller went away: drop a queued request, or stop retrying a running one."""
         with self._cond:
             if req.status == _QUEUED:
-                self._unqueue(req)
-                self._stats["dropped.cancelled"] += 1
+                assert req.ticket is not None
+                self._queue.withdraw(req.ticket)
+                req.status = _DONE
             elif req.status == _RUNNING:
                 req.abandoned = True
 
@@ -414,8 +363,9 @@ class Broker:
         stuck in a long kernel call; a queued request also frees its slot."""
         with self._cond:
             if req.status == _QUEUED:
-                self._unqueue(req)
-                self._stats["dropped.deadline"] += 1
+                assert req.ticket is not None
+                self._queue.expire(req.ticket)
+                req.status = _DONE
                 error = Timeout("the request's deadline passed while it waited for the "
                                 "firmware; it was not sent")
             elif req.status == _RUNNING:
@@ -443,74 +393,31 @@ class Broker:
         self._stats[key] = self._stats.get(key, 0) + 1
 
     def _refusal(self) -> SnpdError:
-        if self._state.state == "degraded":
-            return VmpckDisabled(self._state.reason)
-        return DeviceUnavailable(self._state.reason)
-
-    def _unqueue(self, req: _Request) -> None:
-        queue = self._queues[req.client]
-        queue.remove(req)
-        self._dequeued(req, queue)
-        req.status = _DONE
-        clients = self._clients[req.user]
-        if not queue and req.client in clients:
-            clients.remove(req.client)
-            self._forget_empty(req.user)
-
-    def _dequeued(self, req: _Request, queue: Deque[_Request]) -> None:
-        """Bookkeeping for ``req`` having left ``queue`` (already removed from it)."""
-        self._queued -= 1
-        left = self._by_user[req.user] - 1
-        if left:
-            self._by_user[req.user] = left
-        else:
-            del self._by_user[req.user]
-        if not queue:
-            del self._queues[req.client]
-
-    def _forget_empty(self, user: Hashable) -> None:
-        if not self._clients[user]:
-            del self._clients[user]
-            self._ring.remove(user)
+        state = self._health.state
+        if state.state == "degraded":
+            return VmpckDisabled(state.reason)
+        return DeviceUnavailable(state.reason)
 
     def _take_all_queued(self) -> List[_Request]:
-        taken = [req for queue in self._queues.values() for req in queue]
+        taken = [ticket.item for ticket in self._queue.take_all()]
         for req in taken:
             req.status = _DONE
-        self._queues.clear()
-        self._clients.clear()
-        self._by_user.clear()
-        self._ring.clear()
-        self._queued = 0
         return taken
 
     def _pop_next(self) -> Optional[_Request]:
-        """The next live request in round-robin order; expired ones are dropped."""
-        now = self._clock()
-        while self._ring:
-            user = self._ring.popleft()
-            clients = self._clients[user]
-            client = clients.popleft()
-            queue = self._queues[client]
-            req = queue.popleft()
-            self._dequeued(req, queue)
-            if queue:
-                clients.append(client)
-            if clients:
-                self._ring.append(user)
-            else:
-                del self._clients[user]
-            if now >= req.deadline:
-                req.status = _DONE
-                self._stats["dropped.deadline"] += 1
-                self._post(req, None, Timeout(
-                    "the request's deadline passed while it waited for the firmware; "
-                    "it was not sent"))
-                continue
-            req.status = _RUNNING
-            self._running = req
-            return req
-        return None
+        """The next live request in round-robin order; expired ones are answered."""
+        ticket, expired = self._queue.pop(self._clock())
+        for dropped in expired:
+            dropped.item.status = _DONE
+            self._post(dropped.item, None, Timeout(
+                "the request's deadline passed while it waited for the firmware; "
+                "it was not sent"))
+        if ticket is None:
+            return None
+        req = ticket.item
+        req.status = _RUNNING
+        self._running = req
+        return req
 
     def _post(self, req: _Request, result: Any, error: Optional[BaseException]) -> None:
         """Hand an answer to the request's loop; safe from any thread, under the lock."""
@@ -535,7 +442,7 @@ class Broker:
         """Wait for work, pace, then take the next request; None when it is time to exit."""
         while True:
             with self._cond:
-                while not self._queued:
+                while not len(self._queue):
                     if self._stopping:
                         return None
                     self._cond.wait()
@@ -566,7 +473,6 @@ class Broker:
             self._sleep(remaining)
 
     def _execute(self, req: _Request) -> None:
-        call = getattr(self._device, req.op)
         retries = 0
         while True:
             with self._cond:
@@ -575,7 +481,7 @@ class Broker:
             result: Any = None
             error: Optional[SnpdError] = None
             try:
-                result = call(*req.args)
+                result = _perform(self._device, req.request)
             except SnpdError as exc:
                 error = exc
             except Exception as exc:
@@ -587,15 +493,12 @@ class Broker:
                 retries += 1
                 continue
             break
-        transition = self._health(req.op, error) if error is not None else None
         with self._cond:
             self._running = None
             req.status = _DONE
             self._post(req, result, error)
-            if transition is not None and self._state.state != "ready":
-                transition = None  # only ready may change: one transition, one callback
+            transition = self._health.observe(req.op, error) if error is not None else None
             if transition is not None:
-                self._state = transition
                 for queued in self._take_all_queued():
                     self._post(queued, None, self._refusal())
         if transition is not None:
@@ -620,43 +523,6 @@ class Broker:
         with self._cond:
             return not req.abandoned and not (self._stopping and not self._drain)
 
-    def _health(self, op: str, error: SnpdError) -> Optional[BrokerState]:
-        """The state an error from the device moves the broker to, if any."""
-        key = self._vmpck
-        remedy = ("Reboot the VM, or stop snpd, reload sev-guest with another key "
-                  "(modprobe -r sev-guest && modprobe sev-guest vmpck_id=N, N a VMPCK this "
-                  "guest may use; reports then carry at least that key's VMPL) and start "
-                  "snpd again.")
-        if isinstance(error, DeviceUnavailable):
-            return BrokerState("failed", f"the firmware channel is unavailable ({op}): "
-                                         f"{error}. Fix the device or its permissions and "
-                                         f"restart snpd.")
-        cause: Optional[str] = None
-        if isinstance(error, VmpckDisabled):
-            earlier = self._suspect or "an earlier failed request"
-            cause = (f"the kernel refuses guest requests (ENOTTY during {op}): {key} was "
-                     f"disabled after {earlier} (see the kernel log)")
-        elif isinstance(error, Timeout):
-            cause = (f"the host kept the firmware busy past the kernel's 60 s retry window "
-                     f"(ETIMEDOUT during {op}) and the kernel disabled {key} to prevent IV "
-                     f"reuse")
-        elif isinstance(error, DeviceError) and error.errno == errno_mod.EBADMSG:
-            cause = (f"a firmware response failed authentication (EBADMSG during {op}: the "
-                     f"host may have tampered with it) and the kernel disabled {key}")
-        elif (isinstance(error, DeviceError) and error.errno == errno_mod.EIO
-                and error.vmm_error != SNP_GUEST_VMM_ERR_INVALID_LEN):
-            codes = "".join(f", {name} 0x{value:x}" for name, value in
-                            (("fw_error", error.fw_error), ("vmm_error", error.vmm_error))
-                            if value is not None)
-            # Most kernels wipe the key after such an EIO, but 5.19-6.0 did not, and
-            # the errno alone cannot tell: the next request's ENOTTY confirms a wipe
-            # (SYSTEM.md §5.5). Remember the EIO for that message; stay ready.
-            self._suspect = f"a failed guest request (EIO during {op}{codes})"
-            return None
-        if cause is None:
-            return None
-        return BrokerState("degraded", f"{cause}: no firmware request can succeed. {remedy}")
-
     def _notify(self, state: BrokerState) -> None:
         (log.error if state.state != "ready" else log.info)(
             "device %s: %s", state.state, state.reason)
@@ -669,20 +535,19 @@ class Broker:
 
     def _crash(self, exc: BaseException) -> None:
         log.critical("device worker failed", exc_info=exc)
-        state = BrokerState("failed", f"internal error in the device worker: "
-                                      f"{type(exc).__name__}: {exc}. Restart snpd.")
+        reason = (f"internal error in the device worker: {type(exc).__name__}: {exc}. "
+                  f"Restart snpd.")
         with self._cond:
             victims = self._take_all_queued()
             if self._running is not None:
                 victims.append(self._running)
                 self._running.status = _DONE
                 self._running = None
-            changed = self._state.state == "ready"
-            self._state = state if changed else self._state
+            changed = self._health.crash(reason)
             for req in victims:
-                self._post(req, None, Internal(state.reason))
-        if changed:
-            self._notify(state)
+                self._post(req, None, Internal(reason))
+        if changed is not None:
+            self._notify(changed)
 
     def _finish(self) -> None:
         """Last acts of the worker: close the device if asked, then wake stop()."""

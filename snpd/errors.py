@@ -96,6 +96,25 @@ class Timeout(SnpdError):
     exit_code = EXIT_UNAVAILABLE
 
 
+class VmpckLost(SnpdError):
+    """The kernel wiped the VMPCK answering this very request: no later firmware
+    request can succeed. The device layer raises it where the errno proves the wipe,
+    so the broker's health never guesses from a message or a base class. Never raised
+    as such: each subclass keeps the wire kind its errno always had, so callers see
+    the same D-Bus/varlink error and exit code as before the wipe was told apart."""
+
+    errno: Optional[int] = None
+
+
+class VmpckTimedOut(VmpckLost, Timeout):
+    """ETIMEDOUT: the host kept the firmware busy past the kernel's 60 s retry window
+    and the kernel wiped the VMPCK to prevent IV reuse. Travels as ``Timeout``; a
+    plain :class:`Timeout` is a caller's deadline and leaves the key alone."""
+
+    kind = "Timeout"
+    errno = 110  # ETIMEDOUT on Linux, the only kernel with sev-guest
+
+
 class DeviceUnavailable(SnpdError):
     """The firmware channel cannot be opened (missing node, permission)."""
 
@@ -128,6 +147,13 @@ class DeviceError(SnpdError):
         self.errno = errno
         self.fw_error = fw_error
         self.vmm_error = vmm_error
+
+
+class VmpckBadMessage(VmpckLost, DeviceError):
+    """EBADMSG: a firmware response failed authentication and the kernel wiped the
+    VMPCK. Travels as ``DeviceError`` and carries errno like any device error."""
+
+    kind = "DeviceError"
 
 
 class VmpckDisabled(SnpdError):

@@ -34,6 +34,8 @@ from snpd.abi.product import Endorser, Product
 from snpd.abi.report import REPORT_DATA_SIZE, AttestationReport
 from snpd.abi.tcb import TcbVersion
 from snpd.abi.uapi import GUEST_FIELDS, DerivedKeyRequest
+from snpd.broker import operation
+from snpd.device.base import ExtendedReportRequest, FirmwareRequest, ReportRequest
 from snpd.errors import (
     Busy,
     CertificateFormatError,
@@ -238,13 +240,14 @@ class Service:
             self.notify("org.snpd.Snpd1.Attestation", changed)
         return parsed
 
-    async def _firmware(self, caller: Caller, op: str, *args: object,
+    async def _firmware(self, caller: Caller, request: FirmwareRequest, *,
                         deadline: float) -> Any:
         try:
-            return await self.broker.submit(caller.client_key, op, *args, deadline=deadline,
-                                            user=caller.uid, reserved=caller.uid == 0)
+            return await self.broker.submit(request, client=caller.client_key,
+                                            deadline=deadline, user=caller.uid,
+                                            reserved=caller.uid == 0)
         except SnpdError as exc:
-            self.events.request_failed(caller, op, exc)
+            self.events.request_failed(caller, operation(request), exc)
             raise
 
     # -- Attestation ----------------------------------------------------------------------
@@ -255,8 +258,7 @@ class Service:
         opts = _options(options, {"timeout": float}, "GetReport")
         data = _bytes(report_data, "report_data", max_len=REPORT_DATA_SIZE)
         level = self._vmpl(vmpl)
-        report: bytes = await self._firmware(caller, "report", data.ljust(REPORT_DATA_SIZE,
-                                                                          b"\0"), level,
+        report: bytes = await self._firmware(caller, ReportRequest(data, level),
                                              deadline=self._deadline(opts))
         self.events.report_issued(caller, level, self._learn(report), self.product)
         return report
@@ -267,8 +269,7 @@ class Service:
         opts = _options(options, {"timeout": float}, "GetExtendedReport")
         data = _bytes(report_data, "report_data", max_len=REPORT_DATA_SIZE)
         level = self._vmpl(vmpl)
-        extended = await self._firmware(caller, "extended_report",
-                                        data.ljust(REPORT_DATA_SIZE, b"\0"), level,
+        extended = await self._firmware(caller, ExtendedReportRequest(data, level),
                                         deadline=self._deadline(opts))
         report: bytes = extended.report
         parsed = self._learn(report)
@@ -469,7 +470,7 @@ class Service:
                                    "them raw")
         request = DerivedKeyRequest.from_fields(root_key, _names(fields), vmpl=level,
                                                 guest_svn=guest_svn, tcb_version=tcb_version)
-        key: bytes = await self._firmware(caller, "derived_key", request,
+        key: bytes = await self._firmware(caller, request,
                                           deadline=self._deadline(opts))
         self.events.key_derived(caller, "raw", request.fields)
         return key
@@ -493,7 +494,7 @@ class Service:
             raise InvalidArgument(f"unknown guest fields {unknown}; expected "
                                   f"{', '.join(GUEST_FIELDS)}")
         request = DerivedKeyRequest.from_fields("vcek", list(chosen), vmpl=SEALING_VMPL)
-        raw: bytes = await self._firmware(caller, "derived_key", request,
+        raw: bytes = await self._firmware(caller, request,
                                           deadline=self._deadline(opts))
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF

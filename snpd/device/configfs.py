@@ -31,8 +31,9 @@ from snpd.errors import (
     InvalidArgument,
     NotSupported,
     SnpdError,
-    Timeout,
+    VmpckBadMessage,
     VmpckDisabled,
+    VmpckTimedOut,
 )
 
 log = logging.getLogger(__name__)
@@ -268,9 +269,11 @@ class ConfigfsDevice:
         if code == errno.EBUSY:
             return Busy(f"configfs-tsm is busy ({what}: EBUSY); retry later")
         if code == errno.ETIMEDOUT:
-            return Timeout(f"the host kept the firmware busy for over 60 s ({what}); "
-                           f"the kernel has likely disabled the VMPCK")
+            return VmpckTimedOut(f"the host kept the firmware busy for over 60 s ({what}); "
+                                 f"the kernel has likely disabled the VMPCK")
         name = errno.errorcode.get(code, str(code)) if code is not None else "no errno"
         hint = {errno.ENXIO: ": the firmware returned an error status",
                 errno.EIO: ": the guest request failed (check the kernel log)"}.get(code or 0, "")
+        if code == errno.EBADMSG:  # the response failed authentication: the key is gone
+            return VmpckBadMessage(f"configfs-tsm {what} failed: {name}", errno=code)
         return DeviceError(f"configfs-tsm {what} failed: {name}{hint}", errno=code)

@@ -48,8 +48,9 @@ from snpd.errors import (
     DeviceUnavailable,
     InvalidArgument,
     SnpdError,
-    Timeout,
+    VmpckBadMessage,
     VmpckDisabled,
+    VmpckTimedOut,
 )
 
 DEFAULT_PATH = "/dev/sev-guest"
@@ -102,8 +103,9 @@ def classify_failure(exc: OSError, req: SnpGuestRequestIoctl, what: str) -> Snpd
             "after an earlier failure. Reboot the VM, or reload sev-guest with another "
             "vmpck_id if this guest may use one")
     if err == errno_mod.ETIMEDOUT:
-        return Timeout(f"{what}: the host kept the firmware busy past the kernel's 60 s "
-                       "retry window (ETIMEDOUT); the kernel has disabled the VMPCK")
+        return VmpckTimedOut(f"{what}: the host kept the firmware busy past the kernel's "
+                             "60 s retry window (ETIMEDOUT); the kernel has disabled the "
+                             "VMPCK")
     if err == errno_mod.EINVAL:
         return InvalidArgument(f"{what}: the kernel rejected the request (EINVAL)")
     if err in (errno_mod.EAGAIN, errno_mod.EBUSY):
@@ -114,8 +116,8 @@ def classify_failure(exc: OSError, req: SnpGuestRequestIoctl, what: str) -> Snpd
         return DeviceError(f"{what}: the host answered BUSY and this kernel (<= 6.2) "
                            "disabled the VMPCK in response", errno=err, vmm_error=vmm)
     if err == errno_mod.EBADMSG:
-        return DeviceError(f"{what}: the firmware response failed authentication (EBADMSG); "
-                           "the kernel has disabled the VMPCK", errno=err)
+        return VmpckBadMessage(f"{what}: the firmware response failed authentication "
+                               "(EBADMSG); the kernel has disabled the VMPCK", errno=err)
     detail = f"{what} failed: {os.strerror(err)}"
     if fw and fw not in (0xFF, 0xFFFFFFFF):  # 0xff: the kernel's initial value, no fw call
         detail += f", firmware {FirmwareStatus.describe(fw)}"

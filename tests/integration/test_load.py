@@ -10,11 +10,14 @@ admits.
 
 What must hold: no failure at all other than ``Busy``; ``Busy`` only beyond the
 configured capacity (the greedy clients, or everyone once the load passes
-``queue.max_pending``); every call eventually answered; and fairness, the
-slowest client's completion time within a bounded factor of the fastest's.
-Fairness is the broker's to give where the firmware is the bottleneck, as on real
-hardware, so those daemons run the emulator with 2 ms per firmware request. The
-latency percentiles are printed; nothing here asserts a duration.
+``queue.max_pending``); every call eventually answered; and fairness, as the
+daemon's scheduler did it: while several users or connections had work waiting,
+every turn went to the one that had waited longest since its last turn (its
+``queue.out_of_turn.*`` counters stay 0), so pipelining buys a greedy connection
+no extra turn. Fairness is the broker's to give where the firmware is the
+bottleneck, as on real hardware, so those daemons run the emulator with 2 ms per
+firmware request. The latency percentiles and completion-time spread are printed;
+nothing here asserts a duration or a ratio of durations (timing is bench/'s).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from dbusbus import (  # type: ignore[import-not-found]
 )
 
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from loadgen import failures, render, run_together, spread  # type: ignore[import-not-found]
+from loadgen import failures, render, run_together  # type: ignore[import-not-found]
 
 pytestmark = pytest.mark.integration
 
@@ -51,8 +54,6 @@ CALLS = int(os.environ.get("SNPD_LOAD_CALLS", "16"))
 PER_CLIENT = 2
 GREEDY, WINDOW = 8, 8
 FIRMWARE_LATENCY = 0.002
-# The slowest client's completion time over the fastest's, greedy clients included.
-FAIRNESS_BOUND = 2.0
 ROUND_TIMEOUT = 300.0
 BUSY = "org.snpd.Snpd1.Error.Busy"
 
@@ -149,7 +150,8 @@ def test_64_clients_per_transport_are_served_fairly(daemons: Launcher,
     assert sum(c["busy"] for c in clients(results, greedy=False)) == 0
     assert sum(c["busy"] for c in clients(results, greedy=True)) > 0
     # Pipelining buys a greedy connection no more firmware turns than anyone else.
-    assert spread(clients(results)) <= FAIRNESS_BOUND
+    stats = check_turns(daemon)
+    assert stats["queue.high_water"] > PER_CLIENT, "the firmware was the bottleneck"
     # The daemon logs at debug level here; still none of it carries a secret.
     daemon.wait_journal(lambda r: r.get("SNPD_EVENT") == "KEY_DERIVED", "KEY_DERIVED")
     searched, found = leaks(daemon, daemons.template.chip_id)
@@ -165,7 +167,7 @@ def test_without_firmware_latency_polite_clients_are_served_alike(
     show(capsys, "load: the same, zero firmware latency", results)
     check_served(results, daemon)
     assert sum(c["busy"] for c in clients(results, greedy=False)) == 0
-    assert spread(clients(results, greedy=False)) <= FAIRNESS_BOUND
+    check_turns(daemon)
 
 
 def test_beyond_max_pending_the_only_answer_is_busy(daemons: Launcher,
@@ -185,6 +187,17 @@ def test_beyond_max_pending_the_only_answer_is_busy(daemons: Launcher,
     stats = daemon_statistics(daemon)
     assert stats["queue.rejected_busy"] > 0
     assert stats["queue.high_water"] <= 16
+
+
+def check_turns(daemon: SnpdDaemon) -> Dict[str, int]:
+    """Fairness as the scheduler served it (snpd/scheduler.py checks every turn it
+    gives): no user and no connection was served while another had waited longer
+    since its last turn. The daemon's statistics, which the test returns."""
+    stats = daemon_statistics(daemon)
+    assert stats["firmware_requests"] > 0
+    assert stats["queue.out_of_turn.user"] == 0, stats
+    assert stats["queue.out_of_turn.client"] == 0, stats
+    return stats
 
 
 def daemon_statistics(daemon: SnpdDaemon) -> Dict[str, int]:

@@ -28,7 +28,7 @@ import pytest
 
 from snpd.abi.uapi import DerivedKeyRequest
 from snpd.broker import Broker, BrokerState
-from snpd.device.base import ExtendedReport
+from snpd.device.base import ExtendedReport, ExtendedReportRequest, ReportRequest
 from snpd.errors import (
     Busy,
     DeviceError,
@@ -38,7 +38,9 @@ from snpd.errors import (
     ShuttingDown,
     SnpdError,
     Timeout,
+    VmpckBadMessage,
     VmpckDisabled,
+    VmpckTimedOut,
 )
 
 # -- fakes -----------------------------------------------------------------------------
@@ -138,6 +140,14 @@ def data(n: int) -> bytes:
     return n.to_bytes(64, "big")
 
 
+def rep(n: int, vmpl: int = 0) -> ReportRequest:
+    return ReportRequest(data(n), vmpl)
+
+
+def ext(n: int, vmpl: int = 0) -> ExtendedReportRequest:
+    return ExtendedReportRequest(data(n), vmpl)
+
+
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(test())
 
@@ -167,7 +177,7 @@ async def blocked(broker: Broker, device: FakeDevice, client: str = "blocker"
     """Close the gate and put one request in flight, stuck inside the device."""
     device.gate.clear()
     calls = len(device.calls)
-    task = asyncio.ensure_future(broker.submit(client, "report", data(0), 0))
+    task = asyncio.ensure_future(broker.submit(rep(0), client=client))
     await eventually(lambda: len(device.calls) > calls, "the blocker reached the device")
     return task
 
@@ -179,10 +189,10 @@ def test_results_are_delivered_for_every_operation() -> None:
     async def main() -> None:
         device = FakeDevice()
         async with running(device) as broker:
-            assert await broker.submit("a", "report", data(1), 2) == b"R" + data(1) + b"\x02"
-            ext = await broker.submit("a", "extended_report", data(3), 0)
-            assert ext == ExtendedReport(b"X" + data(3) + b"\x00")
-            key = await broker.submit("b", "derived_key", DerivedKeyRequest(guest_svn=7))
+            assert await broker.submit(rep(1, 2), client="a") == b"R" + data(1) + b"\x02"
+            extended = await broker.submit(ext(3), client="a")
+            assert extended == ExtendedReport(b"X" + data(3) + b"\x00")
+            key = await broker.submit(DerivedKeyRequest(guest_svn=7), client="b")
             assert key == (7).to_bytes(32, "big")
             stats = broker.stats()
             assert (stats["report.ok"], stats["extended_report.ok"], stats["derived_key.ok"]) \
@@ -202,31 +212,40 @@ def test_caller_errors_pass_through_typed_and_keep_the_broker_ready() -> None:
         changes: List[BrokerState] = []
         async with running(device, on_state_change=changes.append) as broker:
             with pytest.raises(InvalidArgument) as caught:
-                await broker.submit("a", "report", data(1), 0)
+                await broker.submit(rep(1), client="a")
             assert caught.value is rejected
-            assert await broker.submit("a", "report", data(2), 0) == b"R" + data(2) + b"\x00"
+            assert await broker.submit(rep(2), client="a") == b"R" + data(2) + b"\x00"
             assert broker.state.state == "ready" and changes == []
             assert broker.stats()["report.InvalidArgument"] == 1
 
     run(main)
 
 
-def test_malformed_requests_never_reach_the_device() -> None:
+def test_only_firmware_requests_reach_the_device() -> None:
+    """The request types validate themselves; what is not one never takes a slot."""
     async def main() -> None:
         device = FakeDevice()
         async with running(device) as broker:
             with pytest.raises(InvalidArgument):
-                await broker.submit("a", "report", b"short", 0)
+                ReportRequest(bytes(65), 0)
             with pytest.raises(InvalidArgument):
-                await broker.submit("a", "extended_report", data(1), 4)
-            with pytest.raises(Internal):
-                await broker.submit("a", "derived_key", b"not a request")
-            with pytest.raises(Internal):
-                await broker.submit("a", "format_disk")
-            assert device.calls == []
-            stats = broker.stats()
-            assert stats["report.InvalidArgument"] == 1
-            assert stats["extended_report.InvalidArgument"] == 1
+                ExtendedReportRequest(data(1), 4)
+            for nonsense in (b"not a request", "format_disk", None):
+                with pytest.raises(Internal, match="not a firmware request"):
+                    await broker.submit(nonsense, client="a")  # type: ignore[call-overload]
+            assert device.calls == [] and broker.pending() == 0
+            assert broker.stats()["queue.high_water"] == 0
+
+    run(main)
+
+
+def test_short_report_data_is_padded_before_the_device_sees_it() -> None:
+    async def main() -> None:
+        device = FakeDevice()
+        async with running(device) as broker:
+            assert await broker.submit(ReportRequest(b"abc", 1), client="a") == \
+                b"R" + b"abc".ljust(64, b"\0") + b"\x01"
+        assert device.calls == [("report", (b"abc".ljust(64, b"\0"), 1))]
 
     run(main)
 
@@ -237,9 +256,9 @@ def test_a_backend_bug_becomes_internal_and_keeps_the_broker_ready() -> None:
         device.script.append(ZeroDivisionError("oops"))
         async with running(device) as broker:
             with pytest.raises(Internal, match="ZeroDivisionError"):
-                await broker.submit("a", "report", data(1), 0)
+                await broker.submit(rep(1), client="a")
             assert broker.state.state == "ready"
-            assert await broker.submit("a", "report", data(2), 0) == b"R" + data(2) + b"\x00"
+            assert await broker.submit(rep(2), client="a") == b"R" + data(2) + b"\x00"
 
     run(main)
 
@@ -256,7 +275,7 @@ def test_one_worker_thread_serves_200_concurrent_tasks_without_overlap() -> None
         assert threading.active_count() == before + 1
         assert "snpd-device" in {t.name for t in threading.enumerate()}
         try:
-            jobs = [broker.submit(f"client-{i % 25}", "report", data(i), i % 4)
+            jobs = [broker.submit(rep(i, i % 4), client=f"client-{i % 25}")
                     for i in range(200)]
             results = await asyncio.gather(*jobs)
         finally:
@@ -276,11 +295,11 @@ def test_full_queue_answers_busy_at_once_while_the_device_is_blocked() -> None:
         device = FakeDevice()
         async with running(device, max_pending=3, per_client=8) as broker:
             first = await blocked(broker, device)
-            queued = [asyncio.ensure_future(broker.submit(f"c{i}", "report", data(i), 0))
+            queued = [asyncio.ensure_future(broker.submit(rep(i), client=f"c{i}"))
                       for i in range(1, 4)]
             await eventually(lambda: broker.pending() == 4, "three requests queued")
             with pytest.raises(Busy, match="queue is full"):
-                await broker.submit("late", "report", data(9), 0)  # gate still closed
+                await broker.submit(rep(9), client="late")  # gate still closed
             assert not device.gate.is_set() and len(device.calls) == 1
             device.gate.set()
             assert await first == b"R" + data(0) + b"\x00"
@@ -298,12 +317,12 @@ def test_per_client_cap_rejects_only_that_client() -> None:
         device = FakeDevice()
         async with running(device, max_pending=10, per_client=2) as broker:
             first = await blocked(broker, device, client="a")
-            mine = [asyncio.ensure_future(broker.submit("a", "report", data(i), 0))
+            mine = [asyncio.ensure_future(broker.submit(rep(i), client="a"))
                     for i in (1, 2)]
             await eventually(lambda: broker.pending() == 3, "a's two requests queued")
             with pytest.raises(Busy, match="this client"):
-                await broker.submit("a", "report", data(3), 0)
-            other = asyncio.ensure_future(broker.submit("b", "report", data(4), 0))
+                await broker.submit(rep(3), client="a")
+            other = asyncio.ensure_future(broker.submit(rep(4), client="b"))
             await eventually(lambda: broker.pending() == 4, "b's request queued")
             device.gate.set()
             await first
@@ -319,9 +338,9 @@ def test_round_robin_across_clients_and_fifo_within_one() -> None:
         device = FakeDevice()
         async with running(device, max_pending=64, per_client=16) as broker:
             first = await blocked(broker, device, client="c")
-            a = [asyncio.ensure_future(broker.submit("A", "report", data(100 + i), 0))
+            a = [asyncio.ensure_future(broker.submit(rep(100 + i), client="A"))
                  for i in range(10)]
-            b = [asyncio.ensure_future(broker.submit("B", "report", data(200 + i), 0))
+            b = [asyncio.ensure_future(broker.submit(rep(200 + i), client="B"))
                  for i in range(2)]
             await eventually(lambda: broker.pending() == 13, "all twelve queued")
             device.gate.set()
@@ -342,10 +361,10 @@ def test_a_user_with_many_clients_gets_one_share() -> None:
         device = FakeDevice()
         async with running(device, max_pending=64, per_client=16) as broker:
             first = await blocked(broker, device, client="blocker")
-            u = [asyncio.ensure_future(broker.submit(f"u{c}", "report", data(100 + 10 * c + i),
-                                                     0, user="U"))
+            u = [asyncio.ensure_future(broker.submit(rep(100 + 10 * c + i), client=f"u{c}",
+                                                     user="U"))
                  for c in range(4) for i in range(2)]
-            v = [asyncio.ensure_future(broker.submit("v", "report", data(200 + i), 0, user="V"))
+            v = [asyncio.ensure_future(broker.submit(rep(200 + i), client="v", user="V"))
                  for i in range(4)]
             await eventually(lambda: broker.pending() == 13, "all twelve queued")
             device.gate.set()
@@ -365,13 +384,12 @@ def test_per_user_share_counts_every_connection_of_that_user() -> None:
         device = FakeDevice()
         async with running(device, max_pending=64, per_client=8, per_user=3) as broker:
             first = await blocked(broker, device, client="blocker")
-            mine = [asyncio.ensure_future(broker.submit(f"u{i}", "report", data(i), 0,
-                                                        user=1000))
+            mine = [asyncio.ensure_future(broker.submit(rep(i), client=f"u{i}", user=1000))
                     for i in range(3)]
             await eventually(lambda: broker.pending() == 4, "three queued")
             with pytest.raises(Busy, match="this user"):
-                await broker.submit("u9", "report", data(9), 0, user=1000)
-            other = asyncio.ensure_future(broker.submit("w", "report", data(4), 0, user=1001))
+                await broker.submit(rep(9), client="u9", user=1000)
+            other = asyncio.ensure_future(broker.submit(rep(4), client="w", user=1001))
             await eventually(lambda: broker.pending() == 5, "another user still queues")
             device.gate.set()
             await asyncio.gather(first, *mine, other)
@@ -386,18 +404,17 @@ def test_root_keeps_a_reserve_beyond_a_full_queue() -> None:
         async with running(device, max_pending=4, per_client=8, per_user=4,
                            reserve=2) as broker:
             first = await blocked(broker, device, client="blocker")
-            others = [asyncio.ensure_future(broker.submit(f"x{i}", "report", data(i), 0,
-                                                          user=1000 + i))
+            others = [asyncio.ensure_future(broker.submit(rep(i), client=f"x{i}", user=1000 + i))
                       for i in range(4)]
             await eventually(lambda: broker.pending() == 5, "the queue is full")
             with pytest.raises(Busy, match="queue is full"):
-                await broker.submit("y", "report", data(8), 0, user=2000)
-            root = [asyncio.ensure_future(broker.submit("r", "report", data(50 + i), 0,
-                                                        user=0, reserved=True))
+                await broker.submit(rep(8), client="y", user=2000)
+            root = [asyncio.ensure_future(broker.submit(rep(50 + i), client="r", user=0,
+                                                        reserved=True))
                     for i in range(2)]
             await eventually(lambda: broker.pending() == 7, "root queued in its reserve")
             with pytest.raises(Busy, match="queue is full"):
-                await broker.submit("r", "report", data(9), 0, user=0, reserved=True)
+                await broker.submit(rep(9), client="r", user=0, reserved=True)
             device.gate.set()
             await asyncio.gather(first, *others, *root)
             assert data(50) in device.report_datas() and data(51) in device.report_datas()
@@ -415,7 +432,7 @@ def test_request_whose_deadline_passed_in_the_queue_is_not_sent() -> None:
         async with running(device, clock=clock) as broker:
             first = await blocked(broker, device)
             late = asyncio.ensure_future(
-                broker.submit("b", "report", data(1), 0, deadline=clock() + 5))
+                broker.submit(rep(1), client="b", deadline=clock() + 5))
             await eventually(lambda: broker.pending() == 2, "queued")
             clock.advance(10)  # the fake clock: the loop's own timer is far off
             device.gate.set()
@@ -435,8 +452,7 @@ def test_deadline_answers_the_caller_while_the_device_is_still_blocked() -> None
         async with running(device) as broker:  # real monotonic clock
             first = await blocked(broker, device)
             with pytest.raises(Timeout, match="not sent"):
-                await broker.submit("b", "report", data(1), 0,
-                                    deadline=time.monotonic() + 0.01)
+                await broker.submit(rep(1), client="b", deadline=time.monotonic() + 0.01)
             assert not device.gate.is_set()  # answered without waiting for the device
             assert broker.pending() == 1  # its queue slot is free again
             device.gate.set()
@@ -453,7 +469,7 @@ def test_deadline_already_past_at_submit() -> None:
         device = FakeDevice()
         async with running(device, clock=clock) as broker:
             with pytest.raises(Timeout):
-                await broker.submit("a", "report", data(1), 0, deadline=clock() - 1)
+                await broker.submit(rep(1), client="a", deadline=clock() - 1)
             assert device.calls == []
 
     run(main)
@@ -464,8 +480,8 @@ def test_cancelled_caller_is_not_sent() -> None:
         device = FakeDevice()
         async with running(device) as broker:
             first = await blocked(broker, device)
-            gone = asyncio.ensure_future(broker.submit("b", "report", data(1), 0))
-            stays = asyncio.ensure_future(broker.submit("c", "report", data(2), 0))
+            gone = asyncio.ensure_future(broker.submit(rep(1), client="b"))
+            stays = asyncio.ensure_future(broker.submit(rep(2), client="c"))
             await eventually(lambda: broker.pending() == 3, "queued")
             gone.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -486,7 +502,7 @@ def test_wait_for_timeout_withdraws_the_request() -> None:
         async with running(device) as broker:
             first = await blocked(broker, device)
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(broker.submit("b", "report", data(1), 0), 0.01)
+                await asyncio.wait_for(broker.submit(rep(1), client="b"), 0.01)
             device.gate.set()
             await first
             assert device.report_datas() == [data(0)]
@@ -505,7 +521,7 @@ def test_busy_burst_is_absorbed_by_retries_with_backoff() -> None:
         device = FakeDevice()
         device.script.extend([Busy("host busy"), Busy("host busy"), None])
         async with running(device, clock=clock, sleep=sleep, busy_backoff=0.5) as broker:
-            assert await broker.submit("a", "report", data(1), 0) == b"R" + data(1) + b"\x00"
+            assert await broker.submit(rep(1), client="a") == b"R" + data(1) + b"\x00"
             stats = broker.stats()
         assert sleep.slept == [0.5, 1.0]
         assert len(device.calls) == 3
@@ -525,7 +541,7 @@ def test_busy_beyond_the_retries_reaches_the_caller() -> None:
         async with running(device, clock=clock, sleep=FakeSleep(clock), busy_retries=3
                            ) as broker:
             with pytest.raises(Busy) as caught:
-                await broker.submit("a", "report", data(1), 0)
+                await broker.submit(rep(1), client="a")
             assert caught.value is last
             stats = broker.stats()
         assert len(device.calls) == 4
@@ -544,7 +560,7 @@ def test_busy_retries_stay_within_the_deadline() -> None:
         async with running(device, clock=clock, sleep=sleep, busy_backoff=0.5) as broker:
             with pytest.raises(Busy):
                 # retry 1 starts at +0.5 (< 1.2); retry 2 would start at +1.5: given up
-                await broker.submit("a", "report", data(1), 0, deadline=clock() + 1.2)
+                await broker.submit(rep(1), client="a", deadline=clock() + 1.2)
             assert broker.stats()["retries.busy"] == 1
         assert len(device.calls) == 2 and sleep.slept == [0.5]
 
@@ -565,13 +581,13 @@ def test_caller_gone_during_backoff_stops_the_retries() -> None:
         device = FakeDevice()
         device.script.append(Busy("1"))
         async with running(device, clock=clock, sleep=sleep) as broker:
-            task = asyncio.ensure_future(broker.submit("a", "report", data(1), 0))
+            task = asyncio.ensure_future(broker.submit(rep(1), client="a"))
             await eventually(in_backoff.is_set, "the worker backs off")
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
             resume.set()
-            assert await broker.submit("b", "report", data(2), 0) == b"R" + data(2) + b"\x00"
+            assert await broker.submit(rep(2), client="b") == b"R" + data(2) + b"\x00"
         assert device.report_datas() == [data(1), data(2)]
 
     run(main)
@@ -582,8 +598,8 @@ def test_caller_gone_during_backoff_stops_the_retries() -> None:
 
 DEGRADING: List[Callable[[], SnpdError]] = [
     lambda: VmpckDisabled("ENOTTY"),
-    lambda: Timeout("ETIMEDOUT"),
-    lambda: DeviceError("bad message", errno=errno.EBADMSG),
+    lambda: VmpckTimedOut("ETIMEDOUT"),
+    lambda: VmpckBadMessage("bad message", errno=errno.EBADMSG),
 ]
 
 
@@ -601,9 +617,9 @@ def test_key_losing_errors_degrade_and_later_requests_fail_fast(
 
         async with running(device, on_state_change=on_change, vmpck_id=0) as broker:
             device.gate.clear()
-            failing = asyncio.ensure_future(broker.submit("a", "report", data(1), 0))
+            failing = asyncio.ensure_future(broker.submit(rep(1), client="a"))
             await eventually(lambda: len(device.calls) == 1, "in flight")
-            queued = asyncio.ensure_future(broker.submit("b", "report", data(2), 0))
+            queued = asyncio.ensure_future(broker.submit(rep(2), client="b"))
             await eventually(lambda: broker.pending() == 2, "queued")
             device.gate.set()
             with pytest.raises(type(error)) as caught:
@@ -612,7 +628,7 @@ def test_key_losing_errors_degrade_and_later_requests_fail_fast(
             with pytest.raises(VmpckDisabled):
                 await queued  # queued before the transition: answered, never sent
             with pytest.raises(VmpckDisabled) as fast:
-                await broker.submit("c", "derived_key", DerivedKeyRequest())
+                await broker.submit(DerivedKeyRequest(), client="c")
             assert broker.pending() == 0
             stats = broker.stats()
         assert len(device.calls) == 1
@@ -637,10 +653,10 @@ def test_eio_is_confirmed_by_the_next_enotty_and_named_in_the_reason() -> None:
         device.script.append(VmpckDisabled("VMPCK disabled"))
         async with running(device) as broker:
             with pytest.raises(DeviceError):
-                await broker.submit("a", "report", data(1), 0)
+                await broker.submit(rep(1), client="a")
             assert broker.state.state == "ready"
             with pytest.raises(VmpckDisabled):
-                await broker.submit("a", "report", data(2), 0)
+                await broker.submit(rep(2), client="a")
             assert broker.state.state == "degraded"
             assert "EIO" in broker.state.reason and "fw_error 0x27" in broker.state.reason
 
@@ -653,8 +669,8 @@ def test_eio_on_a_kernel_that_kept_the_key_stays_ready() -> None:
         device.script.append(DeviceError("failed", errno=errno.EIO, vmm_error=2))
         async with running(device) as broker:
             with pytest.raises(DeviceError):
-                await broker.submit("a", "report", data(1), 0)
-            await broker.submit("a", "report", data(2), 0)
+                await broker.submit(rep(1), client="a")
+            await broker.submit(rep(2), client="a")
             assert broker.state.state == "ready"
 
     run(main)
@@ -667,9 +683,9 @@ def test_certificate_length_answer_does_not_degrade() -> None:
         changes: List[BrokerState] = []
         async with running(device, on_state_change=changes.append) as broker:
             with pytest.raises(DeviceError):
-                await broker.submit("a", "extended_report", data(1), 0)
+                await broker.submit(ext(1), client="a")
             assert broker.state.state == "ready" and changes == []
-            await broker.submit("a", "extended_report", data(2), 0)
+            await broker.submit(ext(2), client="a")
         assert len(device.calls) == 2
 
     run(main)
@@ -682,11 +698,26 @@ def test_unavailable_device_fails_the_broker() -> None:
         changes: List[BrokerState] = []
         async with running(device, on_state_change=changes.append) as broker:
             with pytest.raises(DeviceUnavailable):
-                await broker.submit("a", "report", data(1), 0)
+                await broker.submit(rep(1), client="a")
             with pytest.raises(DeviceUnavailable, match="EACCES"):
-                await broker.submit("a", "report", data(2), 0)
+                await broker.submit(rep(2), client="a")
         assert len(device.calls) == 1
         assert [s.state for s in changes] == ["failed"]
+
+    run(main)
+
+
+def test_a_plain_timeout_from_the_device_is_no_lost_key() -> None:
+    """Only VmpckLost says the kernel wiped the key; a Timeout is just a deadline."""
+    async def main() -> None:
+        device = FakeDevice()
+        device.script.append(Timeout("the backend's own deadline"))
+        changes: List[BrokerState] = []
+        async with running(device, on_state_change=changes.append) as broker:
+            with pytest.raises(Timeout):
+                await broker.submit(rep(1), client="a")
+            assert await broker.submit(rep(2), client="a") == b"R" + data(2) + b"\x00"
+            assert broker.state.state == "ready" and changes == []
 
     run(main)
 
@@ -694,16 +725,16 @@ def test_unavailable_device_fails_the_broker() -> None:
 def test_a_failing_state_callback_does_not_break_the_worker() -> None:
     async def main() -> None:
         device = FakeDevice()
-        device.script.append(Timeout("ETIMEDOUT"))
+        device.script.append(VmpckTimedOut("ETIMEDOUT"))
 
         def explode(state: BrokerState) -> None:
             raise RuntimeError("listener bug")
 
         async with running(device, on_state_change=explode) as broker:
             with pytest.raises(Timeout):
-                await broker.submit("a", "report", data(1), 0)
+                await broker.submit(rep(1), client="a")
             with pytest.raises(VmpckDisabled):
-                await broker.submit("a", "report", data(2), 0)
+                await broker.submit(rep(2), client="a")
             assert broker.state.state == "degraded"
 
     run(main)
@@ -718,7 +749,7 @@ def test_min_interval_spaces_firmware_requests() -> None:
         sleep = FakeSleep(clock)
         device = FakeDevice(clock=clock, latency=0.25)
         broker = Broker(device, min_interval=2.0, clock=clock, sleep=sleep)
-        jobs = [asyncio.ensure_future(broker.submit(f"c{i}", "report", data(i), 0))
+        jobs = [asyncio.ensure_future(broker.submit(rep(i), client=f"c{i}"))
                 for i in range(3)]
         await eventually(lambda: broker.pending() == 3, "queued before start")
         broker.start()
@@ -740,8 +771,8 @@ def test_stop_interrupts_the_min_interval_sleep() -> None:
         broker = Broker(device, min_interval=3600.0, clock=clock)  # the real, event sleep
         broker.start()
         try:
-            await broker.submit("a", "report", data(1), 0)
-            waiting = asyncio.ensure_future(broker.submit("a", "report", data(2), 0))
+            await broker.submit(rep(1), client="a")
+            waiting = asyncio.ensure_future(broker.submit(rep(2), client="a"))
             await eventually(lambda: broker.pending() == 1, "queued behind the interval")
         finally:
             await broker.stop(drain=False)
@@ -761,13 +792,13 @@ def test_stop_with_drain_completes_queued_requests() -> None:
         broker = Broker(device)
         broker.start()
         first = await blocked(broker, device)
-        queued = [asyncio.ensure_future(broker.submit(f"c{i}", "report", data(i), 0))
+        queued = [asyncio.ensure_future(broker.submit(rep(i), client=f"c{i}"))
                   for i in range(1, 4)]
         await eventually(lambda: broker.pending() == 4, "queued")
         stopping = asyncio.ensure_future(broker.stop(drain=True))
         await asyncio.sleep(0)  # let stop() run up to its wait for the worker
         with pytest.raises(ShuttingDown):
-            await broker.submit("late", "report", data(9), 0)
+            await broker.submit(rep(9), client="late")
         device.gate.set()
         await stopping
         assert await first == b"R" + data(0) + b"\x00"
@@ -784,7 +815,7 @@ def test_stop_without_drain_fails_queued_requests_and_finishes_the_one_in_flight
         broker = Broker(device)
         broker.start()
         first = await blocked(broker, device)
-        queued = [asyncio.ensure_future(broker.submit(f"c{i}", "report", data(i), 0))
+        queued = [asyncio.ensure_future(broker.submit(rep(i), client=f"c{i}"))
                   for i in range(1, 4)]
         await eventually(lambda: broker.pending() == 4, "queued")
         stopping = asyncio.ensure_future(broker.stop(drain=False))
@@ -805,7 +836,7 @@ def test_stop_before_start_answers_queued_requests() -> None:
     async def main() -> None:
         device = FakeDevice()
         broker = Broker(device)
-        job = asyncio.ensure_future(broker.submit("a", "report", data(1), 0))
+        job = asyncio.ensure_future(broker.submit(rep(1), client="a"))
         await eventually(lambda: broker.pending() == 1, "queued")
         await broker.close()
         with pytest.raises(ShuttingDown):
@@ -822,7 +853,7 @@ def test_close_closes_the_device_once_on_the_worker() -> None:
         device = FakeDevice()
         broker = Broker(device)
         broker.start()
-        await broker.submit("a", "report", data(1), 0)
+        await broker.submit(rep(1), client="a")
         await broker.close()
         await broker.close()
         assert device.closed_by == ["snpd-device"]
@@ -834,7 +865,7 @@ def test_statistics_are_plain_ints_with_stable_keys() -> None:
     async def main() -> None:
         device = FakeDevice()
         async with running(device) as broker:
-            await broker.submit("a", "report", data(1), 0)
+            await broker.submit(rep(1), client="a")
             stats = broker.stats()
         for key in ("report.ok", "extended_report.ok", "derived_key.ok", "queue.high_water",
                     "queue.rejected_busy", "dropped.deadline", "dropped.cancelled",

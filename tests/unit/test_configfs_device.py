@@ -26,7 +26,10 @@ from snpd.errors import (
     NotSupported,
     SnpdError,
     Timeout,
+    VmpckBadMessage,
     VmpckDisabled,
+    VmpckLost,
+    VmpckTimedOut,
 )
 from snpd.trust.certset import CertificateSet
 
@@ -242,7 +245,8 @@ def test_generation_race_persists(fake: FakeTsm) -> None:
     ("read", "outblob", errno.EINVAL, InvalidArgument, "firmware rejected.*VMPL"),
     ("read", "outblob", errno.ENOTTY, VmpckDisabled, "VMPCK.*reboot"),
     ("read", "outblob", errno.EBUSY, Busy, "retry later"),
-    ("read", "outblob", errno.ETIMEDOUT, Timeout, "60 s"),
+    ("read", "outblob", errno.ETIMEDOUT, VmpckTimedOut, "60 s"),
+    ("read", "outblob", errno.EBADMSG, VmpckBadMessage, "EBADMSG"),
     ("read", "outblob", errno.ENXIO, DeviceError, "ENXIO.*error status"),
     ("read", "outblob", errno.EIO, DeviceError, "EIO.*kernel log"),
     ("read", "outblob", errno.ENOMEM, DeviceError, "ENOMEM"),
@@ -256,10 +260,16 @@ def test_errno_mapping(fake: FakeTsm, op: str, attribute: str, code: int,
     with pytest.raises(error, match=message) as info:
         device(fake).extended_report(DATA, 0)
     assert type(info.value) is error
-    if error is DeviceError:
+    if issubclass(error, DeviceError):
         assert isinstance(info.value, DeviceError) and info.value.errno == code
     assert isinstance(info.value.__cause__, OSError)
     assert fake.dirs == {}
+    # A lost key travels under the kind this errno always had: the wire is unchanged.
+    assert isinstance(info.value, VmpckLost) == (code in (errno.ETIMEDOUT, errno.EBADMSG))
+    if code == errno.ETIMEDOUT:
+        assert info.value.kind == "Timeout" and isinstance(info.value, Timeout)
+    if code == errno.EBADMSG:
+        assert info.value.kind == "DeviceError" and info.value.errno == code
 
 
 def test_missing_root(fake: FakeTsm) -> None:

@@ -28,7 +28,10 @@ from snpd.errors import (
     InvalidArgument,
     NotSupported,
     Timeout,
+    VmpckBadMessage,
     VmpckDisabled,
+    VmpckLost,
+    VmpckTimedOut,
 )
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import TrustRoots
@@ -128,7 +131,7 @@ def test_caller_errors_are_refused_before_the_firmware(guest: EmulatedSevGuest) 
 
 
 @pytest.mark.parametrize("fault, error, wiped", [
-    (DeviceFault.tamper(), DeviceError, True),
+    (DeviceFault.tamper(), VmpckBadMessage, True),
     (DeviceFault.host_error(), DeviceError, True),
     (DeviceFault.fw_error(0x17), DeviceError, True),
     (DeviceFault.body_status(0x16), InvalidArgument, False),
@@ -143,6 +146,8 @@ def test_fault_gives_its_typed_error(state_dir: Path, fault: DeviceFault, error:
         device.report(DATA, 0)
     if isinstance(info.value, DeviceError):
         assert info.value.errno is not None
+    # Only the errno that proves the wipe says so; EIO leaves the broker to confirm it.
+    assert isinstance(info.value, VmpckLost) is (error is VmpckBadMessage)
     assert guest.vmpck_disabled is wiped
     if wiped:
         served = sum(guest.firmware.requests.values())
@@ -168,8 +173,9 @@ def test_host_busy_past_60s_times_out_and_wipes(state_dir: Path) -> None:
     guest = guest_for(state_dir)(clock=time.clock, sleep=time.sleep)
     guest.firmware.faults.push(DeviceFault.busy(), count=None)
     device = IoctlDevice(ops=guest)
-    with pytest.raises(Timeout, match="60 s"):
+    with pytest.raises(VmpckTimedOut, match="60 s") as info:
         device.report(DATA, 0)
+    assert isinstance(info.value, Timeout) and info.value.kind == "Timeout"
     guest.firmware.faults.clear()
     with pytest.raises(VmpckDisabled):
         device.report(DATA, 0)
@@ -215,8 +221,9 @@ def test_configfs_backend_on_the_model(state_dir: Path) -> None:
     with pytest.raises(NotSupported, match="ioctl"):
         device.derived_key(DerivedKeyRequest())
     guest.firmware.faults.push(DeviceFault.tamper(), count=1)
-    with pytest.raises(DeviceError):
+    with pytest.raises(VmpckBadMessage) as info:
         device.report(DATA, 0)
+    assert info.value.kind == "DeviceError"
     with pytest.raises(VmpckDisabled):
         device.report(DATA, 0)
 

@@ -41,7 +41,9 @@ from snpd.abi.certtable import (
 )
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport, parse_report
+from snpd.abi.uapi import DerivedKeyRequest
 from snpd.config import Config, parse_config
+from snpd.device.base import ExtendedReportRequest, ReportRequest
 from snpd.errors import (
     CertificateFormatError,
     CertTableError,
@@ -440,14 +442,14 @@ class FakeBroker:
     def stats(self) -> Dict[str, int]:
         return {"requests": 1}
 
-    async def submit(self, client: Any, op: str, *args: Any, deadline: float,
+    async def submit(self, request: Any, *, client: Any, deadline: float,
                      user: Any = None, reserved: bool = False) -> Any:
         assert math.isfinite(deadline)
-        if op == "report":
-            return self.report
-        if op == "extended_report":
+        if isinstance(request, ExtendedReportRequest):
             return _Extended(self.report, self.table)
-        assert op == "derived_key"
+        if isinstance(request, ReportRequest):
+            return self.report
+        assert isinstance(request, DerivedKeyRequest)
         return bytes(32)
 
 

@@ -14,6 +14,7 @@ from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
+from snpd.device.base import ReportRequest
 from snpd.errors import KdsBudgetExceeded, KdsError
 from snpd.events import Events
 from snpd.kds.budget import BudgetLimits, KdsBudget
@@ -61,8 +62,8 @@ class Firmware:
     def __init__(self, report: bytes) -> None:
         self.report = report
 
-    async def submit(self, client: Any, op: str, *args: Any, **kw: Any) -> Any:
-        assert op == "report"
+    async def submit(self, request: Any, **kw: Any) -> Any:
+        assert type(request) is ReportRequest
         return self.report
 
 
