@@ -22,7 +22,7 @@ attestation --policy FILE`` and the daemon accept exactly the same schema.
 
 ``[emulator]``: this module owns ``state_dir`` and ``product``; the other keys
 describe the emulated guest and are defined and checked by
-``snpd.emulator.state.EmulatorConfig.from_mapping`` (see :class:`EmulatorSection`).
+``snpd.emulator.launch.EmulatorConfig.from_mapping`` (see :class:`EmulatorSection`).
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ from snpd.errors import ConfigError
 from snpd.trust.appraisal import AppraisalPolicy, TcbMinimum, policies_from_mapping
 
 if TYPE_CHECKING:
-    from snpd.emulator.state import EmulatorConfig
+    from snpd.emulator.launch import EmulatorConfig
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -512,7 +512,7 @@ class EmulatorSection(_Section):
 
     ``state_dir`` and ``product`` are this module's; every other key of the table
     (``reported_tcb``, ``latency``, ``kernel``, ...) describes the emulated guest
-    and belongs to :class:`snpd.emulator.state.EmulatorConfig`. Those keys are kept
+    and belongs to :class:`snpd.emulator.launch.EmulatorConfig`. Those keys are kept
     as written in ``options`` (so the JSON form shows what the operator wrote and
     reads back), and are validated here by ``EmulatorConfig.from_mapping`` so that
     ``snpd --check-config`` catches their errors too. The daemon gets the parsed
@@ -538,7 +538,7 @@ class EmulatorSection(_Section):
 
     def emulator_config(self) -> EmulatorConfig:
         """The emulated guest and platform these settings describe."""
-        from snpd.emulator.state import EmulatorConfig
+        from snpd.emulator.launch import EmulatorConfig
 
         return EmulatorConfig.from_mapping({"product": self.product.value, **self.options})
 

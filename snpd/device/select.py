@@ -16,7 +16,7 @@ from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
 from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
 
 if TYPE_CHECKING:
-    from snpd.emulator.state import EmulatorConfig
+    from snpd.emulator.launch import EmulatorConfig
 
 BACKENDS = ("auto", "ioctl", "configfs", "emulator")
 DEFAULT_CONFIGFS_ROOT = "/sys/kernel/config/tsm/report"
@@ -37,7 +37,7 @@ EMULATOR_TOML = "emulator.toml"
 def read_emulator_config(path: Path) -> EmulatorConfig:
     """The emulated guest's launch configuration: the keys of snpd.toml's ``[emulator]``
     table, from ``emulator.toml`` in the state directory; defaults when absent."""
-    from snpd.emulator.state import EmulatorConfig
+    from snpd.emulator.launch import EmulatorConfig
     from snpd.files import read_bounded
 
     if not path.is_file():

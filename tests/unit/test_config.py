@@ -32,7 +32,7 @@ from snpd.config import (
     load_config,
     parse_config,
 )
-from snpd.emulator.state import EmulatorConfig
+from snpd.emulator.launch import EmulatorConfig
 from snpd.errors import ConfigError
 from snpd.trust.appraisal import AppraisalPolicy, TcbMinimum
 
