@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from snpd.device import BACKENDS
 from snpd.device.base import Device
 from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
 from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
@@ -18,7 +19,6 @@ from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
 if TYPE_CHECKING:
     from snpd.emulator.launch import EmulatorConfig
 
-BACKENDS = ("auto", "ioctl", "configfs", "emulator")
 DEFAULT_CONFIGFS_ROOT = "/sys/kernel/config/tsm/report"
 
 
@@ -38,14 +38,11 @@ def read_emulator_config(path: Path) -> EmulatorConfig:
     """The emulated guest's launch configuration: the keys of snpd.toml's ``[emulator]``
     table, from ``emulator.toml`` in the state directory; defaults when absent."""
     from snpd.emulator.launch import EmulatorConfig
-    from snpd.files import read_bounded
+    from snpd.files import read_toml
 
-    if not path.is_file():
+    data = read_toml(path, missing_ok=True)
+    if data is None:
         return EmulatorConfig()
-    from snpd.config import load_toml
-
-    text = read_bounded(path, "emulator configuration", 1 << 20).decode("utf-8", "replace")
-    data = load_toml(text, source=str(path))
     data.pop("state_dir", None)
     try:
         return EmulatorConfig.from_mapping(data)

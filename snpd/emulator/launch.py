@@ -18,6 +18,7 @@ from snpd.abi.report import FirmwareVersion
 from snpd.abi.tcb import TcbVersion
 from snpd.emulator.faults import DeviceFault
 from snpd.errors import ConfigError
+from snpd.schema import Kind, SchemaError, choice, integer, number, read_table
 
 REPORT_VERSIONS = (2, 3, 5)
 SIGNERS = ("vcek", "vlek")
@@ -209,23 +210,25 @@ class EmulatorConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> EmulatorConfig:
         """From the daemon's ``[emulator]`` table; every error names the key."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"emulator: expected a table, got {type(data).__name__}")
-        unknown = [str(k) for k in data if k not in _READERS]
-        if unknown:
-            raise _error(unknown[0], f"unknown key (known: {', '.join(sorted(_READERS))})")
         product = Product.GENOA
-        if "product" in data:
+        if isinstance(data, Mapping) and "product" in data:
             product = _read_product("product", data["product"])
+        kinds = {key: _for_product(_READERS[key], product) for key in sorted(_READERS)}
         kwargs: Dict[str, Any] = {"product": product}
-        for key, value in data.items():
-            if key != "product":
-                kwargs[key] = _READERS[key](str(key), value, product)
+        kwargs.update(read_table("", data, kinds, name=_TABLE))
         return cls(**kwargs)
 
 
+_TABLE = "emulator"
+
+
+def _for_product(reader: Callable[[str, object, Product], object], product: Product) -> Kind:
+    """A TOML reader as a schema kind: TCBs and chip IDs read in the product's layout."""
+    return lambda path, value: reader(path, value, product)
+
+
 def _error(key: str, message: str) -> ConfigError:
-    return ConfigError(f"emulator: {key}: {message}")
+    return SchemaError(key, message, table=_TABLE)
 
 
 def _choice(key: str, value: object, allowed: Tuple[Any, ...]) -> None:
@@ -287,34 +290,27 @@ def _read_faults(key: str, value: object, _product: Product) -> Tuple[FaultSpec,
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) > 64:
         raise _error(key, "expected a list of at most 64 tables")
     specs = []
-    fields = {"kind": str, "count": int, "after": int, "status": int, "pages": int,
-              "seconds": (int, float)}
     for index, item in enumerate(value):
         where = f"{key}[{index}]"
         if not isinstance(item, Mapping):
             raise _error(where, "expected a table such as {kind = \"busy\", count = 2}")
-        for name, val in item.items():
-            kind = fields.get(name)
-            if kind is None:
-                raise _error(f"{where}.{name}", f"unknown key (known: {', '.join(fields)})")
-            if isinstance(val, bool) or not isinstance(val, kind):  # type: ignore[arg-type]
-                raise _error(f"{where}.{name}", f"wrong type {type(val).__name__}")
-        if item.get("kind") not in FAULT_KINDS:
-            raise _error(f"{where}.kind", f"expected one of {', '.join(FAULT_KINDS)}")
-        for name in ("count", "after", "status", "pages"):
-            if name in item and not 0 <= item[name] < 1 << 32:
-                raise _error(f"{where}.{name}", "expected an integer 0..2**32-1")
-        if not 0 <= float(item.get("seconds", 0)) <= 3600:
-            raise _error(f"{where}.seconds", "expected 0..3600")
-        spec = FaultSpec(kind=item["kind"], count=item.get("count", 1),
-                         after=item.get("after", 0), status=item.get("status", 0x16),
-                         pages=item.get("pages", 4), seconds=float(item.get("seconds", 0)))
+        fields = read_table(where, item, _FAULT_FIELDS, name=_TABLE)
+        if "kind" not in fields:
+            raise _error(f"{where}.kind", f"missing (one of {', '.join(FAULT_KINDS)})")
+        spec = FaultSpec(**fields)
         try:
             spec.fault()
         except ValueError as exc:
             raise _error(where, str(exc)) from None
         specs.append(spec)
     return tuple(specs)
+
+
+_FAULT_FIELDS: Mapping[str, Kind] = {
+    "kind": choice(*FAULT_KINDS), "count": integer(0, (1 << 32) - 1),
+    "after": integer(0, (1 << 32) - 1), "status": integer(0, (1 << 32) - 1),
+    "pages": integer(0, (1 << 32) - 1), "seconds": number(0, 3600),
+}
 
 
 def _read_float(key: str, value: object, _product: Product) -> float:

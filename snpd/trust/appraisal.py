@@ -19,7 +19,6 @@ import hashlib
 import re
 import string
 import struct
-import sys
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -37,6 +36,7 @@ from snpd.abi.bits import PLATFORM_INFO_BITS, POLICY_BITS
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport
 from snpd.errors import CertificateFormatError, ConfigError, InvalidArgument
+from snpd.schema import SchemaError, parse_toml
 from snpd.trust.result import Check, Status
 
 if TYPE_CHECKING:
@@ -405,7 +405,7 @@ class AppraisalPolicy:
     @classmethod
     def from_toml(cls, text: str, *, name: str = "policy") -> AppraisalPolicy:
         """Parse one policy written as a flat TOML table of the keys above."""
-        doc = _parse_toml(text, name)
+        doc = parse_toml(text, source=name)
         policies = doc.get("policy")
         if isinstance(policies, Mapping):
             raise ConfigError(
@@ -687,8 +687,7 @@ class _Reader:
         self.name = name
 
     def error(self, path: Optional[str], message: str) -> ConfigError:
-        return ConfigError(f"{self.name}: {path}: {message}" if path else
-                           f"{self.name}: {message}")
+        return SchemaError(f"{self.name}: {path}" if path else self.name, message)
 
     def boolean(self, path: str, value: object) -> bool:
         if not isinstance(value, bool):
@@ -842,19 +841,6 @@ _KEYS: Dict[str, Callable[[_Reader, str, object], object]] = {
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
-def _parse_toml(text: str, name: str) -> Dict[str, Any]:
-    if not isinstance(text, str):
-        raise ConfigError(f"{name}: expected TOML text, got {type(text).__name__}")
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{name}: invalid TOML: {exc}") from None
-
-
 def policies_from_mapping(table: Mapping[str, object], *,
                           name: str = "policy") -> Dict[str, AppraisalPolicy]:
     """The ``policy`` table of a parsed config: each sub-table is one named policy.
@@ -877,7 +863,7 @@ def policies_from_mapping(table: Mapping[str, object], *,
 def load_policies(text: str) -> Dict[str, AppraisalPolicy]:
     """Named policies from the ``[policy.NAME]`` tables of a TOML document. Other
     top-level keys are left alone: they belong to the daemon's own configuration."""
-    doc = _parse_toml(text, "policy")
+    doc = parse_toml(text, source="policy")
     if "policy" not in doc:
         return {}
     return policies_from_mapping(doc["policy"])
