@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from snpd.device import BACKENDS
-from snpd.device.base import Device
+from snpd.device.base import Device, Platform
 from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
 from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
 
 if TYPE_CHECKING:
+    from snpd.emulator.kernel import EmulatedSevGuest
     from snpd.emulator.launch import EmulatorConfig
 
 DEFAULT_CONFIGFS_ROOT = "/sys/kernel/config/tsm/report"
@@ -59,10 +60,18 @@ def open_emulator(state_dir: Optional[Path] = None,
     if config is None:
         config = read_emulator_config(state_dir / EMULATOR_TOML)
     kernel = EmulatedSevGuest.for_state_dir(state_dir, config)
-    device = IoctlDevice(DEFAULT_PATH, ops=kernel)
+    device = IoctlDevice(DEFAULT_PATH, ops=kernel, platform=lambda: emulated_platform(kernel))
     device.name = "emulator"
-    device.emulator = kernel  # type: ignore[attr-defined]  # for fault injection and status
     return device
+
+
+def emulated_platform(kernel: EmulatedSevGuest) -> Platform:
+    """The emulated guest as a :class:`Platform`: the one place outside the emulator
+    that reads its state, so the daemon and snpctl need not."""
+    state = kernel.firmware.state
+    return Platform(emulated=True, guest_vmpl=state.config.guest_vmpl,
+                    product=state.config.product, extra_roots=(state.ark,),
+                    driver_log=tuple(kernel.log), device_node=kernel.device != "absent")
 
 
 def open_device(
