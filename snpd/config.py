@@ -36,7 +36,6 @@ import types
 from dataclasses import field
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
     ClassVar,
@@ -51,6 +50,7 @@ from urllib.parse import urlsplit
 
 from snpd.abi.product import Product
 from snpd.device import BACKENDS
+from snpd.emulator.launch import EmulatorConfig
 from snpd.errors import ConfigError
 from snpd.files import read_toml
 from snpd.schema import (
@@ -68,9 +68,6 @@ from snpd.schema import (
     unknown_key,
 )
 from snpd.trust.appraisal import AppraisalPolicy, TcbMinimum, policies_from_mapping
-
-if TYPE_CHECKING:
-    from snpd.emulator.launch import EmulatorConfig
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -428,8 +425,10 @@ class EmulatorSection(_Section):
     as written in ``options`` (so the JSON form shows what the operator wrote and
     reads back), and are validated here by ``EmulatorConfig.from_mapping`` so that
     ``snpd --check-config`` catches their errors too. The daemon gets the parsed
-    value from :meth:`emulator_config`. The emulator module, which pulls in
-    ``cryptography``, is imported only when there are such keys.
+    value from :meth:`emulator_config`. The launch schema is pure (no
+    ``cryptography``, no state directory), so reading it costs the daemon nothing
+    it does not load anyway; the arrow points down, from the daemon's configuration
+    to the emulator's, and the emulator never imports this module.
     """
 
     NAME: ClassVar[str] = "emulator"
@@ -450,8 +449,6 @@ class EmulatorSection(_Section):
 
     def emulator_config(self) -> EmulatorConfig:
         """The emulated guest and platform these settings describe."""
-        from snpd.emulator.launch import EmulatorConfig
-
         return EmulatorConfig.from_mapping({"product": self.product.value, **self.options})
 
     @classmethod

@@ -28,10 +28,10 @@ import datetime
 import enum
 import json
 import math
+import os
 import re
 import sys
 import typing
-from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple, Type, TypeVar
 
 from snpd.errors import ConfigError
@@ -48,6 +48,7 @@ __all__ = [
     "kind_for",
     "list_of",
     "number",
+    "optional",
     "parse_toml",
     "read_dataclass",
     "read_table",
@@ -100,8 +101,8 @@ def show(value: object) -> str:
     if isinstance(value, str):
         shown = json.dumps(value[:60])
         return shown + ("..." if len(value) > 60 else "")
-    if isinstance(value, Path):
-        return show(str(value))
+    if isinstance(value, os.PathLike):  # pathlib is not imported here: snpctl's budget
+        return show(os.fspath(value))
     if isinstance(value, (list, tuple)):
         return "an array"
     if isinstance(value, Mapping):
@@ -239,7 +240,9 @@ def _bytes(path: str, value: object) -> bytes:
     return bytes(value)
 
 
-def _optional(inner: Kind) -> Kind:
+def optional(inner: Kind) -> Kind:
+    """None, or a value of ``inner`` (an absent a{sv} entry or JSON null)."""
+
     def parse(path: str, value: object) -> Any:
         return None if value is None else inner(path, value)
 
@@ -252,7 +255,7 @@ def kind_for(hint: Any) -> Kind:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is typing.Union and type(None) in args and len(args) == 2:
-        return _optional(kind_for(next(a for a in args if a is not type(None))))
+        return optional(kind_for(next(a for a in args if a is not type(None))))
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return list_of(kind_for(args[0]), dedupe=False)
     if hint is bool:
