@@ -20,6 +20,7 @@ from snpd.schema import (
     parse_toml,
     read_dataclass,
     read_table,
+    schema_of,
 )
 
 
@@ -73,6 +74,11 @@ def test_read_dataclass_by_field_types() -> None:
     assert got == Options(verbose=True, vmpl=2, names=("x", "x"), colour=Colour.BLUE,
                           inner=Inner(4), level=3)
     assert read_dataclass(Options, {}) == Options()
+    kinds = schema_of(Options)  # once, for a hot path
+    assert list(kinds) == ["verbose", "vmpl", "names", "colour", "inner", "level"]
+    assert read_dataclass(Options, {"vmpl": 1}, kinds=kinds) == Options(vmpl=1)
+    with pytest.raises(TypeError):
+        schema_of(dict)
 
 
 @pytest.mark.parametrize("table, message", [
