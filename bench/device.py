@@ -28,8 +28,8 @@ from _timing import median_us  # noqa: E402
 from snpd.abi.uapi import DerivedKeyRequest  # noqa: E402
 from snpd.device.ioctl import IoctlDevice  # noqa: E402
 from snpd.emulator.kernel import EmulatedSevGuest  # noqa: E402
+from snpd.emulator.launch import EmulatorConfig  # noqa: E402
 from snpd.emulator.sign import sign_report  # noqa: E402
-from snpd.emulator.state import EmulatorConfig  # noqa: E402
 
 
 def main() -> int:

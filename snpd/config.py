@@ -22,7 +22,7 @@ attestation --policy FILE`` and the daemon accept exactly the same schema.
 
 ``[emulator]``: this module owns ``state_dir`` and ``product``; the other keys
 describe the emulated guest and are defined and checked by
-``snpd.emulator.state.EmulatorConfig.from_mapping`` (see :class:`EmulatorSection`).
+``snpd.emulator.launch.EmulatorConfig.from_mapping`` (see :class:`EmulatorSection`).
 """
 
 from __future__ import annotations
@@ -31,15 +31,11 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import re
-import stat
-import sys
 import types
 from dataclasses import field
 from pathlib import Path
 from typing import (
-    TYPE_CHECKING,
     Any,
     Callable,
     ClassVar,
@@ -53,11 +49,25 @@ from typing import (
 from urllib.parse import urlsplit
 
 from snpd.abi.product import Product
+from snpd.device import BACKENDS
+from snpd.emulator.launch import EmulatorConfig
 from snpd.errors import ConfigError
+from snpd.files import read_toml
+from snpd.schema import (
+    MAX_TOML_SIZE,
+    Kind,
+    SchemaError,
+    boolean,
+    choice,
+    integer,
+    key_text,
+    list_of,
+    parse_toml,
+    seconds,
+    show,
+    unknown_key,
+)
 from snpd.trust.appraisal import AppraisalPolicy, TcbMinimum, policies_from_mapping
-
-if TYPE_CHECKING:
-    from snpd.emulator.state import EmulatorConfig
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -79,9 +89,8 @@ DEFAULT_CONFIG_PATH = Path("/etc/snpd/snpd.toml")
 DEFAULT_SOURCE = "snpd.toml"
 # A configuration is a few kilobytes; the cap keeps a wrong --config (a log, a
 # disk image) from being read whole into the daemon.
-MAX_CONFIG_SIZE = 1 << 20
+MAX_CONFIG_SIZE = MAX_TOML_SIZE
 
-BACKENDS = ("auto", "ioctl", "configfs", "emulator")
 # [log] level -> the highest syslog priority (journald PRIORITY=) the daemon emits.
 # The one table: start-up and reload both read it (LogSection.max_priority).
 LOG_LEVELS = {"debug": 7, "info": 6, "notice": 5, "warning": 4, "error": 3}
@@ -90,57 +99,12 @@ BUS_NAMES = ("system", "session")
 _MAX_PATH = 4096
 _MAX_URL = 2048
 _MAX_STRING = 1024
-_MAX_LIST = 64
 _MAX_MIRRORS = 16
 _MAX_DEPTH = 16
 _MIB = 1 << 20
 
-# ---------------------------------------------------------------------------
-# Describing values in messages
-
-
-def _show(value: object) -> str:
-    """A value as the operator wrote it in TOML, short and free of control characters
-    (a message goes to a terminal and the journal)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int) and value.bit_length() > 128:
-        return "a very large integer"  # and repr() of a huge int may raise ValueError
-    if isinstance(value, (int, float)):
-        text = repr(value)
-        return text if len(text) <= 40 else text[:40] + "..."
-    if isinstance(value, str):
-        shown = json.dumps(value[:60])
-        return shown + ("..." if len(value) > 60 else "")
-    if isinstance(value, Path):
-        return _show(str(value))
-    if isinstance(value, (list, tuple)):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "a table"
-    if isinstance(value, datetime.datetime):
-        return "a date-time"
-    if isinstance(value, datetime.date):
-        return "a date"
-    if isinstance(value, datetime.time):
-        return "a time"
-    return f"a {type(value).__name__}"
-
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
-
-
-def _key(key: object) -> str:
-    """A key as it would appear in a TOML path: bare if it can be, else quoted."""
-    if isinstance(key, str) and _BARE_KEY.fullmatch(key):
-        return key
-    if isinstance(key, str):
-        return _show(key)
-    return f"<{type(key).__name__} key>"
-
-
 def _error(path: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {message}")
+    return SchemaError(path, message)
 
 
 # ---------------------------------------------------------------------------
@@ -148,56 +112,16 @@ def _error(path: str, message: str) -> ConfigError:
 # a ConfigError naming the path. They accept the TOML form (str, list) and the
 # canonical form (Path, tuple), so that sections built in code validate too.
 
-_Kind = Callable[[str, object], Any]
-
-
-def _choice(*options: str) -> _Kind:
-    def parse(path: str, value: object) -> str:
-        if not isinstance(value, str) or value not in options:
-            raise _error(path, f"expected one of {', '.join(options)}, got {_show(value)}")
-        return value
-
-    return parse
-
-
-def _boolean(path: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise _error(path, f"expected true or false, got {_show(value)}")
-    return value
-
-
-def _integer(low: int, high: int) -> _Kind:
-    def parse(path: str, value: object) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _error(path, f"expected an integer {low}..{high}, got {_show(value)}")
-        if not low <= value <= high:
-            raise _error(path, f"{_show(value)} is out of range {low}..{high}")
-        return value
-
-    return parse
-
-
-def _seconds(high: float) -> _Kind:
-    """A positive, finite duration; integers are accepted and stored as floats."""
-
-    def parse(path: str, value: object) -> float:
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not value > 0 or not math.isfinite(value)):
-            raise _error(path, f"expected a positive number, got {_show(value)}")
-        if value > high:
-            raise _error(path, f"{_show(value)} is more than the maximum {high:g}")
-        return float(value)
-
-    return parse
+_Kind = Kind
 
 
 def _abs_path(path: str, value: object) -> Path:
     if isinstance(value, Path):
         value = str(value)
     if not isinstance(value, str) or not value.startswith("/"):
-        raise _error(path, f"expected an absolute path, got {_show(value)}")
+        raise _error(path, f"expected an absolute path, got {show(value)}")
     if "\0" in value or len(value) > _MAX_PATH:
-        raise _error(path, f"{_show(value)} is not a usable path")
+        raise _error(path, f"{show(value)} is not a usable path")
     return Path(value)
 
 
@@ -205,7 +129,7 @@ def _url(path: str, value: object) -> str:
     """http(s)://host[:port][/prefix]: the same rule as KdsClient, checked at load
     time so that a bad mirror is a config error, not a failure on first fetch."""
     if not isinstance(value, str):
-        raise _error(path, f"expected an http(s) URL, got {_show(value)}")
+        raise _error(path, f"expected an http(s) URL, got {show(value)}")
     bad = (len(value) > _MAX_URL or any(c.isspace() or not c.isprintable() for c in value))
     try:
         parts = urlsplit(value)
@@ -215,9 +139,9 @@ def _url(path: str, value: object) -> str:
     else:
         bad = bad or parts.scheme not in ("http", "https") or not parts.hostname
     if bad:
-        raise _error(path, f"expected an http(s) URL, got {_show(value)}")
+        raise _error(path, f"expected an http(s) URL, got {show(value)}")
     if parts.query or parts.fragment:
-        raise _error(path, f"{_show(value)} must not carry a query or fragment")
+        raise _error(path, f"{show(value)} must not carry a query or fragment")
     return value
 
 
@@ -226,7 +150,7 @@ _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,255}")
 
 def _group(path: str, value: object) -> str:
     if not isinstance(value, str) or not _GROUP_NAME.fullmatch(value):
-        raise _error(path, f"expected a group name, got {_show(value)}")
+        raise _error(path, f"expected a group name, got {show(value)}")
     return value
 
 
@@ -243,7 +167,7 @@ def _bus(path: str, value: object) -> str:
             and all(_BUS_ADDRESS.fullmatch(part) for part in value.split(";"))):
         return value
     raise _error(path, f"expected \"system\", \"session\" or a D-Bus address such as "
-                       f"\"unix:path=/run/dbus/system_bus_socket\", got {_show(value)}")
+                       f"\"unix:path=/run/dbus/system_bus_socket\", got {show(value)}")
 
 
 def _product(path: str, value: object) -> Product:
@@ -251,22 +175,8 @@ def _product(path: str, value: object) -> Product:
         return value
     names = [p.value for p in Product]
     if not isinstance(value, str) or value not in names:
-        raise _error(path, f"expected one of {', '.join(names)}, got {_show(value)}")
+        raise _error(path, f"expected one of {', '.join(names)}, got {show(value)}")
     return Product(value)
-
-
-def _list(item: _Kind, limit: int = _MAX_LIST) -> _Kind:
-    """An array of items, each checked with its own path (``kds.mirrors[1]``).
-    Duplicates are dropped, keeping the first: they change nothing but the order."""
-
-    def parse(path: str, value: object) -> Tuple[Any, ...]:
-        if not isinstance(value, (list, tuple)):
-            raise _error(path, f"expected an array, got {_show(value)}")
-        if len(value) > limit:
-            raise _error(path, f"expected at most {limit} entries, got {len(value)}")
-        return tuple(dict.fromkeys(item(f"{path}[{i}]", v) for i, v in enumerate(value)))
-
-    return parse
 
 
 def _kind(kind: _Kind) -> Mapping[str, _Kind]:
@@ -306,7 +216,7 @@ class _Section:
     @classmethod
     def from_mapping(cls: Type[_S], table: object) -> _S:
         if not isinstance(table, Mapping):
-            raise _error(cls.NAME, f"expected a [{cls.NAME}] table, got {_show(table)}")
+            raise _error(cls.NAME, f"expected a [{cls.NAME}] table, got {show(table)}")
         known = cls.key_names()
         kwargs: Dict[str, Any] = {}
         extra: Dict[object, object] = {}
@@ -323,8 +233,7 @@ class _Section:
     def _extra(cls, extra: Mapping[object, object]) -> Dict[str, Any]:
         """Keys this section does not define; by default, an error."""
         for key in extra:
-            raise _error(f"{cls.NAME}.{_key(key)}",
-                         f"unknown key (known: {', '.join(cls.key_names())})")
+            raise unknown_key(cls.NAME, key, cls.key_names())
         return {}
 
     def to_dict(self) -> Dict[str, Any]:
@@ -338,16 +247,16 @@ class DeviceSection(_Section):
 
     NAME: ClassVar[str] = "device"
 
-    backend: str = field(default="auto", metadata=_kind(_choice(*BACKENDS)))
+    backend: str = field(default="auto", metadata=_kind(choice(*BACKENDS)))
     path: Path = field(default=Path("/dev/sev-guest"), metadata=_kind(_abs_path))
     configfs_root: Path = field(
         default=Path("/sys/kernel/config/tsm/report"), metadata=_kind(_abs_path))
     # Kernels before 6.3 (without the throttling backport) wipe the VMPCK when the
     # host answers BUSY; a minimum gap between requests keeps the host from
     # throttling. 0 turns it off, which is right on 6.3 and later.
-    min_interval_ms: int = field(default=0, metadata=_kind(_integer(0, 60_000)))
-    request_timeout_s: float = field(default=30.0, metadata=_kind(_seconds(3600)))
-    busy_retries: int = field(default=3, metadata=_kind(_integer(0, 100)))
+    min_interval_ms: int = field(default=0, metadata=_kind(integer(0, 60_000)))
+    request_timeout_s: float = field(default=30.0, metadata=_kind(seconds(3600)))
+    busy_retries: int = field(default=3, metadata=_kind(integer(0, 100)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,12 +266,12 @@ class QueueSection(_Section):
 
     NAME: ClassVar[str] = "queue"
 
-    max_pending: int = field(default=64, metadata=_kind(_integer(1, 10_000)))
-    per_client: int = field(default=8, metadata=_kind(_integer(1, 10_000)))
+    max_pending: int = field(default=64, metadata=_kind(integer(1, 10_000)))
+    per_client: int = field(default=8, metadata=_kind(integer(1, 10_000)))
     # Counted per uid, so one user's many connections cannot take another's share.
-    per_uid: int = field(default=16, metadata=_kind(_integer(1, 10_000)))
+    per_uid: int = field(default=16, metadata=_kind(integer(1, 10_000)))
     # Requests root may queue beyond max_pending, so no other user can lock root out.
-    root_reserve: int = field(default=8, metadata=_kind(_integer(0, 10_000)))
+    root_reserve: int = field(default=8, metadata=_kind(integer(0, 10_000)))
 
     def _check(self) -> None:
         if self.per_client > self.max_pending:
@@ -381,23 +290,23 @@ class KdsSection(_Section):
     NAME: ClassVar[str] = "kds"
 
     url: str = field(default="https://kdsintf.amd.com", metadata=_kind(_url))
-    mirrors: Tuple[str, ...] = field(default=(), metadata=_kind(_list(_url, _MAX_MIRRORS)))
-    timeout_s: float = field(default=60.0, metadata=_kind(_seconds(3600)))
+    mirrors: Tuple[str, ...] = field(default=(), metadata=_kind(list_of(_url, _MAX_MIRRORS)))
+    timeout_s: float = field(default=60.0, metadata=_kind(seconds(3600)))
     cache_dir: Path = field(default=Path("/var/cache/snpd"), metadata=_kind(_abs_path))
-    offline: bool = field(default=False, metadata=_kind(_boolean))
-    offline_dirs: Tuple[Path, ...] = field(default=(), metadata=_kind(_list(_abs_path)))
+    offline: bool = field(default=False, metadata=_kind(boolean))
+    offline_dirs: Tuple[Path, ...] = field(default=(), metadata=_kind(list_of(_abs_path)))
     # Threads for work that may contact the KDS, apart from cache answers and
     # verification, so that a slow KDS never delays those.
-    workers: int = field(default=4, metadata=_kind(_integer(1, 64)))
+    workers: int = field(default=4, metadata=_kind(integer(1, 64)))
     # Per non-root uid: calls waiting on the KDS at once, and outbound fetches (a
     # burst, then one more per interval). Beyond either a call fails Busy at once.
-    per_uid_calls: int = field(default=2, metadata=_kind(_integer(1, 64)))
-    per_uid_fetch_burst: int = field(default=10, metadata=_kind(_integer(1, 10_000)))
-    per_uid_fetch_interval_s: float = field(default=60.0, metadata=_kind(_seconds(86_400)))
+    per_uid_calls: int = field(default=2, metadata=_kind(integer(1, 64)))
+    per_uid_fetch_burst: int = field(default=10, metadata=_kind(integer(1, 10_000)))
+    per_uid_fetch_interval_s: float = field(default=60.0, metadata=_kind(seconds(86_400)))
     # A failed VCEK lookup is not asked again for this long (a 429/503 Retry-After
     # instead); at most negative_entries such failures are remembered.
-    negative_ttl_s: float = field(default=600.0, metadata=_kind(_seconds(86_400)))
-    negative_entries: int = field(default=4096, metadata=_kind(_integer(16, 1_000_000)))
+    negative_ttl_s: float = field(default=600.0, metadata=_kind(seconds(86_400)))
+    negative_entries: int = field(default=4096, metadata=_kind(integer(16, 1_000_000)))
 
     def _check(self) -> None:
         if self.per_uid_calls > self.workers:
@@ -412,8 +321,8 @@ class AccessSection(_Section):
 
     NAME: ClassVar[str] = "access"
 
-    report_groups: Tuple[str, ...] = field(default=("snpd-users",), metadata=_kind(_list(_group)))
-    key_groups: Tuple[str, ...] = field(default=("snpd-keys",), metadata=_kind(_list(_group)))
+    report_groups: Tuple[str, ...] = field(default=("snpd-users",), metadata=_kind(list_of(_group)))
+    key_groups: Tuple[str, ...] = field(default=("snpd-keys",), metadata=_kind(list_of(_group)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,14 +331,14 @@ class DbusSection(_Section):
 
     NAME: ClassVar[str] = "dbus"
 
-    enabled: bool = field(default=True, metadata=_kind(_boolean))
+    enabled: bool = field(default=True, metadata=_kind(boolean))
     bus: str = field(default="system", metadata=_kind(_bus))
     # Larger messages are skipped unread (dbus-fast alone would hold up to the bus's
     # 32 MiB per message); a VerifyReport with a whole chain is under 20 KiB.
     max_message_bytes: int = field(default=64 * 1024,
-                                   metadata=_kind(_integer(16 * 1024, 16 * _MIB)))
+                                   metadata=_kind(integer(16 * 1024, 16 * _MIB)))
     # Properties, Introspectable and Peer calls per second per user (root: unmetered).
-    cheap_calls_per_s: int = field(default=50, metadata=_kind(_integer(1, 100_000)))
+    cheap_calls_per_s: int = field(default=50, metadata=_kind(integer(1, 100_000)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -439,33 +348,33 @@ class VarlinkSection(_Section):
 
     NAME: ClassVar[str] = "varlink"
 
-    enabled: bool = field(default=True, metadata=_kind(_boolean))
+    enabled: bool = field(default=True, metadata=_kind(boolean))
     socket: Path = field(default=Path("/run/snpd/snpd.varlink"), metadata=_kind(_abs_path))
     # Large enough for an extended report with a full certificate chain in base64,
     # small enough that a client cannot make the daemon buffer much.
-    max_message_bytes: int = field(default=_MIB, metadata=_kind(_integer(64 * 1024, 64 * _MIB)))
+    max_message_bytes: int = field(default=_MIB, metadata=_kind(integer(64 * 1024, 64 * _MIB)))
     # Local users can open any number of connections, so what they can make the
     # daemon hold is capped per uid as well as in all; root is held to the totals
     # plus a reserve only, so that other users filling the server never lock it out.
     # 32 connections per uid are more than any client program needs at once, and
     # 8 users are needed to fill the 256 that all users share.
-    max_connections: int = field(default=256, metadata=_kind(_integer(1, 65_536)))
-    max_connections_per_uid: int = field(default=32, metadata=_kind(_integer(1, 65_536)))
-    root_reserved_connections: int = field(default=16, metadata=_kind(_integer(0, 65_536)))
+    max_connections: int = field(default=256, metadata=_kind(integer(1, 65_536)))
+    max_connections_per_uid: int = field(default=32, metadata=_kind(integer(1, 65_536)))
+    root_reserved_connections: int = field(default=16, metadata=_kind(integer(0, 65_536)))
     # Bytes of messages not yet complete (or being served), over all connections.
     # 4 MiB per uid is four largest messages at once; 32 MiB keeps the worst case
     # far below the unit's MemoryMax.
     max_buffer_bytes: int = field(default=32 * _MIB,
-                                  metadata=_kind(_integer(64 * 1024, 4096 * _MIB)))
+                                  metadata=_kind(integer(64 * 1024, 4096 * _MIB)))
     max_buffer_bytes_per_uid: int = field(default=4 * _MIB,
-                                          metadata=_kind(_integer(64 * 1024, 4096 * _MIB)))
+                                          metadata=_kind(integer(64 * 1024, 4096 * _MIB)))
     root_reserved_buffer_bytes: int = field(default=4 * _MIB,
-                                            metadata=_kind(_integer(0, 4096 * _MIB)))
+                                            metadata=_kind(integer(0, 4096 * _MIB)))
     # Silence allowed between messages; and the deadline for the whole of a message
     # once its first byte has come (a deadline, so a byte now and then cannot hold
     # a connection forever).
-    idle_timeout_s: float = field(default=60.0, metadata=_kind(_seconds(86_400)))
-    message_timeout_s: float = field(default=10.0, metadata=_kind(_seconds(3600)))
+    idle_timeout_s: float = field(default=60.0, metadata=_kind(seconds(86_400)))
+    message_timeout_s: float = field(default=10.0, metadata=_kind(seconds(3600)))
 
     def _check(self) -> None:
         # A per-uid cap within the total, and room in it for one whole message.
@@ -491,15 +400,15 @@ def _freeze(path: str, value: object, depth: int = 0) -> object:
         out: Dict[str, object] = {}
         for k, v in value.items():
             if not isinstance(k, str):
-                raise _error(f"{path}.{_key(k)}", "keys must be strings")
-            out[k] = _freeze(f"{path}.{_key(k)}", v, depth + 1)
+                raise _error(f"{path}.{key_text(k)}", "keys must be strings")
+            out[k] = _freeze(f"{path}.{key_text(k)}", v, depth + 1)
         return types.MappingProxyType(out)
-    raise _error(path, f"expected a TOML value, got {_show(value)}")
+    raise _error(path, f"expected a TOML value, got {show(value)}")
 
 
 def _options(path: str, value: object) -> Mapping[str, object]:
     if not isinstance(value, Mapping):
-        raise _error(path, f"expected a table, got {_show(value)}")
+        raise _error(path, f"expected a table, got {show(value)}")
     frozen = _freeze(path, value)
     assert isinstance(frozen, types.MappingProxyType)
     return frozen
@@ -512,12 +421,14 @@ class EmulatorSection(_Section):
 
     ``state_dir`` and ``product`` are this module's; every other key of the table
     (``reported_tcb``, ``latency``, ``kernel``, ...) describes the emulated guest
-    and belongs to :class:`snpd.emulator.state.EmulatorConfig`. Those keys are kept
+    and belongs to :class:`snpd.emulator.launch.EmulatorConfig`. Those keys are kept
     as written in ``options`` (so the JSON form shows what the operator wrote and
     reads back), and are validated here by ``EmulatorConfig.from_mapping`` so that
     ``snpd --check-config`` catches their errors too. The daemon gets the parsed
-    value from :meth:`emulator_config`. The emulator module, which pulls in
-    ``cryptography``, is imported only when there are such keys.
+    value from :meth:`emulator_config`. The launch schema is pure (no
+    ``cryptography``, no state directory), so reading it costs the daemon nothing
+    it does not load anyway; the arrow points down, from the daemon's configuration
+    to the emulator's, and the emulator never imports this module.
     """
 
     NAME: ClassVar[str] = "emulator"
@@ -538,15 +449,13 @@ class EmulatorSection(_Section):
 
     def emulator_config(self) -> EmulatorConfig:
         """The emulated guest and platform these settings describe."""
-        from snpd.emulator.state import EmulatorConfig
-
         return EmulatorConfig.from_mapping({"product": self.product.value, **self.options})
 
     @classmethod
     def _extra(cls, extra: Mapping[object, object]) -> Dict[str, Any]:
         for key in extra:
             if not isinstance(key, str):
-                raise _error(f"emulator.{_key(key)}", "keys must be strings")
+                raise _error(f"emulator.{key_text(key)}", "keys must be strings")
         return {"options": extra}
 
     def to_dict(self) -> Dict[str, Any]:
@@ -562,11 +471,11 @@ class LogSection(_Section):
 
     NAME: ClassVar[str] = "log"
 
-    level: str = field(default="info", metadata=_kind(_choice(*LOG_LEVELS)))
+    level: str = field(default="info", metadata=_kind(choice(*LOG_LEVELS)))
     # A burst of records per event type and key, then one per interval; the rest are
     # counted and reported as "suppressed N similar".
-    repeat_burst: int = field(default=10, metadata=_kind(_integer(1, 100_000)))
-    repeat_interval_s: float = field(default=10.0, metadata=_kind(_seconds(3600)))
+    repeat_burst: int = field(default=10, metadata=_kind(integer(1, 100_000)))
+    repeat_interval_s: float = field(default=10.0, metadata=_kind(seconds(3600)))
 
     @property
     def max_priority(self) -> int:
@@ -655,7 +564,7 @@ class Config:
             raise _error(POLICY_SECTION, "expected a mapping of names to AppraisalPolicy")
         for name, policy in self.policies.items():
             if not isinstance(name, str) or not isinstance(policy, AppraisalPolicy):
-                raise _error(f"{POLICY_SECTION}.{_key(name)}", "expected an AppraisalPolicy")
+                raise _error(f"{POLICY_SECTION}.{key_text(name)}", "expected an AppraisalPolicy")
         object.__setattr__(self, "policies", types.MappingProxyType(dict(self.policies)))
         if not self.dbus.enabled and not self.varlink.enabled:
             raise _error("varlink.enabled", "false together with dbus.enabled = false "
@@ -678,7 +587,7 @@ class Config:
     @classmethod
     def _from_mapping(cls, data: object) -> Config:
         if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a TOML document (a table), got {_show(data)}")
+            raise ConfigError(f"expected a TOML document (a table), got {show(data)}")
         kwargs: Dict[str, Any] = {}
         for key, value in data.items():
             if key == POLICY_SECTION:
@@ -688,7 +597,7 @@ class Config:
                 kwargs[key] = _SECTIONS[key].from_mapping(value)
             else:
                 known = ", ".join(sorted([*_SECTIONS, POLICY_SECTION]))
-                raise _error(_key(key), f"unknown section (known: {known})")
+                raise _error(key_text(key), f"unknown section (known: {known})")
         return cls(**kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -706,48 +615,10 @@ class Config:
 # Reading
 
 
-_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
-_TOML_END = re.compile(r"\s*\(at end of document\)\s*$")
-
-
-def _toml_error(exc: Exception) -> str:
-    """``line L, column C: invalid TOML: WHAT`` from tomllib's or tomli's message
-    (only newer tomli has lineno/colno attributes; the message always has both)."""
-    message = str(exc)
-    m = _TOML_POSITION.search(message)
-    if m:
-        return (f"line {m.group(1)}, column {m.group(2)}: invalid TOML: "
-                f"{message[:m.start()]}")
-    m = _TOML_END.search(message)
-    if m:
-        return f"at end of document: invalid TOML: {message[:m.start()]}"
-    return f"invalid TOML: {message}"
-
-
 def parse_config(text: str, *, source: str = DEFAULT_SOURCE) -> Config:
     """Parse TOML text. ``source`` (the file name) starts every error message."""
-    return Config.from_mapping(load_toml(text, source=source), source=source)
-
-
-def load_toml(text: str, *, source: str = DEFAULT_SOURCE) -> Dict[str, Any]:
-    """TOML text as a dict; every failure a ConfigError starting with ``source``."""
-    if not isinstance(text, str):
-        raise ConfigError(f"{source}: expected TOML text, got {type(text).__name__}")
-    if len(text) > MAX_CONFIG_SIZE:
-        raise ConfigError(f"{source}: larger than {MAX_CONFIG_SIZE} bytes")
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-    try:
-        doc = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: {_toml_error(exc)}") from None
-    except ValueError as exc:  # an integer beyond Python's digit limit
-        raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
-    return doc
+    return Config.from_mapping(parse_toml(text, source=source, limit=MAX_CONFIG_SIZE),
+                               source=source)
 
 
 def load_config(path: Optional[Path] = None, *,
@@ -762,29 +633,7 @@ def load_config(path: Optional[Path] = None, *,
     """
     explicit = path is not None
     target = Path(path) if path is not None else (default_path or DEFAULT_CONFIG_PATH)
-    source = str(target)
-    try:
-        # O_NONBLOCK: a FIFO named by mistake must not hang the daemon's start.
-        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except FileNotFoundError:
-        if not explicit:
-            return Config()
-        raise ConfigError(f"{source}: no such file") from None
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot open: {exc.strerror or exc}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ConfigError(f"{source}: not a regular file")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(MAX_CONFIG_SIZE + 1)
-    except OSError as exc:
-        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
-    if len(data) > MAX_CONFIG_SIZE:
-        raise ConfigError(f"{source}: larger than {MAX_CONFIG_SIZE} bytes")
-    try:
-        text = data.decode("utf-8-sig")  # tolerate a BOM some editors write
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {exc.start})") from None
-    return parse_config(text, source=source)
+    doc = read_toml(target, missing_ok=not explicit, limit=MAX_CONFIG_SIZE)
+    if doc is None:
+        return Config()
+    return Config.from_mapping(doc, source=str(target))

@@ -21,6 +21,7 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 from snpd.broker import Broker, BrokerState
 from snpd.config import Config, load_config
 from snpd.dbus.gate import Limits
+from snpd.device.base import Device
 from snpd.errors import DeviceUnavailable, SnpdError
 from snpd.events import Events
 from snpd.kds.budget import BudgetLimits, KdsBudget
@@ -82,31 +83,6 @@ class LazyKdsClient:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-
-
-class UnavailableDevice:
-    """Stands in when no backend can be opened: every request says why, and the
-    daemon still serves verification and certificates."""
-
-    name = "none"
-
-    def __init__(self, error: DeviceUnavailable) -> None:
-        self.error = error
-
-    def report(self, report_data: bytes, vmpl: int) -> bytes:
-        raise self.error
-
-    def extended_report(self, report_data: bytes, vmpl: int) -> Any:
-        raise self.error
-
-    def derived_key(self, request: Any) -> bytes:
-        raise self.error
-
-    def describe(self) -> Dict[str, object]:
-        return {"backend": "none", "error": str(self.error)}
-
-    def close(self) -> None:
-        pass
 
 
 def resolve_groups(names: Sequence[str], events: Events) -> FrozenSet[int]:
@@ -185,8 +161,9 @@ class Daemon:
 
     # -- assembly ------------------------------------------------------------------------
 
-    def _device(self) -> Any:
+    def _device(self) -> Device:
         from snpd.device.select import open_device
+        from snpd.device.unavailable import UnavailableDevice
 
         cfg = self.config
         try:
@@ -198,11 +175,10 @@ class Daemon:
             self.events.log("err", f"no firmware channel: {exc}")
             return UnavailableDevice(exc)
 
-    def _roots(self, device: Any) -> TrustRoots:
-        emulator = getattr(device, "emulator", None)
-        if emulator is not None:  # the emulator's root is trusted only with its backend
-            return AMD_ROOTS.with_explicit(emulator.firmware.state.ark)
-        return AMD_ROOTS
+    def _roots(self, device: Device) -> TrustRoots:
+        # The emulator's root is trusted only with its backend.
+        extra = device.platform().extra_roots
+        return AMD_ROOTS.with_explicit(*extra) if extra else AMD_ROOTS
 
     def _cache(self, roots: TrustRoots) -> Any:
         from snpd.kds.cache import CertificateCache
@@ -229,16 +205,15 @@ class Daemon:
         self._repeat_limit()
         self.status = load_probe(self.probe_file) or probe(self.root)
         device = self._device()
-        emulator = getattr(device, "emulator", None)
+        platform = device.platform()
         product_hint, hint_source = None, ""
-        if emulator is not None:
+        if platform.emulated and platform.guest_vmpl is not None:
             # The emulated guest, not this machine: its VMPL, its driver's VMPCK, and the
             # product it is configured as (known without spending a report).
-            emulated_config = emulator.firmware.state.config
-            self.status = emulated(emulated_config.guest_vmpl, list(emulator.log),
-                                   device_node=emulator.device != "absent")
-            guest_vmpl = emulated_config.guest_vmpl
-            product_hint, hint_source = emulated_config.product, "emulator"
+            self.status = emulated(platform.guest_vmpl, list(platform.driver_log),
+                                   device_node=platform.device_node)
+            guest_vmpl = platform.guest_vmpl
+            product_hint, hint_source = platform.product, "emulator"
         else:
             guest_vmpl = self.status.vmpl or 0
             if device.name != "none" and self.status.cpu is not None:

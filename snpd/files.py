@@ -18,7 +18,7 @@ import errno
 import os
 import stat
 
-from snpd.errors import InputFileError
+from snpd.errors import ConfigError, InputFileError
 
 # snpctl report reads and writes its files with this module within a 25 ms budget:
 # pathlib, re, contextlib and typing are imported where needed, not here (pathlib and
@@ -27,7 +27,7 @@ TYPE_CHECKING = False  # see snpd/__init__.py
 if TYPE_CHECKING:
     import re
     from pathlib import Path
-    from typing import Any, Optional, Tuple, Union
+    from typing import Any, Dict, Optional, Tuple, Union
 
     StrPath = Union[str, "os.PathLike[str]"]
 
@@ -299,3 +299,41 @@ def read_bounded(path: os.PathLike[str] | str, what: str, limit: int = 1 << 20) 
     if len(data) > limit:
         raise InputFileError(f"{what} {path} is larger than {limit} bytes")
     return data
+
+
+def read_toml(path: Union[str, os.PathLike[str]], *, missing_ok: bool = False,
+              limit: int = 1 << 20) -> Optional[Dict[str, Any]]:
+    """A TOML file of at most ``limit`` bytes as a dict; every failure a ConfigError
+    that starts with the path. A file that does not exist is None with
+    ``missing_ok``, else an error. Opened with O_NONBLOCK so that a FIFO named by
+    mistake cannot hang a start, and refused unless it is a regular file. A UTF-8
+    byte order mark, which some editors write, is ignored."""
+    # Here, not at the top: snpctl imports this module and parses no TOML on its
+    # fast paths (snpd.schema pulls in json, re, enum and typing).
+    from snpd.schema import parse_toml
+
+    source = os.fspath(path)
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise ConfigError(f"{source}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot open: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"{source}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ConfigError(f"{source}: larger than {limit} bytes")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (bad byte at offset {exc.start})") from None
+    return parse_toml(text, source=source, limit=limit)

@@ -48,8 +48,8 @@ def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
 
 def cmd_kds(args: argparse.Namespace, out: TextIO) -> int:
     from snpd.emulator.kds import kds_store
-    from snpd.kds.faults import parse_fault
-    from snpd.kds.server import KdsServer
+    from snpd.emulator.kds_faults import parse_fault
+    from snpd.emulator.kds_server import KdsServer
 
     faults = [parse_fault(spec) for spec in args.fault]
     state = _state(args)

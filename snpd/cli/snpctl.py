@@ -559,9 +559,9 @@ def _default_vmpl(args: argparse.Namespace, device: Any) -> Any:
         return int(args.vmpl)
     if isinstance(device, _DaemonDevice):
         return None  # the daemon knows the guest's VMPL
-    emulator = getattr(device, "emulator", None)
-    if emulator is not None:
-        return int(emulator.firmware.state.config.guest_vmpl)
+    guest_vmpl = device.platform().guest_vmpl  # the emulator knows its guest's
+    if guest_vmpl is not None:
+        return int(guest_vmpl)
     from snpd.status.probe import probe
 
     return probe(kernel_lines=[]).vmpl or 0
@@ -744,12 +744,11 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     else:
         try:
             backend, described = device.name, device.describe()
-            emulator = getattr(device, "emulator", None)
-            if emulator is not None:
-                config = emulator.firmware.state.config
-                status = emulated(config.guest_vmpl, list(emulator.log),
-                                  device_node=emulator.device != "absent")
-                vmpl, product, source = config.guest_vmpl, config.product, "emulator"
+            platform = device.platform()
+            if platform.emulated and platform.guest_vmpl is not None:
+                status = emulated(platform.guest_vmpl, list(platform.driver_log),
+                                  device_node=platform.device_node)
+                vmpl, product, source = platform.guest_vmpl, platform.product, "emulator"
             elif status.cpu is not None and status.cpu.product is not None:
                 product, source = status.cpu.product, "cpuid"
             try:
@@ -841,9 +840,8 @@ def _direct_evidence(args: argparse.Namespace, out: Output, nonce: bytes) -> Any
         # The guest's own VMPL, as the daemon's GetEvidence uses (no --vmpl here).
         vmpl = _default_vmpl(argparse.Namespace(vmpl=None), device)
         extended = device.extended_report(nonce.ljust(REPORT_DATA_SIZE, b"\0"), vmpl)
-        emulator = getattr(device, "emulator", None)
-        roots = (AMD_ROOTS.with_explicit(emulator.firmware.state.ark) if emulator is not None
-                 else AMD_ROOTS)
+        extra = device.platform().extra_roots  # the emulator's ARK, with its backend only
+        roots = AMD_ROOTS.with_explicit(*extra) if extra else AMD_ROOTS
     finally:
         device.close()
     report = AttestationReport.from_bytes(extended.report)
@@ -931,9 +929,9 @@ def _ok_emulator(args: argparse.Namespace, out: Output) -> int:
     device = _device(args)
     try:
         facts = device.describe()
-        state = device.emulator.firmware.state
-        doc = {"snp_active": True, "backend": "emulator", "product": str(state.config.product),
-               "vmpl": state.config.guest_vmpl, "device": facts, "unavailable": []}
+        platform = device.platform()
+        doc = {"snp_active": True, "backend": "emulator", "product": str(platform.product),
+               "vmpl": platform.guest_vmpl, "device": facts, "unavailable": []}
     finally:
         device.close()
     out.json(doc)

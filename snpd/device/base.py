@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Dict, Optional, Protocol, Tuple, Union
 
 from snpd.abi.certtable import CertTableEntry
 from snpd.abi.report import REPORT_DATA_SIZE
 from snpd.abi.uapi import DerivedKeyRequest
 from snpd.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from snpd.abi.product import Product
+    from snpd.trust.x509 import Certificate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,24 @@ FirmwareRequest = Union[ReportRequest, ExtendedReportRequest, DerivedKeyRequest]
 """Everything a caller can ask the firmware for: the broker's unit of work."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """What a backend knows of the platform beneath it without spending a request.
+
+    Hardware backends know nothing more (the defaults): the daemon learns the
+    guest's VMPL from the kernel and the product from CPUID. The emulator knows
+    the guest it emulates: its VMPL, product, its sev-guest driver's log, whether
+    its device node exists, and its own ARK, which is trusted beside AMD's only
+    with this backend. The daemon and snpctl read this instead of the emulator."""
+
+    emulated: bool = False
+    guest_vmpl: Optional[int] = None  # None: ask the kernel (status.probe)
+    product: Optional[Product] = None  # None: learn it from CPUID or a report
+    extra_roots: Tuple[Certificate, ...] = ()
+    driver_log: Tuple[str, ...] = ()  # kernel log lines of an emulated driver
+    device_node: bool = True  # an emulated /dev/sev-guest exists
+
+
 class Device(Protocol):
     """A firmware channel. Methods block; call them from one worker thread."""
 
@@ -71,6 +93,10 @@ class Device(Protocol):
 
     def describe(self) -> Dict[str, object]:
         """What this backend is (name, path, provider …) for status displays."""
+        ...
+
+    def platform(self) -> Platform:
+        """The platform beneath this backend; ``Platform()`` on hardware."""
         ...
 
     def close(self) -> None:

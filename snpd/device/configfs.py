@@ -23,7 +23,7 @@ from typing import Dict, Optional, Protocol, Tuple
 from snpd.abi.certtable import CertTableEntry, parse_cert_table
 from snpd.abi.report import REPORT_SIZE
 from snpd.abi.uapi import DerivedKeyRequest
-from snpd.device.base import ExtendedReport, check_request
+from snpd.device.base import ExtendedReport, Platform, check_request
 from snpd.errors import (
     Busy,
     DeviceError,
@@ -143,6 +143,9 @@ class ConfigfsDevice:
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
         raise NotSupported("derived keys are not available through configfs-tsm; "
                            "use the ioctl backend (/dev/sev-guest)")
+
+    def platform(self) -> Platform:
+        return Platform()
 
     def describe(self) -> Dict[str, object]:
         return {"backend": self.name, "root": self.root, "provider": self.provider,

@@ -18,7 +18,7 @@ import ctypes
 import errno as errno_mod
 import os
 import threading
-from typing import Any, Dict, Optional, Protocol
+from typing import Any, Callable, Dict, Optional, Protocol
 
 from snpd.abi.certtable import parse_cert_table
 from snpd.abi.uapi import (
@@ -41,7 +41,7 @@ from snpd.abi.uapi import (
     parse_key_response,
     parse_report_response,
 )
-from snpd.device.base import ExtendedReport, check_request
+from snpd.device.base import ExtendedReport, Platform, check_request
 from snpd.errors import (
     Busy,
     DeviceError,
@@ -130,8 +130,12 @@ class IoctlDevice:
     name = "ioctl"
 
     def __init__(self, path: str = DEFAULT_PATH, *, ops: Optional[IoctlOps] = None,
-                 msg_version: int = MSG_VERSION) -> None:
+                 msg_version: int = MSG_VERSION,
+                 platform: Optional[Callable[[], Platform]] = None) -> None:
+        """``platform`` describes what is beneath ``ops`` when that is not the
+        kernel (the emulator); asked each time, since a driver log grows."""
         self.path = path
+        self._platform = platform
         self.ops: IoctlOps = ops or OsIoctl()
         self.msg_version = msg_version
         self._fd: Optional[int] = None
@@ -235,6 +239,9 @@ class IoctlDevice:
                                   "VMPCK's, guest_svn at most the ID block's, tcb_version "
                                   "at most COMMITTED_TCB)")
         return key
+
+    def platform(self) -> Platform:
+        return self._platform() if self._platform is not None else Platform()
 
     def describe(self) -> Dict[str, object]:
         return {"backend": self.name, "path": self.path, "msg_version": self.msg_version,

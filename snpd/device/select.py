@@ -11,14 +11,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from snpd.device.base import Device
+from snpd.device import BACKENDS
+from snpd.device.base import Device, Platform
 from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
 from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
 
 if TYPE_CHECKING:
-    from snpd.emulator.state import EmulatorConfig
+    from snpd.emulator.kernel import EmulatedSevGuest
+    from snpd.emulator.launch import EmulatorConfig
 
-BACKENDS = ("auto", "ioctl", "configfs", "emulator")
 DEFAULT_CONFIGFS_ROOT = "/sys/kernel/config/tsm/report"
 
 
@@ -37,15 +38,12 @@ EMULATOR_TOML = "emulator.toml"
 def read_emulator_config(path: Path) -> EmulatorConfig:
     """The emulated guest's launch configuration: the keys of snpd.toml's ``[emulator]``
     table, from ``emulator.toml`` in the state directory; defaults when absent."""
-    from snpd.emulator.state import EmulatorConfig
-    from snpd.files import read_bounded
+    from snpd.emulator.launch import EmulatorConfig
+    from snpd.files import read_toml
 
-    if not path.is_file():
+    data = read_toml(path, missing_ok=True)
+    if data is None:
         return EmulatorConfig()
-    from snpd.config import load_toml
-
-    text = read_bounded(path, "emulator configuration", 1 << 20).decode("utf-8", "replace")
-    data = load_toml(text, source=str(path))
     data.pop("state_dir", None)
     try:
         return EmulatorConfig.from_mapping(data)
@@ -62,10 +60,18 @@ def open_emulator(state_dir: Optional[Path] = None,
     if config is None:
         config = read_emulator_config(state_dir / EMULATOR_TOML)
     kernel = EmulatedSevGuest.for_state_dir(state_dir, config)
-    device = IoctlDevice(DEFAULT_PATH, ops=kernel)
+    device = IoctlDevice(DEFAULT_PATH, ops=kernel, platform=lambda: emulated_platform(kernel))
     device.name = "emulator"
-    device.emulator = kernel  # type: ignore[attr-defined]  # for fault injection and status
     return device
+
+
+def emulated_platform(kernel: EmulatedSevGuest) -> Platform:
+    """The emulated guest as a :class:`Platform`: the one place outside the emulator
+    that reads its state, so the daemon and snpctl need not."""
+    state = kernel.firmware.state
+    return Platform(emulated=True, guest_vmpl=state.config.guest_vmpl,
+                    product=state.config.product, extra_roots=(state.ark,),
+                    driver_log=tuple(kernel.log), device_node=kernel.device != "absent")
 
 
 def open_device(

@@ -56,7 +56,8 @@ from snpd.abi.uapi import (
     vmm_err,
 )
 from snpd.emulator.firmware import MSG_KEY_REQ, MSG_REPORT_REQ, Firmware, HostAnswer
-from snpd.emulator.state import EmulatorConfig, EmulatorState, Now
+from snpd.emulator.launch import EmulatorConfig
+from snpd.emulator.state import EmulatorState, Now
 
 DEVICE_PATH = "/dev/sev-guest"
 RETRY_DELAY = 2.0  # SNP_REQ_RETRY_DELAY

@@ -19,7 +19,6 @@ import hashlib
 import re
 import string
 import struct
-import sys
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -37,6 +36,7 @@ from snpd.abi.bits import PLATFORM_INFO_BITS, POLICY_BITS
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport
 from snpd.errors import CertificateFormatError, ConfigError, InvalidArgument
+from snpd.schema import Kind, SchemaError, parse_toml, read_table
 from snpd.trust.result import Check, Status
 
 if TYPE_CHECKING:
@@ -368,22 +368,15 @@ class AppraisalPolicy:
         """Build a policy from parsed TOML (or JSON). Strict on purpose: a typo in a
         security policy must be an error, never a silently unchecked rule."""
         reader = _Reader(name)
-        if not isinstance(data, Mapping):
-            raise reader.error(None, f"expected a table, got {_type_name(data)}")
-        kwargs: Dict[str, Any] = {}
-        extra_id: List[bytes] = []
-        extra_author: List[bytes] = []
-        for key, value in data.items():
-            if not isinstance(key, str) or key not in _KEYS:
-                raise reader.error(str(key), "unknown key")
-            if key == "minimum_tcb":
-                kwargs.update(reader.minimum_tcb(key, value))
-            elif key == "trusted_id_keys":
-                extra_id.extend(reader.pem_keys(key, value))
-            elif key == "trusted_author_keys":
-                extra_author.extend(reader.pem_keys(key, value))
-            else:
-                kwargs[key] = _KEYS[key](reader, key, value)
+        kinds: Dict[str, Kind] = {key: _bound(reader, read) for key, read in _KEYS.items()}
+        kinds.update(minimum_tcb=reader.minimum_tcb, trusted_id_keys=reader.pem_keys,
+                     trusted_author_keys=reader.pem_keys)
+        values = read_table("", data, kinds, name=name)
+        # minimum_tcb sets up to four fields; PEM keys join the digests they stand for.
+        extra_id: List[bytes] = values.pop("trusted_id_keys", [])
+        extra_author: List[bytes] = values.pop("trusted_author_keys", [])
+        kwargs: Dict[str, Any] = values.pop("minimum_tcb", {})
+        kwargs.update(values)
         for field, extra in (("trusted_id_key_digests", extra_id),
                              ("trusted_author_key_digests", extra_author)):
             if extra:
@@ -405,7 +398,7 @@ class AppraisalPolicy:
     @classmethod
     def from_toml(cls, text: str, *, name: str = "policy") -> AppraisalPolicy:
         """Parse one policy written as a flat TOML table of the keys above."""
-        doc = _parse_toml(text, name)
+        doc = parse_toml(text, source=name)
         policies = doc.get("policy")
         if isinstance(policies, Mapping):
             raise ConfigError(
@@ -687,8 +680,7 @@ class _Reader:
         self.name = name
 
     def error(self, path: Optional[str], message: str) -> ConfigError:
-        return ConfigError(f"{self.name}: {path}: {message}" if path else
-                           f"{self.name}: {message}")
+        return SchemaError(path or "", message, table=self.name)
 
     def boolean(self, path: str, value: object) -> bool:
         if not isinstance(value, bool):
@@ -826,7 +818,6 @@ _KEYS: Dict[str, Callable[[_Reader, str, object], object]] = {
     "minimum_version": lambda r, p, v: r.major_minor(p, v),
     "permit_provisional_firmware": _bool_key,
     "require_current_ge_committed": _bool_key,
-    "minimum_tcb": lambda r, p, v: None,  # handled in from_mapping: it sets four fields
     **{field: _bool_key for field, _, _ in _PLATFORM_FLAG_RULES},
     "strict_platform_info": _bool_key,
     "minimum_launch_mit_vector": lambda r, p, v: r.mask(p, v),
@@ -835,24 +826,13 @@ _KEYS: Dict[str, Callable[[_Reader, str, object], object]] = {
     "require_id_block": _bool_key,
     "trusted_id_key_digests": lambda r, p, v: r.hex_list(p, v, _DIGEST_SIZE),
     "trusted_author_key_digests": lambda r, p, v: r.hex_list(p, v, _DIGEST_SIZE),
-    "trusted_id_keys": lambda r, p, v: None,  # handled in from_mapping: merged into digests
-    "trusted_author_keys": lambda r, p, v: None,
 }
 
+def _bound(reader: _Reader, read: Callable[[_Reader, str, object], object]) -> Kind:
+    return lambda path, value: read(reader, path, value)
+
+
 _POLICY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-def _parse_toml(text: str, name: str) -> Dict[str, Any]:
-    if not isinstance(text, str):
-        raise ConfigError(f"{name}: expected TOML text, got {type(text).__name__}")
-    if sys.version_info >= (3, 11):
-        import tomllib
-    else:
-        import tomli as tomllib
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{name}: invalid TOML: {exc}") from None
 
 
 def policies_from_mapping(table: Mapping[str, object], *,
@@ -877,7 +857,7 @@ def policies_from_mapping(table: Mapping[str, object], *,
 def load_policies(text: str) -> Dict[str, AppraisalPolicy]:
     """Named policies from the ``[policy.NAME]`` tables of a TOML document. Other
     top-level keys are left alone: they belong to the daemon's own configuration."""
-    doc = _parse_toml(text, "policy")
+    doc = parse_toml(text, source="policy")
     if "policy" not in doc:
         return {}
     return policies_from_mapping(doc["policy"])

@@ -306,7 +306,8 @@ class EmulatorTemplate:
     v5, VMPL 0, host certificate table), copied for every daemon."""
 
     def __init__(self, config: Any = None) -> None:
-        from snpd.emulator.state import EmulatorConfig, EmulatorState
+        from snpd.emulator.launch import EmulatorConfig
+        from snpd.emulator.state import EmulatorState
 
         self.directory = Path(tempfile.mkdtemp(prefix="snpd-emulator-template-"))
         try:

@@ -26,9 +26,9 @@ from daemonproc import (  # type: ignore[import-not-found]
 
 from snpd.abi.product import Endorser
 from snpd.emulator.kds import kds_store
+from snpd.emulator.kds_server import KdsServer
 from snpd.errors import CertificateFormatError, UntrustedCertificate
 from snpd.files import TMP_SUFFIX
-from snpd.kds.server import KdsServer
 from snpd.trust.admission import check_ca_chain, check_crl, check_vcek_binding
 from snpd.trust.roots import TrustRoots
 from snpd.trust.x509 import load_certificate, load_crl

@@ -32,7 +32,7 @@ from daemonproc import (  # type: ignore[import-not-found]
 )
 from reliability import A, M, b64, call, emulator_kds  # type: ignore[import-not-found]
 
-from snpd.kds.server import Fault, KdsServer
+from snpd.emulator.kds_server import Fault, KdsServer
 
 pytestmark = pytest.mark.integration
 

@@ -33,7 +33,7 @@ from reliability import (  # type: ignore[import-not-found]
     shared_cache_dir,
 )
 
-from snpd.kds.server import Fault
+from snpd.emulator.kds_server import Fault
 
 pytestmark = pytest.mark.integration
 

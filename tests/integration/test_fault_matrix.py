@@ -30,8 +30,8 @@ from reliability import (  # type: ignore[import-not-found]
 )
 
 from snpd.emulator import pki
+from snpd.emulator.kds_server import Fault, KdsServer
 from snpd.kds import urls
-from snpd.kds.server import Fault, KdsServer
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from daemonproc import (  # type: ignore[import-not-found]
     SnpdDaemon,
 )
 
-from snpd.emulator.state import EmulatorConfig
+from snpd.emulator.launch import EmulatorConfig
 from snpd.events import MESSAGE_IDS
 from snpd.status.summary import DOCUMENT_KEYS
 

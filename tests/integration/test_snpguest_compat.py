@@ -86,7 +86,7 @@ snpctl generate ovmf-hash --help
 
 def _lines(text: str) -> List[List[str]]:
     """The command lines, with the emulated guest's launch values filled in."""
-    from snpd.emulator.state import DEFAULT_MEASUREMENT
+    from snpd.emulator.launch import DEFAULT_MEASUREMENT
 
     values = {"measurement": DEFAULT_MEASUREMENT.hex(), "host_data": bytes(32).hex(),
               "report_data": REQUEST.hex(), "digest": bytes(48).hex()}
@@ -117,7 +117,7 @@ class Runner:
 @pytest.fixture(scope="module")
 def milan() -> Iterator[EmulatorTemplate]:
     from snpd.abi.product import Product
-    from snpd.emulator.state import EmulatorConfig
+    from snpd.emulator.launch import EmulatorConfig
 
     made = EmulatorTemplate(EmulatorConfig(product=Product.MILAN))
     # Read by `snpd-emu kds` and by --direct: the platform is a Milan for them too.

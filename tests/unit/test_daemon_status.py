@@ -15,7 +15,7 @@ import pytest
 from snpd import __version__
 from snpd.config import parse_config
 from snpd.daemon import Daemon
-from snpd.emulator.state import EmulatorConfig
+from snpd.emulator.launch import EmulatorConfig
 from snpd.errors import VmpckDisabled
 from snpd.events import MESSAGE_IDS, Events
 from snpd.notify import Notifier

@@ -19,9 +19,9 @@ from snpd.abi.uapi import DerivedKeyRequest, RootKey
 from snpd.device.configfs import ConfigfsDevice
 from snpd.device.ioctl import IoctlDevice
 from snpd.emulator.configfs import TsmReportModel
-from snpd.emulator.firmware import DeviceFault
+from snpd.emulator.faults import DeviceFault
 from snpd.emulator.kernel import EmulatedSevGuest
-from snpd.emulator.state import EmulatorConfig
+from snpd.emulator.launch import EmulatorConfig
 from snpd.errors import (
     DeviceError,
     DeviceUnavailable,

@@ -13,9 +13,11 @@ import pytest
 from snpd.abi.certtable import parse_cert_table
 from snpd.abi.report import AttestationReport
 from snpd.emulator.configfs import DEFAULT_ROOT, TsmReportModel
-from snpd.emulator.firmware import DeviceFault, Firmware
+from snpd.emulator.faults import DeviceFault
+from snpd.emulator.firmware import Firmware
 from snpd.emulator.kernel import EmulatedSevGuest
-from snpd.emulator.state import EmulatorConfig, EmulatorState
+from snpd.emulator.launch import EmulatorConfig
+from snpd.emulator.state import EmulatorState
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import TrustRoots
 from snpd.trust.verify import Verifier

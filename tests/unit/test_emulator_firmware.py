@@ -22,8 +22,10 @@ from snpd.abi.report import AttestationReport, FirmwareVersion
 from snpd.abi.tcb import TcbVersion
 from snpd.abi.uapi import DerivedKeyRequest, SnpDerivedKeyReq
 from snpd.certsdir import load_certs_dir
-from snpd.emulator.firmware import CPUID, DeviceFault, Firmware
-from snpd.emulator.state import EmulatorConfig, EmulatorState, default_tcb
+from snpd.emulator.faults import DeviceFault
+from snpd.emulator.firmware import CPUID, Firmware
+from snpd.emulator.launch import EmulatorConfig, default_tcb
+from snpd.emulator.state import EmulatorState
 from snpd.errors import ConfigError
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import TrustRoots

@@ -33,9 +33,11 @@ from snpd.abi.uapi import (
     parse_key_response,
     parse_report_response,
 )
-from snpd.emulator.firmware import DeviceFault, Firmware
+from snpd.emulator.faults import DeviceFault
+from snpd.emulator.firmware import Firmware
 from snpd.emulator.kernel import EmulatedSevGuest
-from snpd.emulator.state import EmulatorConfig, EmulatorState
+from snpd.emulator.launch import EmulatorConfig
+from snpd.emulator.state import EmulatorState
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import TrustRoots
 from snpd.trust.verify import Verifier

@@ -405,7 +405,8 @@ def test_emulator_state_refuses_links_planted_in_its_directory(
     """Root may run snpd-emu or snpctl --direct on the daemon's emulator directory."""
     import datetime
 
-    from snpd.emulator.state import EmulatorConfig, EmulatorState
+    from snpd.emulator.launch import EmulatorConfig
+    from snpd.emulator.state import EmulatorState
 
     state_dir = tmp_path / "emulator"
     state_dir.mkdir()

@@ -11,6 +11,7 @@ import pytest
 from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-not-found]
 
 from snpd.abi.product import Endorser, Product
+from snpd.emulator.kds_server import Fault, KdsServer
 from snpd.emulator.pki import make_chain, make_crl, make_vcek
 from snpd.errors import (
     CertificatesUnavailable,
@@ -22,7 +23,6 @@ from snpd.kds import urls
 from snpd.kds.cache import CertificateCache, NotCached, cache_only
 from snpd.kds.client import KdsClient
 from snpd.kds.negative import NegativeCache
-from snpd.kds.server import Fault, KdsServer
 from snpd.trust.roots import AMD_ROOTS
 from snpd.trust.x509 import Crl
 

@@ -18,9 +18,9 @@ import pytest
 import requests
 
 from snpd.abi import Endorser, Product, TcbVersion, parse_report
+from snpd.emulator.kds_server import Fault, KdsServer
 from snpd.errors import CertificatesUnavailable, KdsError
 from snpd.kds.client import KdsClient, backoff_delay, parse_retry_after
-from snpd.kds.server import Fault, KdsServer
 from snpd.kds.urls import cert_chain_path, chip_digest, crl_path, vcek_path
 
 CHAIN = b"-----BEGIN CERTIFICATE-----\nASK\n-----END CERTIFICATE-----\n" * 2

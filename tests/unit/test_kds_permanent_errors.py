@@ -29,11 +29,11 @@ from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-
 
 from snpd.abi.product import Endorser, Product
 from snpd.cli import snpctl
+from snpd.emulator.kds_server import KdsServer
 from snpd.errors import EXIT_UNAVAILABLE, KdsError
 from snpd.kds import urls
 from snpd.kds.cache import CertificateCache
 from snpd.kds.client import KdsClient
-from snpd.kds.server import KdsServer
 
 CHAIN = b"-----BEGIN CERTIFICATE-----\nASK\n-----END CERTIFICATE-----\n" * 2
 CHAIN_PATH = urls.cert_chain_path(Product.MILAN)

@@ -233,7 +233,7 @@ def test_join_url():
 
 def test_urls_module_does_not_import_requests():
     # CLI start-up time: naming a KDS URL must not pull in the HTTP stack.
-    code = ("import sys, snpd.kds, snpd.kds.urls, snpd.kds.server; "
+    code = ("import sys, snpd.kds, snpd.kds.urls, snpd.emulator.kds_server; "
             "sys.exit('requests' in sys.modules or 'urllib3' in sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
 

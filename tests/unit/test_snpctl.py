@@ -16,9 +16,9 @@ from snpd.abi.product import Endorser, Product
 from snpd.abi.report import parse_report
 from snpd.abi.tcb import TcbVersion
 from snpd.cli import snpctl
+from snpd.emulator.kds_server import Fault, KdsServer
 from snpd.emulator.pki import make_crl
 from snpd.kds import urls
-from snpd.kds.server import Fault, KdsServer
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,7 @@ from snpctlrun import run  # type: ignore[import-not-found]
 
 from snpd.abi.report import parse_report
 from snpd.cli import snpctl
-from snpd.emulator.state import EmulatorConfig
+from snpd.emulator.launch import EmulatorConfig
 from snpd.status.summary import ATTESTATION, DOCUMENT_KEYS, MANAGER
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple, TypeVar
 
+from snpd.emulator.kds_server import Fault
 from snpd.errors import InvalidArgument
-from snpd.kds.server import Fault
 
 T = TypeVar("T", int, float)
 
