@@ -173,10 +173,11 @@ class OneClient:
 
 async def _one_client(state_dir: Path, address: Optional[str], socket_path: str,
                       samples: int, max_pending: int, per_client: int) -> OneClient:
+    from snpd.access import Access, Caller
     from snpd.broker import Broker
     from snpd.device.select import open_emulator
     from snpd.events import Events, StderrSink
-    from snpd.service import Access, Caller, Service
+    from snpd.service import Service
     from snpd.varlink.client import VarlinkClient
 
     data = os.urandom(64)

@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence
 
+from snpd.access import Access, Caller
 from snpd.broker import Broker, BrokerState
 from snpd.config import Config, load_config
 from snpd.dbus.gate import Limits
@@ -26,7 +27,7 @@ from snpd.events import Events
 from snpd.kds.budget import BudgetLimits, KdsBudget
 from snpd.notify import Notifier
 from snpd.ratelimit import Rate
-from snpd.service import Access, Caller, Service
+from snpd.service import Service
 from snpd.status.probe import SevStatus, emulated, probe, status_properties
 from snpd.status.summary import (
     ATTESTATION,

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
 import datetime
-import enum
 import struct
 from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
     Dict,
-    FrozenSet,
     List,
     Mapping,
     Optional,
@@ -34,6 +31,7 @@ from snpd.abi.product import Endorser, Product
 from snpd.abi.report import REPORT_DATA_SIZE, AttestationReport
 from snpd.abi.tcb import TcbVersion
 from snpd.abi.uapi import GUEST_FIELDS, DerivedKeyRequest
+from snpd.access import Access, Caller
 from snpd.errors import (
     Busy,
     CertificateFormatError,
@@ -63,63 +61,6 @@ SEALING_VMPL = 3
 """The VMPL of the firmware key that sealing keys are derived from. DeriveKey refuses
 it to everyone but root, so no caller of DeriveKey can reproduce a sealing root."""
 CertificateList = List[Tuple[str, bytes]]
-
-
-class Permission(enum.Enum):
-    PUBLIC = "public"
-    MEMBER = "member"
-    REPORT = "report"
-    KEYS = "keys"
-    MANAGE = "manage"
-
-
-@dataclasses.dataclass(frozen=True)
-class Caller:
-    """Who is calling, as the transport established it (never as the caller claims)."""
-
-    uid: int
-    gids: FrozenSet[int] = frozenset()
-    pid: Optional[int] = None
-    transport: str = ""
-    peer: str = ""
-
-    @property
-    def client_key(self) -> Tuple[object, ...]:
-        """The broker's fairness key: one queue per connection (the broker groups a
-        user's connections by uid)."""
-        return (self.transport, self.peer or self.pid, self.uid)
-
-    def describe(self) -> str:
-        pid = f" pid {self.pid}" if self.pid is not None else ""
-        return f"uid {self.uid}{pid} via {self.transport or '?'}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Access:
-    """Who may do what: root always; report groups for attestation and sealing keys;
-    key groups for raw firmware keys; management is root's."""
-
-    report_gids: FrozenSet[int] = frozenset()
-    key_gids: FrozenSet[int] = frozenset()
-
-    def allowed(self, caller: Caller, need: Permission) -> bool:
-        if need is Permission.PUBLIC or caller.uid == 0:
-            return True
-        if need is Permission.MEMBER:
-            return bool(caller.gids & (self.report_gids | self.key_gids))
-        if need is Permission.REPORT:
-            return bool(caller.gids & self.report_gids)
-        if need is Permission.KEYS:
-            return bool(caller.gids & self.key_gids)
-        return False
-
-    def check(self, caller: Caller, need: Permission, what: str) -> None:
-        if not self.allowed(caller, need):
-            group = {Permission.MEMBER: "a report or key group (snpd-users, snpd-keys)",
-                     Permission.REPORT: "a report group (snpd-users)",
-                     Permission.KEYS: "a key group (snpd-keys)",
-                     Permission.MANAGE: "root"}.get(need, "root")
-            raise PermissionDenied(f"{what} needs {group}; {caller.describe()} is not allowed")
 
 
 def _options(options: Mapping[str, Any], allowed: Mapping[str, type], what: str
@@ -251,7 +192,7 @@ class Service:
 
     async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
                          options: Mapping[str, Any]) -> bytes:
-        self.access.check(caller, Permission.REPORT, "GetReport")
+        self.access.check_call(caller, "GetReport")
         opts = _options(options, {"timeout": float}, "GetReport")
         data = _bytes(report_data, "report_data", max_len=REPORT_DATA_SIZE)
         level = self._vmpl(vmpl)
@@ -263,7 +204,7 @@ class Service:
 
     async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
                                   options: Mapping[str, Any]) -> Tuple[bytes, CertificateList]:
-        self.access.check(caller, Permission.REPORT, "GetExtendedReport")
+        self.access.check_call(caller, "GetExtendedReport")
         opts = _options(options, {"timeout": float}, "GetExtendedReport")
         data = _bytes(report_data, "report_data", max_len=REPORT_DATA_SIZE)
         level = self._vmpl(vmpl)
@@ -349,7 +290,7 @@ class Service:
 
     async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
                                ) -> CertificateList:
-        self.access.check(caller, Permission.REPORT, "GetCertificates")
+        self.access.check_call(caller, "GetCertificates")
         opts = _options(options, {"crl": bool, "endorser": str}, "GetCertificates")
         if self.cache is None:
             raise CertificatesUnavailable("no certificate cache is configured")
@@ -373,7 +314,7 @@ class Service:
 
     async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
                             ) -> Dict[str, object]:
-        self.access.check(caller, Permission.REPORT, "VerifyReport")
+        self.access.check_call(caller, "VerifyReport")
         opts = _options(options, {"certificates": list, "at": int, "policy": str,
                                   "product": str}, "VerifyReport")
         data = _bytes(report, "report", max_len=4096)
@@ -441,7 +382,7 @@ class Service:
 
     async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
                            options: Mapping[str, Any]) -> Tuple[str, bytes]:
-        self.access.check(caller, Permission.REPORT, "GetEvidence")
+        self.access.check_call(caller, "GetEvidence")
         opts = _options(options, {"timeout": float}, "GetEvidence")
         from snpd.evidence import FORMATS, TRUSTEE_MEDIA_TYPE, trustee_evidence
 
@@ -460,7 +401,7 @@ class Service:
 
     async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str], vmpl: int,
                          guest_svn: int, tcb_version: int, options: Mapping[str, Any]) -> bytes:
-        self.access.check(caller, Permission.KEYS, "DeriveKey")
+        self.access.check_call(caller, "DeriveKey")
         opts = _options(options, {"timeout": float}, "DeriveKey")
         level = self._vmpl(vmpl)
         if level == SEALING_VMPL and caller.uid != 0:
@@ -483,7 +424,7 @@ class Service:
         to everyone but root: a member of the key groups can no more compute the
         root than anyone else, and the HKDF inputs (uid, label) being public does
         not matter. snpd(8) gives the whole argument."""
-        self.access.check(caller, Permission.REPORT, "DeriveSealingKey")
+        self.access.check_call(caller, "DeriveSealingKey")
         opts = _options(options, {"timeout": float}, "DeriveSealingKey")
         if not isinstance(label, str) or not label or len(label.encode()) > MAX_LABEL:
             raise InvalidArgument(f"label must be 1-{MAX_LABEL} bytes of UTF-8")
@@ -507,7 +448,7 @@ class Service:
     # -- Manager --------------------------------------------------------------------------------
 
     async def refresh_certificates(self, caller: Caller) -> None:
-        self.access.check(caller, Permission.MANAGE, "RefreshCertificates")
+        self.access.check_call(caller, "RefreshCertificates")
         if self.cache is None:
             raise CertificatesUnavailable("no certificate cache is configured")
         await self.get_certificates(caller, {"crl": True})
@@ -517,7 +458,7 @@ class Service:
         (varlink), only for root and the members of either group; D-Bus leaves that
         to the bus policy (dbus-fast does not say who reads a property)."""
         if caller is not None:
-            self.access.check(caller, Permission.MEMBER, "GetProperties")
+            self.access.check_call(caller, "Properties")
         state = self.broker.state
         stats = {k: int(v) for k, v in self.broker.stats().items()}
         if self.cache is not None:

@@ -50,7 +50,6 @@ from typing import (
     Awaitable,
     Callable,
     Dict,
-    FrozenSet,
     List,
     Mapping,
     Optional,
@@ -68,11 +67,11 @@ from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from snpd.access import Caller, proc_credentials
 from snpd.dbus import wire
 from snpd.dbus.gate import Gate, Kind, Limits, Refusal, Ticket
 from snpd.errors import DBUS_PREFIX, Busy, Internal, PermissionDenied, SnpdError
 from snpd.ratelimit import LogLimiter
-from snpd.service import Caller
 
 BUS_NAME = "org.snpd.Snpd1"
 OBJECT_PATH = "/org/snpd/Snpd1"
@@ -564,8 +563,8 @@ class CallerIdentity:
     """Who is behind a unique bus name, from the bus's GetConnectionCredentials.
 
     Concurrent first calls from one sender share a single lookup. When the bus gives
-    no UnixGroupIDs (dbus-daemon < 1.10), the groups come from /proc/<pid>/status,
-    and only if that process still belongs to the same uid.
+    no UnixGroupIDs (dbus-daemon < 1.10), the groups come from /proc/<pid>/status
+    (:func:`snpd.access.proc_credentials`: effective ids, as SO_PEERCRED gives them).
     """
 
     def __init__(self, bus: Any, *, limit: int = CREDENTIALS_CACHE_SIZE,
@@ -635,29 +634,8 @@ class CallerIdentity:
         if "UnixGroupIDs" in creds:
             gids = frozenset(int(g) for g in creds["UnixGroupIDs"].value)
         else:
-            gids = self._groups_from_proc(pid, uid)
+            gids = proc_credentials(pid, uid, str(self._proc))
         return Caller(uid=uid, gids=gids, pid=pid, transport="dbus", peer=sender)
-
-    def _groups_from_proc(self, pid: Optional[int], uid: int) -> FrozenSet[int]:
-        """Real gid and supplementary groups of ``pid``, if it still runs as ``uid``;
-        else none (deny by default: group-based access then fails, root's does not)."""
-        if pid is None:
-            return frozenset()
-        try:
-            with open(self._proc / str(pid) / "status", "rb") as f:
-                text = f.read(1 << 16).decode("ascii", "replace")
-        except OSError:
-            return frozenset()
-        fields = {}
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            fields[key] = value.split()
-        try:
-            if int(fields["Uid"][0]) != uid:
-                return frozenset()
-            return frozenset([int(fields["Gid"][0]), *(int(g) for g in fields["Groups"])])
-        except (KeyError, IndexError, ValueError):
-            return frozenset()
 
 
 # -- the server ------------------------------------------------------------------------------

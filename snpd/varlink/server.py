@@ -72,9 +72,10 @@ from typing import (
 )
 
 from snpd import __version__
+from snpd.access import Caller, proc_credentials
 from snpd.errors import DeviceError, SnpdError
 from snpd.ratelimit import LogLimiter
-from snpd.service import DEFAULT_VMPL, Caller
+from snpd.service import DEFAULT_VMPL
 from snpd.varlink.protocol import (
     INT64_MAX,
     INT64_MIN,
@@ -361,30 +362,6 @@ def _peer_groups_sockopt(sock: Any) -> Optional[FrozenSet[int]]:
     return frozenset(struct.unpack(f"{count}I", raw[:count * 4]))
 
 
-def _peer_groups_proc(pid: int, uid: int, proc: str = "/proc") -> FrozenSet[int]:
-    """The supplementary groups from ``/proc/<pid>/status`` (kernels before 4.13).
-
-    This is racy where SO_PEERGROUPS is not: it reads the groups *now*, not at
-    connect(); the peer may have changed them (setgroups) since, or exited and
-    its pid been reused by another process. The effective uid on the ``Uid:``
-    line must match SO_PEERCRED's, else no supplementary groups are granted
-    (fail closed). A pidfd (SO_PEERPIDFD, Linux 6.5) would pin the process and
-    close the pid-reuse half of the race.
-    """
-    try:
-        with open(f"{proc}/{pid}/status", "rb") as f:
-            text = f.read(1 << 20).decode("ascii", "replace")
-    except OSError:
-        return frozenset()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    try:
-        effective_uid = int(fields.get("Uid", "").split()[1])
-        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
-    except (IndexError, ValueError):
-        return frozenset()
-    return groups if effective_uid == uid else frozenset()
-
-
 def peer_credentials(sock: Any) -> PeerCredentials:
     """Who is on the other end of a connected AF_UNIX socket, from the kernel.
 
@@ -394,8 +371,8 @@ def peer_credentials(sock: Any) -> PeerCredentials:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                   _UCRED.size))
     groups = _peer_groups_sockopt(sock)
-    if groups is None:
-        groups = _peer_groups_proc(pid, uid)
+    if groups is None:  # racy; see proc_credentials
+        groups = proc_credentials(pid, uid)
     return PeerCredentials(pid, uid, gid, groups | {gid})
 
 

@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import dbusbus
 
 from snpd import errors
+from snpd.access import Access, Caller
 from snpd.dbus.gate import Limits
 from snpd.dbus.service import (
     ATTESTATION,
@@ -46,7 +47,7 @@ from snpd.dbus.service import (
     ServerHandle,
     serve,
 )
-from snpd.service import DEFAULT_VMPL, Access, Caller, Permission
+from snpd.service import DEFAULT_VMPL
 
 ERRORS: Dict[str, type] = {
     "InvalidArgument": errors.InvalidArgument,
@@ -126,9 +127,9 @@ class FakeService:
         out[MANAGER]["Statistics"] = {"calls": self.calls}
         return out
 
-    def _enter(self, caller: Caller, need: Permission, what: str) -> None:
+    def _enter(self, caller: Caller, what: str) -> None:
         self.calls += 1
-        self.access.check(caller, need, what)
+        self.access.check_call(caller, what)
 
     def _report(self, caller: Caller, data: bytes, vmpl: int, options: Mapping[str, Any]
                 ) -> bytes:
@@ -158,26 +159,26 @@ class FakeService:
 
     async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
                          options: Mapping[str, Any]) -> bytes:
-        self._enter(caller, Permission.REPORT, "GetReport")
+        self._enter(caller, "GetReport")
         opts = _options(options, {"timeout": float}, "GetReport")
         return self._report(caller, report_data, vmpl, opts)
 
     async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
                                   options: Mapping[str, Any]
                                   ) -> Tuple[bytes, List[Tuple[str, bytes]]]:
-        self._enter(caller, Permission.REPORT, "GetExtendedReport")
+        self._enter(caller, "GetExtendedReport")
         opts = _options(options, {"timeout": float}, "GetExtendedReport")
         return self._report(caller, report_data, vmpl, opts), list(CERTS)
 
     async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
                                ) -> List[Tuple[str, bytes]]:
-        self._enter(caller, Permission.REPORT, "GetCertificates")
+        self._enter(caller, "GetCertificates")
         opts = _options(options, {"crl": bool, "endorser": str}, "GetCertificates")
         return list(CERTS) + ([("crl", b"\x30\x03CRL")] if opts.get("crl") else [])
 
     async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
                             ) -> Dict[str, object]:
-        self._enter(caller, Permission.PUBLIC, "VerifyReport")
+        self._enter(caller, "VerifyReport")
         opts = _options(options, {"certificates": list, "at": int, "policy": str,
                                   "product": str}, "VerifyReport")
         pairs = opts.get("certificates", [])
@@ -193,7 +194,7 @@ class FakeService:
 
     async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
                            options: Mapping[str, Any]) -> Tuple[str, bytes]:
-        self._enter(caller, Permission.REPORT, "GetEvidence")
+        self._enter(caller, "GetEvidence")
         _options(options, {"timeout": float}, "GetEvidence")
         if fmt != "trustee":
             raise errors.NotSupported(f"evidence format {fmt!r} is not supported")
@@ -202,7 +203,7 @@ class FakeService:
     async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str], vmpl: int,
                          guest_svn: int, tcb_version: int, options: Mapping[str, Any]
                          ) -> bytes:
-        self._enter(caller, Permission.KEYS, "DeriveKey")
+        self._enter(caller, "DeriveKey")
         _options(options, {"timeout": float}, "DeriveKey")
         if root_key not in ("vcek", "vmrk"):
             raise errors.InvalidArgument(f"root_key {root_key!r} is not vcek or vmrk")
@@ -214,14 +215,14 @@ class FakeService:
 
     async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
                                  options: Mapping[str, Any]) -> bytes:
-        self._enter(caller, Permission.REPORT, "DeriveSealingKey")
+        self._enter(caller, "DeriveSealingKey")
         _options(options, {"timeout": float}, "DeriveSealingKey")
         if not label or len(label.encode()) > 255:
             raise errors.InvalidArgument("label must be 1-255 bytes of UTF-8")
         return hashlib.sha256(f"sealing {caller.uid} {label}".encode()).digest()
 
     async def refresh_certificates(self, caller: Caller) -> None:
-        self._enter(caller, Permission.MANAGE, "RefreshCertificates")
+        self._enter(caller, "RefreshCertificates")
 
 
 async def run_server(address: str, report_gid: int, key_gid: int) -> int:

@@ -41,6 +41,7 @@ from snpd.abi.certtable import (
 )
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport, parse_report
+from snpd.access import Access, Caller
 from snpd.config import Config, parse_config
 from snpd.errors import (
     CertificateFormatError,
@@ -51,7 +52,7 @@ from snpd.errors import (
     SnpdError,
 )
 from snpd.events import Events
-from snpd.service import DEFAULT_VMPL, Access, Caller, Service
+from snpd.service import DEFAULT_VMPL, Service
 from snpd.status.kernel_log import parse_kernel_log
 from snpd.trust.appraisal import AppraisalPolicy
 from snpd.trust.certset import CertificateSet

@@ -14,12 +14,13 @@ from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
+from snpd.access import Access, Caller
 from snpd.errors import KdsBudgetExceeded, KdsError
 from snpd.events import Events
 from snpd.kds.budget import BudgetLimits, KdsBudget
 from snpd.kds.cache import CertificateCache, NotCached, cache_only
 from snpd.ratelimit import Rate
-from snpd.service import Access, Caller, Service
+from snpd.service import Service
 from snpd.trust.verify import Verifier
 
 REPORT_GID = 4242

@@ -27,7 +27,8 @@ import pytest
 import varlink  # type: ignore[import-untyped]  # the independent client, test-only
 
 from snpd import __version__, errors
-from snpd.service import DEFAULT_VMPL, Caller
+from snpd.access import Caller, proc_credentials
+from snpd.service import DEFAULT_VMPL
 from snpd.varlink import client as vclient
 from snpd.varlink import server as vserver
 from snpd.varlink.client import AsyncVarlinkClient, TransportError, VarlinkClient
@@ -719,17 +720,20 @@ def test_supplementary_groups_reach_the_service(h: Harness, monkeypatch: pytest.
 
 
 def test_peer_groups_from_proc(tmp_path: Path) -> None:
+    """SO_PEERCRED's semantics: the effective uid must match; effective gid plus
+    supplementary groups."""
     status = tmp_path / "42" / "status"
     status.parent.mkdir()
-    status.write_text("Name:\tx\nUid:\t1000\t1001\t1001\t1001\nGid:\t5\t5\t5\t5\n"
+    status.write_text("Name:\tx\nUid:\t1000\t1001\t1001\t1001\nGid:\t5\t6\t6\t6\n"
                       "Groups:\t4 24 27 \n")
-    assert vserver._peer_groups_proc(42, 1001, str(tmp_path)) == {4, 24, 27}
-    assert vserver._peer_groups_proc(42, 1000, str(tmp_path)) == frozenset()  # not effective
-    assert vserver._peer_groups_proc(43, 1001, str(tmp_path)) == frozenset()  # gone
+    assert proc_credentials(42, 1001, str(tmp_path)) == {6, 4, 24, 27}
+    assert proc_credentials(42, 1000, str(tmp_path)) == frozenset()  # not effective
+    assert proc_credentials(43, 1001, str(tmp_path)) == frozenset()  # gone
+    assert proc_credentials(None, 1001, str(tmp_path)) == frozenset()
     status.write_text("Uid:\t1\t1\t1\t1\nGroups:\n")
-    assert vserver._peer_groups_proc(42, 1, str(tmp_path)) == frozenset()
-    mine = vserver._peer_groups_proc(os.getpid(), os.geteuid())
-    assert mine == frozenset(os.getgroups())
+    assert proc_credentials(42, 1, str(tmp_path)) == frozenset()  # no Gid line
+    mine = proc_credentials(os.getpid(), os.geteuid())
+    assert mine == frozenset(os.getgroups()) | {os.getegid()}
 
 
 def test_socket_mode_and_stale_socket(short_dir: str, make_harness: Callable[..., Harness]

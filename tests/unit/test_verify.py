@@ -307,8 +307,9 @@ def test_the_daemon_answers_a_mislabelled_list_with_an_invalid_verdict(
     reason, not an InvalidArgument error."""
     import asyncio
 
+    from snpd.access import Access, Caller
     from snpd.events import Events
-    from snpd.service import Access, Caller, Service
+    from snpd.service import Service
 
     class Sink:
         def send(self, fields: object) -> None:
