@@ -177,7 +177,7 @@ async def _one_client(state_dir: Path, address: Optional[str], socket_path: str,
     from snpd.broker import Broker
     from snpd.device.select import open_emulator
     from snpd.events import Events, StderrSink
-    from snpd.service import Service
+    from snpd.service import ReportOptions, Service
     from snpd.varlink.client import VarlinkClient
 
     data = os.urandom(64)
@@ -198,7 +198,7 @@ async def _one_client(state_dir: Path, address: Optional[str], socket_path: str,
             out = OneClient()
 
             async def in_process() -> object:
-                return await service.get_report(caller, data, DEFAULT_VMPL, {})
+                return await service.get_report(caller, data, None, ReportOptions())
 
             async def over_varlink() -> object:
                 return varlink.call(GET_REPORT, varlink_params)

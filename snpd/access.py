@@ -34,7 +34,7 @@ METHODS: Mapping[str, Permission] = {
     # The properties hold no secrets (no full chip id, no keys), but an outsider has
     # no use for them and each read costs the daemon: root and either group, as the
     # shipped bus policy already says for D-Bus.
-    "Properties": Permission.MEMBER,
+    "GetProperties": Permission.MEMBER,
 }
 """Every method of the service (transport-neutral names) and who may call it."""
 
