@@ -1,10 +1,16 @@
 """The transport-agnostic service: one method per operation, caller identity in,
-typed result or typed error out.
+typed values in, typed result or typed error out.
 
 D-Bus and varlink both call exactly these coroutines; neither holds business
-logic, and adding a transport never touches this module. Every method checks
-the caller's authorization itself (deny by default), validates every argument
-and option, and never logs report_data, keys or full chip IDs.
+logic, and adding a transport never touches this module. Each transport turns its
+wire values into the typed inputs here (:class:`ReportOptions`,
+:class:`CertificateOptions`, :class:`VerifyOptions`, :class:`KeyRequest`,
+:class:`SealingKeyRequest`, ``vmpl`` None for the guest's own), which validate
+themselves once, at construction; the firmware requests (ReportRequest,
+DerivedKeyRequest) do the same. Every method checks the caller's authorization
+itself by the one table in :mod:`snpd.access` (deny by default), and never logs
+report_data, keys or full chip IDs. Nothing here knows D-Bus signatures, interface
+names or JSON.
 """
 
 from __future__ import annotations

@@ -1,12 +1,15 @@
 """org.snpd.Snpd1 on the system bus: a thin dbus-fast front for :mod:`snpd.service`.
 
 Each method does four things and nothing else: establish who is calling (from the
-bus, never from anything the caller says), decode the arguments (the Variants of
-an ``a{sv}`` become plain Python values), await the matching Service coroutine,
-and encode its result. All authorization and validation lives in the Service, so
-the varlink twin of every method behaves the same; the bus policy
-(conf/dbus/org.snpd.Snpd1.conf) is the first layer, the Service's re-check the
-second.
+bus, never from anything the caller says), ask the service's access table
+(:mod:`snpd.access`) whether they may, decode the arguments into the service's
+typed values (the Variants of an ``a{sv}`` become plain values, then
+:class:`~snpd.service.ReportOptions` and the like; ``0xFFFFFFFF`` becomes "the
+guest's own VMPL"), await the matching Service coroutine, and encode its result.
+The rules live in the typed values and the Service, so the varlink twin of every
+method behaves the same; the bus policy (conf/dbus/org.snpd.Snpd1.conf) is the
+first layer, the Service's re-check the second. Property reads are checked by the
+reader against the same table before dbus-fast sees them.
 
 Errors: a :class:`~snpd.errors.SnpdError` travels as its own
 ``org.snpd.Snpd1.Error.<Kind>``; anything else is a bug, logged here with its

@@ -2,9 +2,11 @@
 
 It is a transport and nothing more (DESIGN.md): it establishes who is calling
 from the kernel (``SO_PEERCRED``, ``SO_PEERGROUPS``), decodes each call with the
-sans-IO :mod:`snpd.varlink.protocol`, calls the same :class:`~snpd.service.Service`
-coroutine the D-Bus method calls, and encodes the result or maps the typed error.
-Authorization is the service's job, on every call.
+sans-IO :mod:`snpd.varlink.protocol`, turns the JSON parameters into the
+service's typed values (null ``vmpl``: the guest's own), calls the same
+:class:`~snpd.service.Service` coroutine the D-Bus method calls, and encodes the
+result as JSON or maps the typed error. Authorization is the service's table
+(:mod:`snpd.access`), asked before options are read and again by the method.
 
 Why in-tree and not a library: spec/STACK.md §6 — no maintained varlink library
 is packaged in the distributions; the protocol is small enough to own, and the
