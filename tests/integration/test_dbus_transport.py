@@ -216,6 +216,20 @@ def test_members_may_introspect_ping_and_read_properties(strict: Any, user: str)
     assert replies[2].value.value == "ready"
 
 
+@pytest.mark.parametrize("user, expected", [
+    ("snpd-test-outsider", [DAEMON, DAEMON]), ("snpd-test-user", [OK, OK]),
+    ("snpd-test-keys", [OK, OK])])
+def test_the_daemon_applies_the_properties_rule_when_the_bus_does_not(
+        permissive: Any, user: str, expected: List[str]) -> None:
+    """The access table's GetProperties (root and either group) holds on D-Bus too,
+    checked by the daemon before dbus-fast reads a property, not only by the bus."""
+    replies = calls_as(user, permissive.address, _CHEAP_CALLS[2:] * 2)
+    assert [outcome(r) for r in replies] == expected * 2  # the first and a cached caller
+    for reply in replies:
+        if outcome(reply) == DAEMON:
+            assert reply.text.startswith("GetProperties needs a report or key group")
+
+
 def test_outsiders_cannot_reach_snpd_at_all(strict: Any) -> None:
     """Every method needs a group, and every message costs the daemon: the bus
     refuses an outsider's Introspect, Ping and Properties before snpd reads them."""
