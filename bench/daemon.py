@@ -177,10 +177,11 @@ class OneClient:
 
 async def _one_client(state_dir: Path, address: Optional[str], socket_path: str,
                       samples: int, max_pending: int, per_client: int) -> OneClient:
+    from snpd.access import Access, Caller
     from snpd.broker import Broker
     from snpd.device.select import open_emulator
     from snpd.events import Events, StderrSink
-    from snpd.service import Access, Caller, Service
+    from snpd.service import ReportOptions, Service
     from snpd.varlink.client import VarlinkClient
 
     data = os.urandom(64)
@@ -201,7 +202,7 @@ async def _one_client(state_dir: Path, address: Optional[str], socket_path: str,
             out = OneClient()
 
             async def in_process() -> object:
-                return await service.get_report(caller, data, DEFAULT_VMPL, {})
+                return await service.get_report(caller, data, None, ReportOptions())
 
             async def over_varlink() -> object:
                 return varlink.call(GET_REPORT, varlink_params)

@@ -56,6 +56,14 @@ def _certs_from_varlink(items: Sequence[Mapping[str, str]]) -> CertificateList:
     return [(c["kind"], _unb64(c["data"])) for c in items]
 
 
+def _by_interface(fields: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """varlink's typed properties (Describe) as this client has always returned them:
+    by D-Bus interface name, then by property name (the shape D-Bus serves)."""
+    from snpd.status.summary import by_interface
+
+    return by_interface(fields)
+
+
 def _unix_time(at: Optional[datetime.datetime]) -> Optional[int]:
     return None if at is None else int(at.timestamp())
 
@@ -103,7 +111,7 @@ def _varlink_ops(call: Any) -> Dict[str, Any]:
         "derive_sealing_key": lambda label, fields: _unb64(call(
             K + "DeriveSealingKey", label=label, fields=list(fields) or None)["key"]),
         "refresh_certificates": lambda: call(M + "RefreshCertificates") and None,
-        "properties": lambda: call(M + "GetProperties")["properties"],
+        "properties": lambda: _by_interface(call(M + "Describe")["properties"]),
     }
 
 

@@ -16,8 +16,9 @@ import json
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence
 
+from snpd.access import Access, Caller
 from snpd.broker import Broker, BrokerState
 from snpd.config import Config, load_config
 from snpd.dbus.gate import Limits
@@ -27,11 +28,10 @@ from snpd.events import Events
 from snpd.kds.budget import BudgetLimits, KdsBudget
 from snpd.notify import Notifier
 from snpd.ratelimit import Rate
-from snpd.service import Access, Caller, Service
+from snpd.service import ReportOptions, Service
 from snpd.status.probe import SevStatus, emulated, probe, status_properties
 from snpd.status.summary import (
-    ATTESTATION,
-    MANAGER,
+    by_interface,
     changed_message,
     changes,
     journal_fields,
@@ -302,7 +302,7 @@ class Daemon:
 
     def _status_document(self) -> Dict[str, Any]:
         assert self.service is not None
-        return status_document(self.service.properties())
+        return status_document(by_interface(vars(self.service.properties())))
 
     def _log_status(self) -> None:
         """The SEV status in the journal: the start-up record first, then one record
@@ -321,17 +321,16 @@ class Daemon:
                                            changed=", ".join(changed), **fields)
         self._logged_status = doc
 
-    def _properties_changed(self, interface: str, changed: Dict[str, object]) -> None:
+    def _properties_changed(self, changed: Mapping[str, object]) -> None:
         """Service listener (on the loop): the product, TCB or state changed. It runs
         inside the request that learned it, so a failure here is logged, never
         passed on to that caller."""
-        if interface != ATTESTATION or not {"Product", "ReportedTcb", "State"} & set(changed):
+        if not {"product", "reported_tcb", "state"} & set(changed):
             return
         try:
-            if "Product" in changed and self.service is not None:
+            if "product" in changed and self.service is not None:
                 # product_source (in SevStatus) moved to "report" with it.
-                self.service.notify(MANAGER, {
-                    "SevStatus": self.service.properties()[MANAGER]["SevStatus"]})
+                self.service.notify({"sev_status": self.service.properties().sev_status})
             self._log_status()
             self.notifier.status(self.status_line())
         except Exception as exc:  # a status display must not fail a request
@@ -343,7 +342,7 @@ class Daemon:
         status displays; the journal records the change (see _properties_changed)."""
         assert self.service is not None
         with contextlib.suppress(SnpdError):
-            await self.service.get_report(STARTUP_CALLER, b"", 0xFFFFFFFF, {})
+            await self.service.get_report(STARTUP_CALLER, b"", None, ReportOptions())
         self.notifier.status(self.status_line())
 
     async def _watch_bus(self, handle: Any) -> None:
@@ -385,8 +384,7 @@ class Daemon:
         else:
             self.events.log("crit", f"firmware channel {state.state}: {state.reason}")
         if self.service is not None:
-            self.service.notify("org.snpd.Snpd1.Attestation",
-                                {"State": state.state, "StateReason": state.reason})
+            self.service.notify({"state": state.state, "state_reason": state.reason})
         self.notifier.status(self.status_line())
 
     def status_line(self) -> str:

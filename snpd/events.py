@@ -41,7 +41,7 @@ from snpd.ratelimit import Clock, Rate, TokenBucket
 
 if TYPE_CHECKING:
     from snpd.abi.product import Product
-    from snpd.service import Caller
+    from snpd.access import Caller
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 # Overrides JOURNAL_SOCKET: for tests and containers (see journal_socket_path).

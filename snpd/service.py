@@ -1,10 +1,16 @@
 """The transport-agnostic service: one method per operation, caller identity in,
-typed result or typed error out.
+typed values in, typed result or typed error out.
 
 D-Bus and varlink both call exactly these coroutines; neither holds business
-logic, and adding a transport never touches this module. Every method checks
-the caller's authorization itself (deny by default), validates every argument
-and option, and never logs report_data, keys or full chip IDs.
+logic, and adding a transport never touches this module. Each transport turns its
+wire values into the typed inputs here (:class:`ReportOptions`,
+:class:`CertificateOptions`, :class:`VerifyOptions`, :class:`KeyRequest`,
+:class:`SealingKeyRequest`, ``vmpl`` None for the guest's own), which validate
+themselves once, at construction; the firmware requests (ReportRequest,
+DerivedKeyRequest) do the same. Every method checks the caller's authorization
+itself by the one table in :mod:`snpd.access` (deny by default), and never logs
+report_data, keys or full chip IDs. Nothing here knows D-Bus signatures, interface
+names or JSON.
 """
 
 from __future__ import annotations
@@ -13,17 +19,16 @@ import asyncio
 import concurrent.futures
 import dataclasses
 import datetime
-import enum
 import struct
 from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
     Dict,
-    FrozenSet,
     List,
     Mapping,
     Optional,
+    Protocol,
     Sequence,
     Tuple,
     TypeVar,
@@ -31,9 +36,10 @@ from typing import (
 
 from snpd import __version__
 from snpd.abi.product import Endorser, Product
-from snpd.abi.report import REPORT_DATA_SIZE, AttestationReport
+from snpd.abi.report import AttestationReport
 from snpd.abi.tcb import TcbVersion
 from snpd.abi.uapi import GUEST_FIELDS, DerivedKeyRequest
+from snpd.access import Access, Caller
 from snpd.broker import operation
 from snpd.device.base import ExtendedReportRequest, FirmwareRequest, ReportRequest
 from snpd.errors import (
@@ -47,6 +53,7 @@ from snpd.errors import (
 )
 from snpd.kds.budget import KdsBudget
 from snpd.trust.certset import CertificateSet
+from snpd.trust.result import Verdict
 from snpd.trust.verify import Verifier
 
 if TYPE_CHECKING:
@@ -57,78 +64,187 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-DEFAULT_VMPL = 0xFFFFFFFF  # "the guest's own VMPL" on the wire (D-Bus ``u`` has no null)
 MAX_LABEL = 255
+MAX_TIMEOUT = 600
+MAX_REPORT = 4096
+"""VerifyReport takes anything up to this size: a wrong size is a verdict, not an error."""
 SEALING_SALT = b"snpd sealing key v2"
 DEFAULT_SEALING_FIELDS = ("measurement", "policy")
 SEALING_VMPL = 3
 """The VMPL of the firmware key that sealing keys are derived from. DeriveKey refuses
 it to everyone but root, so no caller of DeriveKey can reproduce a sealing root."""
-CertificateList = List[Tuple[str, bytes]]
-
-
-class Permission(enum.Enum):
-    PUBLIC = "public"
-    MEMBER = "member"
-    REPORT = "report"
-    KEYS = "keys"
-    MANAGE = "manage"
 
 
 @dataclasses.dataclass(frozen=True)
-class Caller:
-    """Who is calling, as the transport established it (never as the caller claims)."""
+class ReportOptions:
+    """Options of the firmware methods. ``timeout``: seconds in (0, 600]; None for
+    the daemon's ``device.request_timeout_s``."""
 
-    uid: int
-    gids: FrozenSet[int] = frozenset()
-    pid: Optional[int] = None
-    transport: str = ""
-    peer: str = ""
+    timeout: Optional[float] = None
 
-    @property
-    def client_key(self) -> Tuple[object, ...]:
-        """The broker's fairness key: one queue per connection (the broker groups a
-        user's connections by uid)."""
-        return (self.transport, self.peer or self.pid, self.uid)
-
-    def describe(self) -> str:
-        pid = f" pid {self.pid}" if self.pid is not None else ""
-        return f"uid {self.uid}{pid} via {self.transport or '?'}"
+    def __post_init__(self) -> None:
+        t = self.timeout
+        if t is None:
+            return
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise InvalidArgument(f"option 'timeout' must be a number of seconds, got "
+                                  f"{type(t).__name__}")
+        if not 0 < t <= MAX_TIMEOUT:
+            raise InvalidArgument(f"option 'timeout' must be in (0, {MAX_TIMEOUT}] seconds")
+        object.__setattr__(self, "timeout", float(t))
 
 
 @dataclasses.dataclass(frozen=True)
-class Access:
-    """Who may do what: root always; report groups for attestation and sealing keys;
-    key groups for raw firmware keys; management is root's."""
+class CertificateOptions:
+    """GetCertificates: ``crl`` adds the CRL; ``endorser`` picks the VCEK or VLEK chain."""
 
-    report_gids: FrozenSet[int] = frozenset()
-    key_gids: FrozenSet[int] = frozenset()
+    crl: bool = False
+    endorser: Endorser = Endorser.VCEK
 
-    def allowed(self, caller: Caller, need: Permission) -> bool:
-        if need is Permission.PUBLIC or caller.uid == 0:
-            return True
-        if need is Permission.MEMBER:
-            return bool(caller.gids & (self.report_gids | self.key_gids))
-        if need is Permission.REPORT:
-            return bool(caller.gids & self.report_gids)
-        if need is Permission.KEYS:
-            return bool(caller.gids & self.key_gids)
-        return False
-
-    def check(self, caller: Caller, need: Permission, what: str) -> None:
-        if not self.allowed(caller, need):
-            group = {Permission.MEMBER: "a report or key group (snpd-users, snpd-keys)",
-                     Permission.REPORT: "a report group (snpd-users)",
-                     Permission.KEYS: "a key group (snpd-keys)",
-                     Permission.MANAGE: "root"}.get(need, "root")
-            raise PermissionDenied(f"{what} needs {group}; {caller.describe()} is not allowed")
+    def __post_init__(self) -> None:
+        if not isinstance(self.crl, bool):
+            raise InvalidArgument("option 'crl' must be a bool")
+        value: object = self.endorser
+        try:  # a name, as both wires carry it, or an Endorser
+            object.__setattr__(self, "endorser", Endorser(value))
+        except ValueError:
+            raise InvalidArgument("option 'endorser' must be vcek or vlek") from None
 
 
-def _options(options: Mapping[str, Any], allowed: Mapping[str, type], what: str
-             ) -> Dict[str, Any]:
-    """Validate an ``a{sv}`` options dict: known keys, right types; unknown keys are errors."""
+@dataclasses.dataclass(frozen=True)
+class VerifyOptions:
+    """VerifyReport: the caller's ``certificates`` (gaps filled from the cache), the
+    time ``at`` which to check validity (None: now), the name of a configured
+    appraisal ``policy`` and the ``product`` for reports that do not name it."""
+
+    certificates: CertificateSet = dataclasses.field(default_factory=CertificateSet)
+    at: Optional[datetime.datetime] = None
+    policy: Optional[str] = None
+    product: Optional[Product] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.certificates, CertificateSet):
+            raise InvalidArgument("option 'certificates' must be a certificate set")
+        if self.at is not None and (not isinstance(self.at, datetime.datetime)
+                                    or self.at.tzinfo is None):
+            raise InvalidArgument("option 'at' must be an aware datetime")
+        if self.policy is not None and not isinstance(self.policy, str):
+            raise InvalidArgument("option 'policy' must be a string")
+        if self.product is not None and not isinstance(self.product, Product):
+            raise InvalidArgument("option 'product' must be a product")
+
+    @classmethod
+    def from_plain(cls, *, certificates: Optional[Sequence[Tuple[str, bytes]]] = None,
+                   at: Optional[int] = None, policy: Optional[str] = None,
+                   product: Optional[str] = None) -> VerifyOptions:
+        """From the values both wires carry: (kind, DER) pairs, unix seconds, names."""
+        when = None
+        if at is not None:
+            try:
+                when = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+            except (OverflowError, OSError, ValueError):
+                raise InvalidArgument("option 'at' is not a valid unix time") from None
+        parsed = None
+        if product is not None:
+            try:
+                parsed = Product.parse(product)
+            except ValueError as exc:
+                raise InvalidArgument(f"option 'product': {exc}") from None
+        if certificates and not all(
+                isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+                and isinstance(p[1], (bytes, bytearray)) for p in certificates):
+            raise InvalidArgument("option 'certificates' must be (kind, DER) pairs")
+        certs = (CertificateSet.from_kinds((k, bytes(d)) for k, d in certificates)
+                 if certificates else CertificateSet())
+        return cls(certs, when, policy, parsed)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRequest:
+    """DeriveKey's request: validated as the firmware request it becomes (``vmpl``
+    None: the guest's own, resolved by the service)."""
+
+    root_key: str
+    fields: Tuple[str, ...] = ()
+    vmpl: Optional[int] = None
+    guest_svn: int = 0
+    tcb_version: int = 0
+
+    def __post_init__(self) -> None:
+        fields = _names(self.fields)
+        object.__setattr__(self, "fields", tuple(fields))
+        if not isinstance(self.root_key, str):
+            raise InvalidArgument("root_key must be a string (vcek or vmrk)")
+        self.firmware_request(0 if self.vmpl is None else self.vmpl)
+
+    def firmware_request(self, vmpl: int) -> DerivedKeyRequest:
+        return DerivedKeyRequest.from_fields(self.root_key, list(self.fields), vmpl=vmpl,
+                                             guest_svn=self.guest_svn,
+                                             tcb_version=self.tcb_version)
+
+
+@dataclasses.dataclass(frozen=True)
+class SealingKeyRequest:
+    """DeriveSealingKey's request: ``label`` 1-255 bytes of UTF-8; ``fields`` the
+    guest fields to bind (empty: measurement and policy)."""
+
+    label: str
+    fields: Tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        label = self.label
+        if not isinstance(label, str) or not label or len(label.encode()) > MAX_LABEL:
+            raise InvalidArgument(f"label must be 1-{MAX_LABEL} bytes of UTF-8")
+        chosen = tuple(_names(self.fields)) or DEFAULT_SEALING_FIELDS
+        unknown = [f for f in chosen if f not in GUEST_FIELDS]
+        if unknown:
+            raise InvalidArgument(f"unknown guest fields {unknown}; expected "
+                                  f"{', '.join(GUEST_FIELDS)}")
+        object.__setattr__(self, "fields", chosen)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendedReport:
+    """A raw report and the certificates that verify it (empty when none could be had)."""
+
+    report: bytes = dataclasses.field(repr=False)
+    certificates: CertificateSet = dataclasses.field(default_factory=CertificateSet)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    media_type: str
+    data: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Properties:
+    """What the daemon shows anyone allowed to look (no secrets: no full chip id).
+    ``product`` is the report's, else the hint's (``sev_status["product_source"]``
+    says which)."""
+
+    backend: str
+    product: Optional[Product]
+    vmpl: int
+    reported_tcb: int
+    state: str
+    state_reason: str
+    version: str
+    sev_status: Mapping[str, object]
+    statistics: Mapping[str, int]
+
+
+PROPERTY_NAMES = tuple(f.name for f in dataclasses.fields(Properties))
+Listener = Callable[[Mapping[str, object]], None]
+"""``listener(changed)``: :class:`Properties` fields by name, with their new values."""
+
+
+def check_options(values: Mapping[str, object], allowed: Mapping[str, type], what: str
+                  ) -> Dict[str, Any]:
+    """Plain option values (decoded from either wire) against the names and types a
+    method allows: an unknown name or a wrong type is InvalidArgument naming both."""
     out: Dict[str, Any] = {}
-    for key, value in options.items():
+    for key, value in values.items():
         if key not in allowed:
             known = ", ".join(sorted(allowed)) or "none"
             raise InvalidArgument(f"{what}: unknown option {key!r} (known: {known})")
@@ -142,13 +258,43 @@ def _options(options: Mapping[str, Any], allowed: Mapping[str, type], what: str
     return out
 
 
-def _bytes(value: object, what: str, *, max_len: int) -> bytes:
-    if not isinstance(value, (bytes, bytearray, memoryview)):
-        raise InvalidArgument(f"{what} must be bytes")
-    data = bytes(value)
-    if len(data) > max_len:
-        raise InvalidArgument(f"{what} is {len(data)} bytes; at most {max_len}")
-    return data
+TIMEOUT_OPTION: Mapping[str, type] = {"timeout": float}
+CERTIFICATE_OPTIONS: Mapping[str, type] = {"crl": bool, "endorser": str}
+
+
+class ServiceAPI(Protocol):
+    """What a transport needs of :class:`Service`: typed values in and out. Test
+    doubles (tests/doubles.py) implement it too."""
+
+    def check(self, caller: Caller, method: str) -> None: ...
+
+    async def get_report(self, caller: Caller, report_data: bytes, vmpl: Optional[int],
+                         options: ReportOptions) -> bytes: ...
+
+    async def get_extended_report(self, caller: Caller, report_data: bytes,
+                                  vmpl: Optional[int], options: ReportOptions
+                                  ) -> ExtendedReport: ...
+
+    async def get_certificates(self, caller: Caller, options: CertificateOptions
+                               ) -> CertificateSet: ...
+
+    async def verify_report(self, caller: Caller, report: bytes, options: VerifyOptions
+                            ) -> Verdict: ...
+
+    async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
+                           options: ReportOptions) -> Evidence: ...
+
+    async def derive_key(self, caller: Caller, request: KeyRequest, options: ReportOptions
+                         ) -> bytes: ...
+
+    async def derive_sealing_key(self, caller: Caller, request: SealingKeyRequest,
+                                 options: ReportOptions) -> bytes: ...
+
+    async def refresh_certificates(self, caller: Caller) -> None: ...
+
+    def properties(self, caller: Optional[Caller] = None) -> Properties: ...
+
+    def subscribe(self, listener: Listener) -> None: ...
 
 
 class Service:
@@ -192,7 +338,7 @@ class Service:
         self.product: Optional[Product] = None
         self.reported_tcb: int = 0
         self._chip_id: Optional[bytes] = None
-        self._listeners: List[Callable[[str, Dict[str, object]], None]] = []
+        self._listeners: List[Listener] = []
         # Work that may contact the KDS runs in its own small pool, so that a slow or
         # throttling KDS never delays cache answers and verification (the loop's
         # default pool); each uid's share of it is bounded by the budget.
@@ -202,27 +348,31 @@ class Service:
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def subscribe(self, listener: Callable[[str, Dict[str, object]], None]) -> None:
-        """``listener(interface, changed_properties)`` for PropertiesChanged."""
+    def check(self, caller: Caller, method: str) -> None:
+        """PermissionDenied unless ``caller`` may call ``method`` (by the one table,
+        :data:`snpd.access.METHODS`). Transports ask before they decode arguments, so
+        an outsider gets PermissionDenied whatever it sent; each method asks again."""
+        self.access.check_call(caller, method)
+
+    def subscribe(self, listener: Listener) -> None:
+        """``listener(changed)`` whenever properties change (PropertiesChanged)."""
         self._listeners.append(listener)
 
-    def notify(self, interface: str, changed: Dict[str, object]) -> None:
+    def notify(self, changed: Mapping[str, object]) -> None:
+        """Tell the listeners that the :class:`Properties` fields in ``changed`` took
+        these values; names that are no field are a bug (KeyError)."""
+        for name in changed:
+            if name not in PROPERTY_NAMES:
+                raise KeyError(f"no property {name!r}")
         for listener in list(self._listeners):
-            listener(interface, changed)
+            listener(dict(changed))
 
-    def _deadline(self, opts: Mapping[str, Any]) -> float:
-        timeout = opts.get("timeout", self.request_timeout)
-        if not 0 < timeout <= 600:
-            raise InvalidArgument("option 'timeout' must be in (0, 600] seconds")
+    def _deadline(self, options: ReportOptions) -> float:
+        timeout = self.request_timeout if options.timeout is None else options.timeout
         return float(self._clock() + timeout)
 
-    def _vmpl(self, vmpl: int) -> int:
-        if vmpl == DEFAULT_VMPL:
-            return self.guest_vmpl
-        if not isinstance(vmpl, int) or not 0 <= vmpl <= 3:
-            raise InvalidArgument(f"vmpl {vmpl} is not 0-3 (or {DEFAULT_VMPL} for the "
-                                  "guest's own)")
-        return vmpl
+    def _vmpl(self, vmpl: Optional[int]) -> int:
+        return self.guest_vmpl if vmpl is None else vmpl
 
     def _learn(self, report: bytes) -> AttestationReport:
         """Remember the platform's product and TCB from a report the firmware produced."""
@@ -231,17 +381,18 @@ class Service:
         changed: Dict[str, object] = {}
         if product is not None and product is not self.product:
             self.product = product
-            changed["Product"] = product.value
+            changed["product"] = product
         if parsed.reported_tcb != self.reported_tcb:
             self.reported_tcb = parsed.reported_tcb
-            changed["ReportedTcb"] = parsed.reported_tcb
+            changed["reported_tcb"] = parsed.reported_tcb
         self._chip_id = parsed.chip_id
         if changed:
-            self.notify("org.snpd.Snpd1.Attestation", changed)
+            self.notify(changed)
         return parsed
 
     async def _firmware(self, caller: Caller, request: FirmwareRequest, *,
                         deadline: float) -> Any:
+        """The one way to the broker: the caller's fairness key, deadline and reserve."""
         try:
             return await self.broker.submit(request, client=caller.client_key,
                                             deadline=deadline, user=caller.uid,
@@ -252,30 +403,30 @@ class Service:
 
     # -- Attestation ----------------------------------------------------------------------
 
-    async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                         options: Mapping[str, Any]) -> bytes:
-        self.access.check(caller, Permission.REPORT, "GetReport")
-        opts = _options(options, {"timeout": float}, "GetReport")
-        data = _bytes(report_data, "report_data", max_len=REPORT_DATA_SIZE)
-        level = self._vmpl(vmpl)
-        report: bytes = await self._firmware(caller, ReportRequest(data, level),
-                                             deadline=self._deadline(opts))
-        self.events.report_issued(caller, level, self._learn(report), self.product)
+    async def get_report(self, caller: Caller, report_data: bytes, vmpl: Optional[int],
+                         options: ReportOptions) -> bytes:
+        """A raw report binding ``report_data`` (0-64 bytes, zero-padded) at ``vmpl``
+        (None: the guest's own)."""
+        self.access.check_call(caller, "GetReport")
+        request = ReportRequest(report_data, self._vmpl(vmpl))
+        report: bytes = await self._firmware(caller, request,
+                                             deadline=self._deadline(options))
+        self.events.report_issued(caller, request.vmpl, self._learn(report), self.product)
         return report
 
-    async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                                  options: Mapping[str, Any]) -> Tuple[bytes, CertificateList]:
-        self.access.check(caller, Permission.REPORT, "GetExtendedReport")
-        opts = _options(options, {"timeout": float}, "GetExtendedReport")
-        data = _bytes(report_data, "report_data", max_len=REPORT_DATA_SIZE)
-        level = self._vmpl(vmpl)
-        extended = await self._firmware(caller, ExtendedReportRequest(data, level),
-                                        deadline=self._deadline(opts))
+    async def get_extended_report(self, caller: Caller, report_data: bytes,
+                                  vmpl: Optional[int], options: ReportOptions
+                                  ) -> ExtendedReport:
+        """GetReport plus the certificates that verify it: the host's table when it
+        verifies, else the verified cache / KDS; empty when none could be had."""
+        self.access.check_call(caller, "GetExtendedReport")
+        request = ExtendedReportRequest(report_data, self._vmpl(vmpl))
+        extended = await self._firmware(caller, request, deadline=self._deadline(options))
         report: bytes = extended.report
         parsed = self._learn(report)
-        self.events.report_issued(caller, level, parsed, self.product)
+        self.events.report_issued(caller, request.vmpl, parsed, self.product)
         certs = await self._certificates_for(caller, parsed, extended.certificates)
-        return report, certs
+        return ExtendedReport(report, certs)
 
     # -- certificates: cache first, then the KDS within the caller's budget ---------------
 
@@ -318,7 +469,7 @@ class Service:
         self._kds_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _certificates_for(self, caller: Caller, report: AttestationReport,
-                                table: Sequence[object]) -> CertificateList:
+                                table: Sequence[object]) -> CertificateSet:
         """The host's table when it verifies, else the verified cache / KDS."""
         endorser = Endorser.VLEK if report.signing_key == 1 else Endorser.VCEK
         product = report.cpuid_product or self.product
@@ -328,94 +479,77 @@ class Service:
                 verdict = await self._local(
                     lambda: self.verifier.verify(report, certs, product=product))
                 if verdict.valid:
-                    return _as_list(certs)
+                    return certs
                 self.events.certificate_rejected("host table", ", ".join(
                     c.name for c in verdict.failures))
             except CertificateFormatError as exc:
                 self.events.certificate_rejected("host table", str(exc))
         cache = self.cache
         if cache is None or product is None:
-            return []
+            return CertificateSet()
         tcb = TcbVersion.decode(report.reported_tcb, product)
         chip = None if report.chip_id_masked else report.chip_id
         try:
-            certs = await self._lookup(caller, "GetExtendedReport", lambda gate: (
+            return await self._lookup(caller, "GetExtendedReport", lambda gate: (
                 cache.certificates(product, endorser, chip_id=chip, tcb=tcb, gate=gate)))
         except Busy:
-            return []  # the report is worth more than its certificates; refusal logged
+            return CertificateSet()  # the report is worth more than its certificates
         except CertificatesUnavailable as exc:
             self.events.certificate_rejected("cache/KDS", str(exc))
-            return []
-        return _as_list(certs)
+            return CertificateSet()
 
-    async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
-                               ) -> CertificateList:
-        self.access.check(caller, Permission.REPORT, "GetCertificates")
-        opts = _options(options, {"crl": bool, "endorser": str}, "GetCertificates")
+    async def get_certificates(self, caller: Caller, options: CertificateOptions
+                               ) -> CertificateSet:
+        """This platform's chain (and CRL, with ``options.crl``).
+
+        The product comes from the last report, else from what the daemon knew at
+        start (CPUID or the emulator's configuration): naming the product spends no
+        report. Only the VCEK names the chip and its TCB, which only a report tells:
+        a VCEK chain asked for before any report was seen costs one report (at the
+        guest's own VMPL, on the caller's account); once one has been seen (the
+        daemon asks for one at start), none. A masked chip id gives the chain
+        without its VCEK."""
+        self.access.check_call(caller, "GetCertificates")
         if self.cache is None:
             raise CertificatesUnavailable("no certificate cache is configured")
-        if self.product is None:
-            await self.get_report(caller, b"", DEFAULT_VMPL, {})
-        product = self.product
+        endorser = options.endorser
+        if endorser is Endorser.VCEK and self._chip_id is None:
+            await self.get_report(caller, b"", None, ReportOptions())
+        product = self.product or self.product_hint
         if product is None:
             raise CertificatesUnavailable("the platform's product is unknown (v2 firmware?)")
-        try:
-            endorser = Endorser(opts.get("endorser", "vcek"))
-        except ValueError:
-            raise InvalidArgument("option 'endorser' must be vcek or vlek") from None
         chip = self._chip_id if endorser is Endorser.VCEK and self._chip_id and any(
             self._chip_id) else None
         tcb = TcbVersion.decode(self.reported_tcb, product) if chip else None
         cache = self.cache
-        certs = await self._lookup(caller, "GetCertificates", lambda gate: cache.certificates(
-            product, endorser, chip_id=chip, tcb=tcb, with_crl=opts.get("crl", False),
-            gate=gate))
-        return _as_list(certs)
+        return await self._lookup(caller, "GetCertificates", lambda gate: cache.certificates(
+            product, endorser, chip_id=chip, tcb=tcb, with_crl=options.crl, gate=gate))
 
-    async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
-                            ) -> Dict[str, object]:
-        self.access.check(caller, Permission.REPORT, "VerifyReport")
-        opts = _options(options, {"certificates": list, "at": int, "policy": str,
-                                  "product": str}, "VerifyReport")
-        data = _bytes(report, "report", max_len=4096)
+    async def verify_report(self, caller: Caller, report: bytes, options: VerifyOptions
+                            ) -> Verdict:
+        """Verify any report against the pinned roots. An invalid report is a verdict
+        naming every failed check, not an error; an unknown policy name is."""
+        self.access.check_call(caller, "VerifyReport")
+        if not isinstance(report, (bytes, bytearray, memoryview)):
+            raise InvalidArgument("report must be bytes")
+        data = bytes(report)
+        if len(data) > MAX_REPORT:
+            raise InvalidArgument(f"report is {len(data)} bytes; at most {MAX_REPORT}")
         policy = None
-        if "policy" in opts:
-            policy = self.policies.get(opts["policy"])
+        if options.policy is not None:
+            policy = self.policies.get(options.policy)
             if policy is None:
-                raise InvalidArgument(f"no policy named {opts['policy']!r} is configured "
+                raise InvalidArgument(f"no policy named {options.policy!r} is configured "
                                       f"(known: {', '.join(sorted(self.policies)) or 'none'})")
-        at = None
-        if "at" in opts:
-            try:
-                at = datetime.datetime.fromtimestamp(opts["at"], datetime.timezone.utc)
-            except (OverflowError, OSError, ValueError):
-                raise InvalidArgument("option 'at' is not a valid unix time") from None
-        product = None
-        if "product" in opts:
-            try:
-                product = Product.parse(opts["product"])
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-        certs = CertificateSet()
-        if "certificates" in opts:
-            pairs = opts["certificates"]
-            if not all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
-                       and isinstance(p[1], (bytes, bytearray)) for p in pairs):
-                raise InvalidArgument("option 'certificates' must be a(say): (kind, DER)")
-            certs = CertificateSet.from_kinds((k, bytes(v)) for k, v in pairs)
-        verdict = await self._verify(caller, data, certs, at, policy, product)
+        verdict = await self._verify(caller, data, options.certificates, options.at, policy,
+                                     options.product)
         if not verdict.valid:
             self.events.verification_failed(caller, [c.name for c in verdict.failures])
-        return {
-            "valid": verdict.valid,
-            "product": verdict.product.value if verdict.product else "",
-            "failures": [c.name for c in verdict.failures],
-            "checks": [(c.name, c.status.value, c.detail) for c in verdict.checks],
-        }
+        return verdict
 
     async def _verify(self, caller: Caller, report: bytes, certs: CertificateSet,
                       at: Optional[datetime.datetime], policy: Optional[AppraisalPolicy],
-                      product: Optional[Product]) -> Any:
+                      product: Optional[Product]) -> Verdict:
         """Fill gaps in the caller's certificates from the cache (or the KDS, within the
         caller's budget: beyond it the call fails Busy), then verify."""
         cache = self.cache
@@ -441,42 +575,40 @@ class Service:
                                                               policy=policy, product=product))
 
     async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
-                           options: Mapping[str, Any]) -> Tuple[str, bytes]:
-        self.access.check(caller, Permission.REPORT, "GetEvidence")
-        opts = _options(options, {"timeout": float}, "GetEvidence")
+                           options: ReportOptions) -> Evidence:
+        """Evidence for a remote verifier in format ``fmt``, binding ``nonce``."""
+        self.access.check_call(caller, "GetEvidence")
         from snpd.evidence import FORMATS, TRUSTEE_MEDIA_TYPE, trustee_evidence
 
         if fmt not in FORMATS:
             raise NotSupported(f"evidence format {fmt!r} is not supported "
                                f"(supported: {', '.join(FORMATS)})")
-        report, certs = await self.get_extended_report(caller, nonce, DEFAULT_VMPL, opts)
-        parsed = AttestationReport.from_bytes(report)
+        extended = await self.get_extended_report(caller, nonce, None, options)
+        parsed = AttestationReport.from_bytes(extended.report)
         product = parsed.cpuid_product or self.product
         if product is None:
             raise NotSupported("Trustee evidence needs a v3+ report naming its CPU")
-        leaf = [(k, d) for k, d in certs if k in ("vcek", "vlek")]
-        return TRUSTEE_MEDIA_TYPE, trustee_evidence(parsed, product, leaf)
+        leaf = [(k, c.der) for k, c in extended.certificates.items() if k in ("vcek", "vlek")]
+        return Evidence(TRUSTEE_MEDIA_TYPE, trustee_evidence(parsed, product, leaf))
 
     # -- Keys -----------------------------------------------------------------------------------
 
-    async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str], vmpl: int,
-                         guest_svn: int, tcb_version: int, options: Mapping[str, Any]) -> bytes:
-        self.access.check(caller, Permission.KEYS, "DeriveKey")
-        opts = _options(options, {"timeout": float}, "DeriveKey")
-        level = self._vmpl(vmpl)
+    async def derive_key(self, caller: Caller, request: KeyRequest, options: ReportOptions
+                         ) -> bytes:
+        """The firmware's raw derived key; VMPL :data:`SEALING_VMPL` is root's only."""
+        self.access.check_call(caller, "DeriveKey")
+        level = self._vmpl(request.vmpl)
         if level == SEALING_VMPL and caller.uid != 0:
             raise PermissionDenied(f"firmware keys of VMPL {SEALING_VMPL} are reserved for "
                                    "sealing keys (DeriveSealingKey); only root may derive "
                                    "them raw")
-        request = DerivedKeyRequest.from_fields(root_key, _names(fields), vmpl=level,
-                                                guest_svn=guest_svn, tcb_version=tcb_version)
-        key: bytes = await self._firmware(caller, request,
-                                          deadline=self._deadline(opts))
-        self.events.key_derived(caller, "raw", request.fields)
+        firmware = request.firmware_request(level)
+        key: bytes = await self._firmware(caller, firmware, deadline=self._deadline(options))
+        self.events.key_derived(caller, "raw", firmware.fields)
         return key
 
-    async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
-                                 options: Mapping[str, Any]) -> bytes:
+    async def derive_sealing_key(self, caller: Caller, request: SealingKeyRequest,
+                                 options: ReportOptions) -> bytes:
         """HKDF over a VCEK-rooted firmware key, bound to the caller's uid and label, so two
         local users or applications never obtain the same key.
 
@@ -484,41 +616,33 @@ class Service:
         to everyone but root: a member of the key groups can no more compute the
         root than anyone else, and the HKDF inputs (uid, label) being public does
         not matter. snpd(8) gives the whole argument."""
-        self.access.check(caller, Permission.REPORT, "DeriveSealingKey")
-        opts = _options(options, {"timeout": float}, "DeriveSealingKey")
-        if not isinstance(label, str) or not label or len(label.encode()) > MAX_LABEL:
-            raise InvalidArgument(f"label must be 1-{MAX_LABEL} bytes of UTF-8")
-        chosen = tuple(_names(fields)) or DEFAULT_SEALING_FIELDS
-        unknown = [f for f in chosen if not isinstance(f, str) or f not in GUEST_FIELDS]
-        if unknown:
-            raise InvalidArgument(f"unknown guest fields {unknown}; expected "
-                                  f"{', '.join(GUEST_FIELDS)}")
-        request = DerivedKeyRequest.from_fields("vcek", list(chosen), vmpl=SEALING_VMPL)
-        raw: bytes = await self._firmware(caller, request,
-                                          deadline=self._deadline(opts))
+        self.access.check_call(caller, "DeriveSealingKey")
+        firmware = DerivedKeyRequest.from_fields("vcek", list(request.fields),
+                                                 vmpl=SEALING_VMPL)
+        raw: bytes = await self._firmware(caller, firmware, deadline=self._deadline(options))
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-        info = b"snpd/v2/sealing\0" + struct.pack("<I", caller.uid) + label.encode()
+        info = b"snpd/v2/sealing\0" + struct.pack("<I", caller.uid) + request.label.encode()
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=SEALING_SALT,
                    info=info).derive(raw)
-        self.events.key_derived(caller, "sealing", request.fields)
+        self.events.key_derived(caller, "sealing", firmware.fields)
         return key
 
     # -- Manager --------------------------------------------------------------------------------
 
     async def refresh_certificates(self, caller: Caller) -> None:
-        self.access.check(caller, Permission.MANAGE, "RefreshCertificates")
+        self.access.check_call(caller, "RefreshCertificates")
         if self.cache is None:
             raise CertificatesUnavailable("no certificate cache is configured")
-        await self.get_certificates(caller, {"crl": True})
+        await self.get_certificates(caller, CertificateOptions(crl=True))
 
-    def properties(self, caller: Optional[Caller] = None) -> Dict[str, Dict[str, object]]:
-        """Every property by interface, as plain Python values. With a ``caller``
-        (varlink), only for root and the members of either group; D-Bus leaves that
-        to the bus policy (dbus-fast does not say who reads a property)."""
+    def properties(self, caller: Optional[Caller] = None) -> Properties:
+        """The daemon's properties. With a ``caller``, only if :data:`METHODS` lets it
+        read them; without, for the daemon itself and for transports that checked the
+        caller already (D-Bus, in its reader, before dbus-fast reads a property)."""
         if caller is not None:
-            self.access.check(caller, Permission.MEMBER, "GetProperties")
+            self.access.check_call(caller, "GetProperties")
         state = self.broker.state
         stats = {k: int(v) for k, v in self.broker.stats().items()}
         if self.cache is not None:
@@ -528,21 +652,10 @@ class Service:
         sev_status = dict(self.sev_status)
         if product is not None and source:
             sev_status["product_source"] = source
-        return {
-            "org.snpd.Snpd1.Attestation": {
-                "Backend": self.backend,
-                "Product": product.value if product else "",
-                "Vmpl": self.guest_vmpl,
-                "ReportedTcb": self.reported_tcb,
-                "State": state.state,
-                "StateReason": state.reason,
-            },
-            "org.snpd.Snpd1.Manager": {
-                "Version": __version__,
-                "SevStatus": sev_status,
-                "Statistics": stats,
-            },
-        }
+        return Properties(backend=self.backend, product=product, vmpl=self.guest_vmpl,
+                          reported_tcb=self.reported_tcb, state=state.state,
+                          state_reason=state.reason, version=__version__,
+                          sev_status=sev_status, statistics=stats)
 
 
 def _names(fields: object) -> List[str]:
@@ -550,7 +663,3 @@ def _names(fields: object) -> List[str]:
     if not isinstance(fields, (list, tuple)) or not all(isinstance(f, str) for f in fields):
         raise InvalidArgument("fields must be a list of guest field names")
     return list(fields)
-
-
-def _as_list(certs: CertificateSet) -> CertificateList:
-    return [(kind, item.der) for kind, item in certs.items()]

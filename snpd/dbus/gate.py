@@ -90,13 +90,13 @@ class Gate:
         self._buckets: Dict[Union[int, str], TokenBucket] = {}
         self.refused = 0
 
-    def classify(self, path: Optional[str], interface: Optional[str],
+    def classify(self, path: Optional[str], interface: str,
                  member: Optional[str], signature: str) -> Kind:
-        """The kind of a method call (as dbus-fast will dispatch it)."""
+        """The kind of a method call (as dbus-fast will dispatch it). Calls that name
+        no interface never get here: the reader answers them UnknownMethod."""
         if path == self._path and member is not None:
             known = self._members.get(member)
-            if (known is not None and interface in (None, known[0])
-                    and signature == known[1]):
+            if known is not None and interface == known[0] and signature == known[1]:
                 return Kind.SERVICE
         return Kind.CHEAP
 

@@ -1,12 +1,15 @@
 """org.snpd.Snpd1 on the system bus: a thin dbus-fast front for :mod:`snpd.service`.
 
 Each method does four things and nothing else: establish who is calling (from the
-bus, never from anything the caller says), decode the arguments (the Variants of
-an ``a{sv}`` become plain Python values), await the matching Service coroutine,
-and encode its result. All authorization and validation lives in the Service, so
-the varlink twin of every method behaves the same; the bus policy
-(conf/dbus/org.snpd.Snpd1.conf) is the first layer, the Service's re-check the
-second.
+bus, never from anything the caller says), ask the service's access table
+(:mod:`snpd.access`) whether they may, decode the arguments into the service's
+typed values (the Variants of an ``a{sv}`` become plain values, then
+:class:`~snpd.service.ReportOptions` and the like; ``0xFFFFFFFF`` becomes "the
+guest's own VMPL"), await the matching Service coroutine, and encode its result.
+The rules live in the typed values and the Service, so the varlink twin of every
+method behaves the same; the bus policy (conf/dbus/org.snpd.Snpd1.conf) is the
+first layer, the Service's re-check the second. Property reads are checked by the
+reader against the same table before dbus-fast sees them.
 
 Errors: a :class:`~snpd.errors.SnpdError` travels as its own
 ``org.snpd.Snpd1.Error.<Kind>``; anything else is a bug, logged here with its
@@ -50,11 +53,9 @@ from typing import (
     Awaitable,
     Callable,
     Dict,
-    FrozenSet,
     List,
     Mapping,
     Optional,
-    Protocol,
     Sequence,
     Set,
     Tuple,
@@ -68,11 +69,33 @@ from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
 
+from snpd.access import Caller, proc_credentials
 from snpd.dbus import wire
 from snpd.dbus.gate import Gate, Kind, Limits, Refusal, Ticket
-from snpd.errors import DBUS_PREFIX, Busy, Internal, PermissionDenied, SnpdError
+from snpd.errors import (
+    DBUS_PREFIX,
+    Busy,
+    Internal,
+    InvalidArgument,
+    PermissionDenied,
+    SnpdError,
+)
 from snpd.ratelimit import LogLimiter
-from snpd.service import Caller
+from snpd.service import (
+    CERTIFICATE_OPTIONS,
+    TIMEOUT_OPTION,
+    CertificateOptions,
+    KeyRequest,
+    Properties,
+    ReportOptions,
+    SealingKeyRequest,
+    ServiceAPI,
+    VerifyOptions,
+    check_options,
+)
+from snpd.status.summary import PROPERTY_FIELDS, plain_property
+from snpd.trust.certset import CertificateSet
+from snpd.trust.result import Verdict
 
 BUS_NAME = "org.snpd.Snpd1"
 OBJECT_PATH = "/org/snpd/Snpd1"
@@ -93,6 +116,7 @@ _DBUS = "org.freedesktop.DBus"
 _DBUS_PATH = "/org/freedesktop/DBus"
 _ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 _PEER = "org.freedesktop.DBus.Peer"
+_PROPERTIES = "org.freedesktop.DBus.Properties"
 _DROPPED_LOG_INTERVAL = 60.0
 _EMITS = "org.freedesktop.DBus.Property.EmitsChangedSignal"
 # Only disappearances matter to the credentials cache (arg2 = new owner = none).
@@ -116,48 +140,16 @@ PROPERTIES: Mapping[str, Mapping[str, Tuple[str, str]]] = {
         "Statistics": ("a{st}", "false"),
     },
 }
-# VerifyReport's result keys with fixed types; any other key is encoded by value.
-_RESULT_TYPES = {"valid": "b", "product": "s", "failures": "as", "checks": "a(sss)"}
+FIELDS = PROPERTY_FIELDS
+_NAMES = {field: key for key, field in FIELDS.items()}
+OWN_VMPL = 0xFFFFFFFF
+"""``vmpl`` for "the guest's own VMPL" (D-Bus ``u`` has no null)."""
 
 _log = logging.getLogger(__name__)
 
 _R = TypeVar("_R")
 _E = TypeVar("_E")
 _F = TypeVar("_F", bound=Callable[..., Any])
-CertificateList = Sequence[Tuple[str, bytes]]
-
-
-class ServiceAPI(Protocol):
-    """What the transport needs from :class:`snpd.service.Service` (tests pass fakes)."""
-
-    async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                         options: Mapping[str, Any]) -> bytes: ...
-
-    async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                                  options: Mapping[str, Any]
-                                  ) -> Tuple[bytes, CertificateList]: ...
-
-    async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
-                               ) -> CertificateList: ...
-
-    async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
-                            ) -> Mapping[str, object]: ...
-
-    async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
-                           options: Mapping[str, Any]) -> Tuple[str, bytes]: ...
-
-    async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str], vmpl: int,
-                         guest_svn: int, tcb_version: int, options: Mapping[str, Any]
-                         ) -> bytes: ...
-
-    async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
-                                 options: Mapping[str, Any]) -> bytes: ...
-
-    async def refresh_certificates(self, caller: Caller) -> None: ...
-
-    def properties(self) -> Mapping[str, Mapping[str, object]]: ...
-
-    def subscribe(self, listener: Callable[[str, Dict[str, object]], None]) -> None: ...
 
 
 def introspection_xml() -> str:
@@ -267,36 +259,49 @@ def _ay(value: object) -> bytes:
     return bytes(value)
 
 
-def _certificates(value: CertificateList) -> List[List[Any]]:
-    out: List[List[Any]] = []
-    for kind, der in value:
-        if not isinstance(kind, str):
-            raise TypeError("certificate kind must be str")
-        out.append([kind, _ay(der)])
-    return out
+def _certificates(value: CertificateSet) -> List[List[Any]]:
+    return [[kind, item.der] for kind, item in value.items()]
 
 
-def _seq(value: object) -> List[Any]:
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"expected a sequence, got {type(value).__name__}")
-    return list(value)
+def _verdict(verdict: Verdict) -> Dict[str, Variant]:
+    return {
+        "valid": Variant("b", verdict.valid),
+        "product": Variant("s", text(verdict.product.value if verdict.product else "")),
+        "failures": Variant("as", [text(c.name) for c in verdict.failures]),
+        "checks": Variant("a(sss)", [[text(c.name), text(c.status.value), text(c.detail)]
+                                     for c in verdict.checks]),
+    }
 
 
-def _verify_result(value: Mapping[str, object]) -> Dict[str, Variant]:
-    out: Dict[str, Variant] = {}
-    for key, item in value.items():
-        sig = _RESULT_TYPES.get(key)
-        if sig == "a(sss)":
-            out[key] = Variant(sig, [[text(str(x)) for x in _seq(row)] for row in _seq(item)])
-        elif sig == "as":
-            out[key] = Variant(sig, [text(str(x)) for x in _seq(item)])
-        elif sig == "s":
-            out[key] = Variant(sig, text(str(item)))
-        elif sig is not None:
-            out[key] = Variant(sig, item)
-        elif item is not None:
-            out[key] = to_variant(item)
-    return out
+def _vmpl(vmpl: int) -> Optional[int]:
+    return None if vmpl == OWN_VMPL else vmpl
+
+
+def _timeout(options: Mapping[str, Any], what: str) -> ReportOptions:
+    return ReportOptions(**check_options(decode_options(options), TIMEOUT_OPTION, what))
+
+
+def _certificate_options(options: Mapping[str, Any]) -> CertificateOptions:
+    return CertificateOptions(**check_options(decode_options(options), CERTIFICATE_OPTIONS,
+                                              "GetCertificates"))
+
+
+def _verify_options(options: Mapping[str, Any]) -> VerifyOptions:
+    opts = check_options(decode_options(options), {
+        "certificates": list, "at": int, "policy": str, "product": str}, "VerifyReport")
+    pairs = opts.get("certificates")
+    if pairs is not None and not all(
+            isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+            and isinstance(p[1], (bytes, bytearray)) for p in pairs):
+        raise InvalidArgument("option 'certificates' must be a(say): (kind, DER)")
+    return VerifyOptions.from_plain(
+        certificates=[(k, bytes(v)) for k, v in pairs] if pairs else None,
+        at=opts.get("at"), policy=opts.get("policy"), product=opts.get("product"))
+
+
+def property_value(props: Properties, field: str) -> object:
+    """A :class:`Properties` field as the plain value its D-Bus property carries."""
+    return plain_property(field, getattr(props, field))
 
 
 def _int(value: object) -> int:
@@ -404,10 +409,9 @@ class _Interface(ServiceInterface):  # type: ignore[misc,unused-ignore]
         emits = {prop: spec[1] for prop, spec in PROPERTIES.get(self.name, {}).items()}
         return _Documented(super().introspect(), self.OUT_ARGS, emits)
 
-    async def _call(self, member: str, options: Optional[Mapping[str, Any]],
-                    invoke: Callable[[Caller, Dict[str, Any]], Awaitable[_R]],
+    async def _call(self, member: str, invoke: Callable[[Caller], Awaitable[_R]],
                     encode: Callable[[_R], _E]) -> _E:
-        return await self._server.call(self.name, member, options, invoke, encode)
+        return await self._server.call(self.name, member, invoke, encode)
 
     def _property(self, name: str) -> Any:
         return self._server.property_value(self.name, name)
@@ -429,9 +433,8 @@ class AttestationInterface(_Interface):
     async def get_report(self, report_data: bytes, vmpl: int, options: Mapping[str, Any]
                          ) -> bytes:
         core = self._server.core
-        return await self._call(
-            "GetReport", options,
-            lambda caller, opts: core.get_report(caller, report_data, vmpl, opts), _ay)
+        return await self._call("GetReport", lambda caller: core.get_report(
+            caller, report_data, _vmpl(vmpl), _timeout(options, "GetReport")), _ay)
 
     @_dbus_method("GetExtendedReport", "aya(say)", report_data="ay", vmpl="u",
                   options="a{sv}")
@@ -439,32 +442,31 @@ class AttestationInterface(_Interface):
                                   options: Mapping[str, Any]) -> List[Any]:
         core = self._server.core
         return await self._call(
-            "GetExtendedReport", options,
-            lambda caller, opts: core.get_extended_report(caller, report_data, vmpl, opts),
-            lambda result: [_ay(result[0]), _certificates(result[1])])
+            "GetExtendedReport", lambda caller: core.get_extended_report(
+                caller, report_data, _vmpl(vmpl), _timeout(options, "GetExtendedReport")),
+            lambda result: [_ay(result.report), _certificates(result.certificates)])
 
     @_dbus_method("GetCertificates", "a(say)", options="a{sv}")
     async def get_certificates(self, options: Mapping[str, Any]) -> List[List[Any]]:
         core = self._server.core
-        return await self._call("GetCertificates", options, core.get_certificates,
-                                _certificates)
+        return await self._call("GetCertificates", lambda caller: core.get_certificates(
+            caller, _certificate_options(options)), _certificates)
 
     @_dbus_method("VerifyReport", "a{sv}", report="ay", options="a{sv}")
     async def verify_report(self, report: bytes, options: Mapping[str, Any]
                             ) -> Dict[str, Variant]:
         core = self._server.core
-        return await self._call(
-            "VerifyReport", options,
-            lambda caller, opts: core.verify_report(caller, report, opts), _verify_result)
+        return await self._call("VerifyReport", lambda caller: core.verify_report(
+            caller, report, _verify_options(options)), _verdict)
 
     @_dbus_method("GetEvidence", "say", format="s", nonce="ay", options="a{sv}")
     async def get_evidence(self, format: str, nonce: bytes, options: Mapping[str, Any]
                            ) -> List[Any]:
         core = self._server.core
         return await self._call(
-            "GetEvidence", options,
-            lambda caller, opts: core.get_evidence(caller, format, nonce, opts),
-            lambda result: [str(result[0]), _ay(result[1])])
+            "GetEvidence", lambda caller: core.get_evidence(
+                caller, format, nonce, _timeout(options, "GetEvidence")),
+            lambda result: [text(result.media_type), _ay(result.data)])
 
     @_dbus_property(ATTESTATION, "Backend")
     def backend(self) -> Any:
@@ -502,18 +504,17 @@ class KeysInterface(_Interface):
     async def derive_key(self, root_key: str, fields: List[str], vmpl: int, guest_svn: int,
                          tcb_version: int, options: Mapping[str, Any]) -> bytes:
         core = self._server.core
-        return await self._call(
-            "DeriveKey", options,
-            lambda caller, opts: core.derive_key(caller, root_key, fields, vmpl, guest_svn,
-                                                 tcb_version, opts), _ay)
+        return await self._call("DeriveKey", lambda caller: core.derive_key(
+            caller, KeyRequest(root_key, tuple(fields), _vmpl(vmpl), guest_svn, tcb_version),
+            _timeout(options, "DeriveKey")), _ay)
 
     @_dbus_method("DeriveSealingKey", "ay", label="s", fields="as", options="a{sv}")
     async def derive_sealing_key(self, label: str, fields: List[str],
                                  options: Mapping[str, Any]) -> bytes:
         core = self._server.core
-        return await self._call(
-            "DeriveSealingKey", options,
-            lambda caller, opts: core.derive_sealing_key(caller, label, fields, opts), _ay)
+        return await self._call("DeriveSealingKey", lambda caller: core.derive_sealing_key(
+            caller, SealingKeyRequest(label, tuple(fields)),
+            _timeout(options, "DeriveSealingKey")), _ay)
 
 
 class ManagerInterface(_Interface):
@@ -523,8 +524,7 @@ class ManagerInterface(_Interface):
     @_dbus_method("RefreshCertificates", "")
     async def refresh_certificates(self) -> None:
         core = self._server.core
-        await self._call("RefreshCertificates", None,
-                         lambda caller, _opts: core.refresh_certificates(caller),
+        await self._call("RefreshCertificates", core.refresh_certificates,
                          lambda _none: None)
 
     @_dbus_property(MANAGER, "Version")
@@ -564,8 +564,8 @@ class CallerIdentity:
     """Who is behind a unique bus name, from the bus's GetConnectionCredentials.
 
     Concurrent first calls from one sender share a single lookup. When the bus gives
-    no UnixGroupIDs (dbus-daemon < 1.10), the groups come from /proc/<pid>/status,
-    and only if that process still belongs to the same uid.
+    no UnixGroupIDs (dbus-daemon < 1.10), the groups come from /proc/<pid>/status
+    (:func:`snpd.access.proc_credentials`: effective ids, as SO_PEERCRED gives them).
     """
 
     def __init__(self, bus: Any, *, limit: int = CREDENTIALS_CACHE_SIZE,
@@ -635,29 +635,8 @@ class CallerIdentity:
         if "UnixGroupIDs" in creds:
             gids = frozenset(int(g) for g in creds["UnixGroupIDs"].value)
         else:
-            gids = self._groups_from_proc(pid, uid)
+            gids = proc_credentials(pid, uid, str(self._proc))
         return Caller(uid=uid, gids=gids, pid=pid, transport="dbus", peer=sender)
-
-    def _groups_from_proc(self, pid: Optional[int], uid: int) -> FrozenSet[int]:
-        """Real gid and supplementary groups of ``pid``, if it still runs as ``uid``;
-        else none (deny by default: group-based access then fails, root's does not)."""
-        if pid is None:
-            return frozenset()
-        try:
-            with open(self._proc / str(pid) / "status", "rb") as f:
-                text = f.read(1 << 16).decode("ascii", "replace")
-        except OSError:
-            return frozenset()
-        fields = {}
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            fields[key] = value.split()
-        try:
-            if int(fields["Uid"][0]) != uid:
-                return frozenset()
-            return frozenset([int(fields["Gid"][0]), *(int(g) for g in fields["Groups"])])
-        except (KeyError, IndexError, ValueError):
-            return frozenset()
 
 
 # -- the server ------------------------------------------------------------------------------
@@ -698,9 +677,13 @@ class _Server:
         except Exception:
             _log.exception("D-Bus message handler failed")
 
-    async def call(self, interface: str, member: str, options: Optional[Mapping[str, Any]],
-                   invoke: Callable[[Caller, Dict[str, Any]], Awaitable[_R]],
+    async def call(self, interface: str, member: str,
+                   invoke: Callable[[Caller], Awaitable[_R]],
                    encode: Callable[[_R], _E]) -> _E:
+        """Serve one method call: who calls (from the bus), whether they may (asked
+        before the arguments are decoded, so an outsider learns nothing from them),
+        then ``invoke`` (which decodes the arguments into the service's typed values
+        and awaits the service) and ``encode``."""
         incoming = _INCOMING.get()
         ticket: Optional[Ticket] = None
         try:
@@ -710,8 +693,8 @@ class _Server:
             ticket, refusal = self._count(ticket, sender, caller.uid)
             if refusal is not None:
                 raise Busy(refusal.text)
-            opts = decode_options(options) if options is not None else {}
-            return encode(await invoke(caller, opts))
+            self.core.check(caller, member)
+            return encode(await invoke(caller))
         except SnpdError as exc:
             raise DBusError(exc.dbus_name(), text(str(exc))) from None
         except DBusError:
@@ -734,9 +717,11 @@ class _Server:
 
     @staticmethod
     def _claim(incoming: Optional[_Incoming], interface: str, member: str) -> Optional[str]:
+        """The sender of the message being served. The reader answers calls without
+        an interface itself, so the message must name exactly this one."""
         msg: Any = incoming.message if incoming is not None else None
         if (incoming is None or incoming.claimed or msg.member != member
-                or msg.interface not in (None, interface)):
+                or msg.interface != interface):
             _log.error("cannot tell which message %s.%s serves: refusing the call (is this "
                        "dbus-fast version supported?)", interface, member)
             raise Internal(f"{member}: the caller's identity is unavailable")
@@ -745,15 +730,17 @@ class _Server:
         return sender
 
     def property_value(self, interface: str, name: str) -> Any:
+        """A property as dbus-fast sends it. Who may read it was decided by the reader
+        before dbus-fast got the message (:meth:`_Reader._properties`)."""
         try:
-            value = self.core.properties()[interface][name]
+            value = property_value(self.core.properties(), FIELDS[(interface, name)])
             return encode_property(PROPERTIES[interface][name][0], value)
         except Exception:
             _log.exception("property %s.%s failed", interface, name)
             raise DBusError(INTERNAL_ERROR, f"property {name} is unavailable; the daemon's "
                                             "log has the details") from None
 
-    def properties_changed(self, interface: str, changed: Dict[str, object]) -> None:
+    def properties_changed(self, changed: Mapping[str, object]) -> None:
         """Service listener. Safe from any thread; never raises into the Service."""
         if self.closed:
             return
@@ -762,25 +749,33 @@ class _Server:
         except RuntimeError:
             running = None
         if running is self.loop:
-            self._emit(interface, dict(changed))
+            self._emit(dict(changed))
             return
         # RuntimeError: the loop is closed, so nobody is listening any more.
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(self._emit, interface, dict(changed))
+            self.loop.call_soon_threadsafe(self._emit, dict(changed))
 
-    def _emit(self, interface: str, changed: Dict[str, object]) -> None:
-        target = self.interfaces.get(interface)
-        specs = PROPERTIES.get(interface, {})
-        if self.closed or target is None:
+    def _emit(self, changed: Dict[str, object]) -> None:
+        """PropertiesChanged, one signal per interface, for the properties that emit."""
+        if self.closed:
             return
-        try:
-            encoded = {name: encode_property(specs[name][0], value)
-                       for name, value in changed.items()
-                       if name in specs and specs[name][1] == "true"}
-            if encoded:
-                target.emit_properties_changed(encoded)
-        except Exception:
-            _log.exception("cannot emit PropertiesChanged for %s", interface)
+        by_interface: Dict[str, Dict[str, object]] = {}
+        for field, value in changed.items():
+            key = _NAMES.get(field)
+            if key is not None:
+                by_interface.setdefault(key[0], {})[key[1]] = plain_property(field, value)
+        for interface, values in by_interface.items():
+            target = self.interfaces.get(interface)
+            specs = PROPERTIES.get(interface, {})
+            if target is None:
+                continue
+            try:
+                encoded = {name: encode_property(specs[name][0], value)
+                           for name, value in values.items() if specs[name][1] == "true"}
+                if encoded:
+                    target.emit_properties_changed(encoded)
+            except Exception:
+                _log.exception("cannot emit PropertiesChanged for %s", interface)
 
 
 class ServerHandle:
@@ -918,7 +913,42 @@ class _Reader:
         if fields.interface == _PEER and fields.path is not None:
             self._peer(header, fields)
             return
+        if fields.interface == _PROPERTIES and fields.path == OBJECT_PATH and sender:
+            self._properties(event.data, header, fields, sender)
+            return
         self._dispatch(event.data, None)
+
+    def _properties(self, data: bytes, header: wire.Header, fields: wire.Fields,
+                    sender: str) -> None:
+        """org.freedesktop.DBus.Properties, for whom the service's access table lets
+        read them ("GetProperties"): dbus-fast does not tell a property who reads it, so
+        the reader decides before dispatch; a sender not yet known is looked up
+        first (its call is then dispatched when the bus has answered)."""
+        known = self._server.identity.known(sender)
+        if known is not None:
+            self._properties_for(known, data, header, fields)
+            return
+        fut = asyncio.ensure_future(self._properties_later(data, header, fields, sender))
+        fut.add_done_callback(_consume)
+
+    async def _properties_later(self, data: bytes, header: wire.Header, fields: wire.Fields,
+                                sender: str) -> None:
+        try:
+            caller = await self._server.identity.caller(sender)
+        except SnpdError as exc:
+            self._answer(header, fields, exc.dbus_name(), text(str(exc)))
+            return
+        if not self._server.closed:
+            self._properties_for(caller, data, header, fields)
+
+    def _properties_for(self, caller: Caller, data: bytes, header: wire.Header,
+                        fields: wire.Fields) -> None:
+        try:
+            self._server.core.check(caller, "GetProperties")
+        except SnpdError as exc:
+            self._answer(header, fields, exc.dbus_name(), text(str(exc)))
+            return
+        self._dispatch(data, None)
 
     def _peer(self, header: wire.Header, fields: wire.Fields) -> None:
         """org.freedesktop.DBus.Peer, answered here: dbus-fast 1.84.2 answers every

@@ -60,6 +60,43 @@ def tcb_short(tcb: Optional[Mapping[str, Any]]) -> str:
     return " ".join(parts) if parts else str(tcb["raw"])
 
 
+# (interface, property) -> the snpd.service.Properties field it shows: the one map
+# between the typed properties and the shape D-Bus serves, snpd.client returns and
+# the status texts read.
+PROPERTY_FIELDS = {
+    (ATTESTATION, "Backend"): "backend",
+    (ATTESTATION, "Product"): "product",
+    (ATTESTATION, "Vmpl"): "vmpl",
+    (ATTESTATION, "ReportedTcb"): "reported_tcb",
+    (ATTESTATION, "State"): "state",
+    (ATTESTATION, "StateReason"): "state_reason",
+    (MANAGER, "Version"): "version",
+    (MANAGER, "SevStatus"): "sev_status",
+    (MANAGER, "Statistics"): "statistics",
+}
+
+
+def plain_property(field: str, value: Any) -> Any:
+    """A Properties field's value as the interface-keyed shape carries it: the
+    product by its KDS name ("" when unknown), mappings as dicts."""
+    if field == "product":
+        return "" if value is None else str(getattr(value, "value", value))
+    if field in ("sev_status", "statistics"):
+        return dict(value)
+    return value
+
+
+def by_interface(fields: Mapping[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Properties fields by name (e.g. ``dataclasses.asdict`` of
+    :class:`snpd.service.Properties`, or varlink's GetProperties) by interface and
+    then by property name, as :func:`status_document` reads them."""
+    out: Dict[str, Dict[str, Any]] = {ATTESTATION: {}, MANAGER: {}}
+    for (interface, name), field in PROPERTY_FIELDS.items():
+        if field in fields:
+            out[interface][name] = plain_property(field, fields[field])
+    return out
+
+
 def status_document(props: Mapping[str, Any], *, source: str = "daemon") -> Dict[str, Any]:
     """The status as ``snpctl status --json`` gives it (keys: :data:`DOCUMENT_KEYS`;
     a fact nobody knows is null), from the daemon's properties by interface

@@ -2,9 +2,11 @@
 
 It is a transport and nothing more (DESIGN.md): it establishes who is calling
 from the kernel (``SO_PEERCRED``, ``SO_PEERGROUPS``), decodes each call with the
-sans-IO :mod:`snpd.varlink.protocol`, calls the same :class:`~snpd.service.Service`
-coroutine the D-Bus method calls, and encodes the result or maps the typed error.
-Authorization is the service's job, on every call.
+sans-IO :mod:`snpd.varlink.protocol`, turns the JSON parameters into the
+service's typed values (null ``vmpl``: the guest's own), calls the same
+:class:`~snpd.service.Service` coroutine the D-Bus method calls, and encodes the
+result as JSON or maps the typed error. Authorization is the service's table
+(:mod:`snpd.access`), asked before options are read and again by the method.
 
 Why in-tree and not a library: spec/STACK.md §6 — no maintained varlink library
 is packaged in the distributions; the protocol is small enough to own, and the
@@ -66,15 +68,27 @@ from typing import (
     Mapping,
     MutableMapping,
     Optional,
-    Protocol,
     Sequence,
     Tuple,
 )
 
 from snpd import __version__
+from snpd.access import Caller, proc_credentials
 from snpd.errors import DeviceError, SnpdError
 from snpd.ratelimit import LogLimiter
-from snpd.service import DEFAULT_VMPL, Caller
+from snpd.service import (
+    CERTIFICATE_OPTIONS,
+    TIMEOUT_OPTION,
+    CertificateOptions,
+    KeyRequest,
+    ReportOptions,
+    SealingKeyRequest,
+    ServiceAPI,
+    VerifyOptions,
+    check_options,
+)
+from snpd.status.summary import by_interface
+from snpd.trust.certset import CertificateSet
 from snpd.varlink.protocol import (
     INT64_MAX,
     INT64_MIN,
@@ -157,38 +171,6 @@ error PermissionDenied ()
 # Method is expected to be called with 'more' set to true, but wasn't
 error ExpectedMore ()
 """
-
-
-class ServiceLike(Protocol):
-    """What the server needs of :class:`snpd.service.Service` (tests pass fakes)."""
-
-    async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                         options: Mapping[str, Any]) -> bytes: ...
-
-    async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                                  options: Mapping[str, Any]
-                                  ) -> Tuple[bytes, List[Tuple[str, bytes]]]: ...
-
-    async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
-                               ) -> List[Tuple[str, bytes]]: ...
-
-    async def verify_report(self, caller: Caller, report: bytes,
-                            options: Mapping[str, Any]) -> Dict[str, object]: ...
-
-    async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
-                           options: Mapping[str, Any]) -> Tuple[str, bytes]: ...
-
-    async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str],
-                         vmpl: int, guest_svn: int, tcb_version: int,
-                         options: Mapping[str, Any]) -> bytes: ...
-
-    async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
-                                 options: Mapping[str, Any]) -> bytes: ...
-
-    async def refresh_certificates(self, caller: Caller) -> None: ...
-
-    def properties(self, caller: Optional[Caller] = None) -> Dict[str, Dict[str, object]]:
-        ...
 
 
 Params = Dict[str, Any]
@@ -361,30 +343,6 @@ def _peer_groups_sockopt(sock: Any) -> Optional[FrozenSet[int]]:
     return frozenset(struct.unpack(f"{count}I", raw[:count * 4]))
 
 
-def _peer_groups_proc(pid: int, uid: int, proc: str = "/proc") -> FrozenSet[int]:
-    """The supplementary groups from ``/proc/<pid>/status`` (kernels before 4.13).
-
-    This is racy where SO_PEERGROUPS is not: it reads the groups *now*, not at
-    connect(); the peer may have changed them (setgroups) since, or exited and
-    its pid been reused by another process. The effective uid on the ``Uid:``
-    line must match SO_PEERCRED's, else no supplementary groups are granted
-    (fail closed). A pidfd (SO_PEERPIDFD, Linux 6.5) would pin the process and
-    close the pid-reuse half of the race.
-    """
-    try:
-        with open(f"{proc}/{pid}/status", "rb") as f:
-            text = f.read(1 << 20).decode("ascii", "replace")
-    except OSError:
-        return frozenset()
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    try:
-        effective_uid = int(fields.get("Uid", "").split()[1])
-        groups = frozenset(int(g) for g in fields.get("Groups", "").split())
-    except (IndexError, ValueError):
-        return frozenset()
-    return groups if effective_uid == uid else frozenset()
-
-
 def peer_credentials(sock: Any) -> PeerCredentials:
     """Who is on the other end of a connected AF_UNIX socket, from the kernel.
 
@@ -394,8 +352,8 @@ def peer_credentials(sock: Any) -> PeerCredentials:
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                   _UCRED.size))
     groups = _peer_groups_sockopt(sock)
-    if groups is None:
-        groups = _peer_groups_proc(pid, uid)
+    if groups is None:  # racy; see proc_credentials
+        groups = proc_credentials(pid, uid)
     return PeerCredentials(pid, uid, gid, groups | {gid})
 
 
@@ -499,14 +457,16 @@ def _snpd_error(interface: str, exc: SnpdError) -> bytes:
     return encode_error(exc.varlink_name(interface), parameters)
 
 
-def _certificates(pairs: Sequence[Tuple[str, bytes]]) -> List[Dict[str, str]]:
-    return [{"kind": kind, "data": encode_bytes(der)} for kind, der in pairs]
+def _certificates(certs: CertificateSet) -> List[Dict[str, str]]:
+    return [{"kind": kind, "data": encode_bytes(item.der)} for kind, item in certs.items()]
 
 
-def _options(value: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
-    return dict(value or {})
+def _timeout(value: Optional[Mapping[str, Any]], what: str) -> ReportOptions:
+    return ReportOptions(**check_options(value or {}, TIMEOUT_OPTION, what))
 
 
+# Varlink methods whose name in the access table (snpd.access.METHODS) differs.
+_ACCESS = {"Describe": "GetProperties"}
 _OPTIONS = Field("options", Kind.OBJECT, optional=True)
 _VMPL = Field("vmpl", Kind.INT, optional=True, maximum=UINT32_MAX)
 
@@ -523,7 +483,7 @@ class VarlinkServer:
 
     def __init__(
         self,
-        service: ServiceLike,
+        service: ServiceAPI,
         *,
         vendor: str = "snpd",
         product: str = "snpd",
@@ -824,7 +784,10 @@ class VarlinkServer:
         method = self.methods.get(name)
         if method is None:
             raise method_not_found(name)
-        return await method.handler(caller, check_parameters(parameters, method.fields))
+        checked = check_parameters(parameters, method.fields)
+        # Who may call comes before what the options say (as on D-Bus).
+        self.service.check(caller, _ACCESS.get(member, member))
+        return await method.handler(caller, checked)
 
     def _service_method(self, member: str, name: str, parameters: Mapping[str, Any]
                         ) -> Params:
@@ -874,59 +837,65 @@ class VarlinkServer:
             ), self._derive_sealing_key),
             "org.snpd.Manager.RefreshCertificates": Method((), self._refresh_certificates),
             "org.snpd.Manager.GetProperties": Method((), self._get_properties),
+            "org.snpd.Manager.Describe": Method((), self._describe),
         }
 
     async def _get_report(self, caller: Caller, p: Params) -> Params:
-        report = await self.service.get_report(
-            caller, p["report_data"], _default(p["vmpl"], DEFAULT_VMPL), _options(p["options"]))
+        report = await self.service.get_report(caller, p["report_data"], p["vmpl"],
+                                               _timeout(p["options"], "GetReport"))
         return {"report": encode_bytes(report)}
 
     async def _get_extended_report(self, caller: Caller, p: Params) -> Params:
-        report, certs = await self.service.get_extended_report(
-            caller, p["report_data"], _default(p["vmpl"], DEFAULT_VMPL), _options(p["options"]))
-        return {"report": encode_bytes(report), "certificates": _certificates(certs)}
+        extended = await self.service.get_extended_report(
+            caller, p["report_data"], p["vmpl"], _timeout(p["options"], "GetExtendedReport"))
+        return {"report": encode_bytes(extended.report),
+                "certificates": _certificates(extended.certificates)}
 
     async def _get_certificates(self, caller: Caller, p: Params) -> Params:
-        certs = await self.service.get_certificates(caller, _options(p["options"]))
-        return {"certificates": _certificates(certs)}
+        options = CertificateOptions(**check_options(p["options"] or {}, CERTIFICATE_OPTIONS,
+                                                     "GetCertificates"))
+        return {"certificates": _certificates(await self.service.get_certificates(
+            caller, options))}
 
     async def _verify_report(self, caller: Caller, p: Params) -> Params:
-        options = {k: p[k] for k in ("certificates", "at", "policy", "product")
-                   if p[k] is not None}
-        result = await self.service.verify_report(caller, p["report"], options)
-        failures: Any = result["failures"]
-        checks: Any = result["checks"]
+        options = VerifyOptions.from_plain(certificates=p["certificates"], at=p["at"],
+                                           policy=p["policy"], product=p["product"])
+        verdict = await self.service.verify_report(caller, p["report"], options)
         return {
-            "valid": bool(result["valid"]),
-            "product": str(result["product"]),
-            "failures": [str(f) for f in failures],
-            "checks": [{"name": str(n), "status": str(s), "detail": str(d)}
-                       for n, s, d in checks],
+            "valid": verdict.valid,
+            "product": verdict.product.value if verdict.product else "",
+            "failures": [c.name for c in verdict.failures],
+            "checks": [{"name": c.name, "status": c.status.value, "detail": c.detail}
+                       for c in verdict.checks],
         }
 
     async def _get_evidence(self, caller: Caller, p: Params) -> Params:
-        media_type, evidence = await self.service.get_evidence(
-            caller, p["format"], p["nonce"], _options(p["options"]))
-        return {"media_type": media_type, "evidence": encode_bytes(evidence)}
+        evidence = await self.service.get_evidence(caller, p["format"], p["nonce"],
+                                                   _timeout(p["options"], "GetEvidence"))
+        return {"media_type": evidence.media_type, "evidence": encode_bytes(evidence.data)}
 
     async def _derive_key(self, caller: Caller, p: Params) -> Params:
-        key = await self.service.derive_key(
-            caller, p["root_key"], p["fields"], _default(p["vmpl"], DEFAULT_VMPL),
-            _default(p["guest_svn"], 0), _default(p["tcb_version"], 0), _options(p["options"]))
+        request = KeyRequest(p["root_key"], tuple(p["fields"]), p["vmpl"],
+                             p["guest_svn"] or 0, p["tcb_version"] or 0)
+        key = await self.service.derive_key(caller, request,
+                                            _timeout(p["options"], "DeriveKey"))
         return {"key": encode_bytes(key)}
 
     async def _derive_sealing_key(self, caller: Caller, p: Params) -> Params:
-        key = await self.service.derive_sealing_key(
-            caller, p["label"], p["fields"] or [], _options(p["options"]))
+        request = SealingKeyRequest(p["label"], tuple(p["fields"] or ()))
+        key = await self.service.derive_sealing_key(caller, request,
+                                                    _timeout(p["options"], "DeriveSealingKey"))
         return {"key": encode_bytes(key)}
 
     async def _refresh_certificates(self, caller: Caller, p: Params) -> Params:
         await self.service.refresh_certificates(caller)
         return {}
 
+    async def _describe(self, caller: Caller, p: Params) -> Params:
+        """The typed properties (org.snpd.Manager.Properties)."""
+        return {"properties": to_json(vars(self.service.properties(caller)))}
+
     async def _get_properties(self, caller: Caller, p: Params) -> Params:
-        return {"properties": to_json(self.service.properties(caller))}
-
-
-def _default(value: Optional[int], default: int) -> int:
-    return default if value is None else value
+        """The shape of varlink interface 1 (by D-Bus interface name), kept for the
+        clients that read it; new clients call Describe."""
+        return {"properties": to_json(by_interface(vars(self.service.properties(caller))))}

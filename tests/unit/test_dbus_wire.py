@@ -136,7 +136,7 @@ def gate(clock: Optional[Clock] = None, **limits: int) -> Gate:
 def test_classification_follows_what_dbus_fast_dispatches() -> None:
     g = gate()
     assert g.classify(PATH, ATT, "GetReport", "ayua{sv}") is Kind.SERVICE
-    assert g.classify(PATH, None, "GetReport", "ayua{sv}") is Kind.SERVICE
+    assert g.classify(PATH, "org.snpd.Snpd1.Keys", "GetReport", "ayua{sv}") is Kind.CHEAP
     assert g.classify(PATH, ATT, "GetReport", "ay") is Kind.CHEAP  # dbus-fast: UnknownMethod
     assert g.classify("/other", ATT, "GetReport", "ayua{sv}") is Kind.CHEAP
     assert g.classify(PATH, "org.freedesktop.DBus.Peer", "Ping", "") is Kind.CHEAP

@@ -42,6 +42,7 @@ from snpd.abi.certtable import (
 from snpd.abi.product import Product
 from snpd.abi.report import AttestationReport, parse_report
 from snpd.abi.uapi import DerivedKeyRequest
+from snpd.access import Access, Caller
 from snpd.config import Config, parse_config
 from snpd.device.base import ExtendedReportRequest, ReportRequest
 from snpd.errors import (
@@ -53,7 +54,17 @@ from snpd.errors import (
     SnpdError,
 )
 from snpd.events import Events
-from snpd.service import DEFAULT_VMPL, Access, Caller, Service
+from snpd.service import (
+    CERTIFICATE_OPTIONS,
+    TIMEOUT_OPTION,
+    CertificateOptions,
+    KeyRequest,
+    ReportOptions,
+    SealingKeyRequest,
+    Service,
+    VerifyOptions,
+    check_options,
+)
 from snpd.status.kernel_log import parse_kernel_log
 from snpd.trust.appraisal import AppraisalPolicy
 from snpd.trust.certset import CertificateSet
@@ -485,7 +496,25 @@ _OPTION_VALUES = st.one_of(JSONISH, _CERT_OPTION, st.sampled_from(
     [0.0, -1.0, 600.0, 600.5, math.inf, math.nan, 1e-300, "vcek", "vlek", "milan", "strict",
      1 << 62, -(1 << 63), True]))
 OPTIONS = st.dictionaries(st.one_of(_OPTION_KEYS, st.text(max_size=8)), _OPTION_VALUES, max_size=4)
-_U32 = st.one_of(st.sampled_from([0, 1, 3, 4, DEFAULT_VMPL]), st.integers(0, 0xFFFFFFFF))
+OWN_VMPL = 0xFFFFFFFF  # the D-Bus transport's "the guest's own VMPL"
+_U32 = st.one_of(st.sampled_from([0, 1, 3, 4, OWN_VMPL]), st.integers(0, 0xFFFFFFFF))
+_VERIFY_OPTIONS = {"certificates": list, "at": int, "policy": str, "product": str}
+
+
+def _own(vmpl: Any) -> Any:
+    return None if vmpl == OWN_VMPL else vmpl
+
+
+def _timeout(options: Any) -> ReportOptions:
+    return ReportOptions(**check_options(options, TIMEOUT_OPTION, "fuzz"))
+
+
+def _verify(options: Any) -> VerifyOptions:
+    return VerifyOptions.from_plain(**check_options(options, _VERIFY_OPTIONS, "fuzz"))
+
+
+def _certificate(options: Any) -> CertificateOptions:
+    return CertificateOptions(**check_options(options, CERTIFICATE_OPTIONS, "fuzz"))
 _FIELDS = st.lists(st.one_of(st.sampled_from(["policy", "image_id", "family_id", "measurement",
                                               "guest_svn", "tcb_version"]), st.text(max_size=6)),
                    max_size=7)
@@ -524,18 +553,22 @@ def test_fuzz_service_arguments(caller: Caller, method: str, firmware: bytes, ta
                                     key_gids=frozenset({KEY_GID})),
                       events=Events(_ListSink()), policies={"strict": _policy()})
     calls: Dict[str, Callable[[], Any]] = {
-        "get_report": lambda: service.get_report(caller, report_data, vmpl, options),
-        "get_extended_report": lambda: service.get_extended_report(caller, report_data, vmpl,
-                                                                   options),
-        "get_certificates": lambda: service.get_certificates(caller, options),
-        "verify_report": lambda: service.verify_report(caller, report, options),
-        "get_evidence": lambda: service.get_evidence(caller, text, report_data, options),
-        "derive_key": lambda: service.derive_key(caller, text, fields, vmpl, u32, u64, options),
-        "derive_sealing_key": lambda: service.derive_sealing_key(caller, text, fields, options),
+        "get_report": lambda: service.get_report(caller, report_data, _own(vmpl),
+                                                 _timeout(options)),
+        "get_extended_report": lambda: service.get_extended_report(
+            caller, report_data, _own(vmpl), _timeout(options)),
+        "get_certificates": lambda: service.get_certificates(caller, _certificate(options)),
+        "verify_report": lambda: service.verify_report(caller, report, _verify(options)),
+        "get_evidence": lambda: service.get_evidence(caller, text, report_data,
+                                                     _timeout(options)),
+        "derive_key": lambda: service.derive_key(
+            caller, KeyRequest(text, fields, _own(vmpl), u32, u64), _timeout(options)),
+        "derive_sealing_key": lambda: service.derive_sealing_key(
+            caller, SealingKeyRequest(text, fields), _timeout(options)),
         "refresh_certificates": lambda: service.refresh_certificates(caller),
     }
     _only((SnpdError,), lambda: _run(calls[method]()))
-    json.dumps(service.properties(), default=repr)
+    json.dumps(vars(service.properties()), default=repr)
 
 
 # -- D-Bus arguments off the wire --------------------------------------------------------------
@@ -642,14 +675,15 @@ def test_fuzz_dbus_options(caller: Caller, method: str, firmware: bytes,
                                     key_gids=frozenset({KEY_GID})),
                       events=Events(_ListSink()), policies={"strict": _policy()})
     calls: Dict[str, Callable[[], Any]] = {
-        "get_report": lambda: service.get_report(caller, b"n", DEFAULT_VMPL, opts),
-        "get_extended_report": lambda: service.get_extended_report(caller, b"n", DEFAULT_VMPL,
-                                                                   opts),
-        "get_certificates": lambda: service.get_certificates(caller, opts),
-        "verify_report": lambda: service.verify_report(caller, firmware, opts),
-        "get_evidence": lambda: service.get_evidence(caller, "trustee", b"n", opts),
-        "derive_key": lambda: service.derive_key(caller, "vcek", [], DEFAULT_VMPL, 0, 0, opts),
-        "derive_sealing_key": lambda: service.derive_sealing_key(caller, "app", [], opts),
+        "get_report": lambda: service.get_report(caller, b"n", None, _timeout(opts)),
+        "get_extended_report": lambda: service.get_extended_report(caller, b"n", None,
+                                                                   _timeout(opts)),
+        "get_certificates": lambda: service.get_certificates(caller, _certificate(opts)),
+        "verify_report": lambda: service.verify_report(caller, firmware, _verify(opts)),
+        "get_evidence": lambda: service.get_evidence(caller, "trustee", b"n", _timeout(opts)),
+        "derive_key": lambda: service.derive_key(caller, KeyRequest("vcek"), _timeout(opts)),
+        "derive_sealing_key": lambda: service.derive_sealing_key(
+            caller, SealingKeyRequest("app"), _timeout(opts)),
     }
     _only((SnpdError,), lambda: _run(calls[method]()))
 

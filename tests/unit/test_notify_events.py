@@ -9,6 +9,7 @@ from typing import Dict, Iterator, List, Mapping
 
 import pytest
 
+from snpd.access import Caller
 from snpd.errors import Busy
 from snpd.events import (
     MESSAGE_IDS,
@@ -20,7 +21,6 @@ from snpd.events import (
 )
 from snpd.notify import Notifier
 from snpd.ratelimit import Rate
-from snpd.service import Caller
 
 
 @pytest.fixture

@@ -14,17 +14,18 @@ from emuplatform import NOW, TCBS, Platform, chip_id_for  # type: ignore[import-
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.tcb import TcbVersion
+from snpd.access import Access, Caller
 from snpd.device.base import ReportRequest
 from snpd.errors import KdsBudgetExceeded, KdsError
 from snpd.events import Events
 from snpd.kds.budget import BudgetLimits, KdsBudget
 from snpd.kds.cache import CertificateCache, NotCached, cache_only
 from snpd.ratelimit import Rate
-from snpd.service import Access, Caller, Service
+from snpd.service import CertificateOptions, Service, VerifyOptions
 from snpd.trust.verify import Verifier
 
 REPORT_GID = 4242
-AT = int(NOW.timestamp())
+AT_NOW = VerifyOptions(at=NOW)
 HANG_GUARD = 60.0  # only so that a broken test fails instead of hanging
 T = TypeVar("T")
 
@@ -108,25 +109,27 @@ def test_cache_answers_while_the_kds_pool_is_blocked(tmp_path: Path, genoa: Plat
 
     async def scenario() -> None:
         loop = asyncio.get_running_loop()
-        warm = await service.get_certificates(victim, {})  # fetched once, then cached
-        assert {kind for kind, _ in warm} == {"ark", "ask", "vcek"}
+        # fetched once, then cached
+        warm = await service.get_certificates(victim, CertificateOptions())
+        assert {kind for kind, _ in warm.items()} == {"ark", "ask", "vcek"}
         fetcher.gate.clear()
         fetcher.entered.clear()
         stuck = asyncio.ensure_future(service.verify_report(attacker, forged(genoa, 7),
-                                                            {"at": AT}))
+                                                            AT_NOW))
         assert await loop.run_in_executor(None, fetcher.entered.wait, HANG_GUARD)
         # The KDS pool's only thread is taken; cache answers and verification go on.
-        assert await service.get_certificates(victim, {}) == warm
-        verdict = await service.verify_report(victim, genoa.report(), {"at": AT})
-        assert verdict["valid"] is True, verdict
+        assert await service.get_certificates(victim, CertificateOptions()) == warm
+        verdict = await service.verify_report(victim, genoa.report(), AT_NOW)
+        assert verdict.valid is True, verdict
         # The attacker's next KDS-bound call is refused at once: its share is taken.
         with pytest.raises(KdsBudgetExceeded) as info:
-            await service.verify_report(attacker, forged(genoa, 8), {"at": AT})
+            await service.verify_report(attacker, forged(genoa, 8), AT_NOW)
         assert info.value.limit == "calls"
         assert not stuck.done()
         fetcher.gate.set()
         verdict = await stuck
-        assert verdict["valid"] is False and "chain.certificates" in verdict["failures"]
+        assert verdict.valid is False and "chain.certificates" in [
+            c.name for c in verdict.failures]
 
     try:
         run(scenario())
@@ -143,23 +146,24 @@ def test_forged_chip_ids_cost_at_most_the_budget(tmp_path: Path, milan: Platform
     attacker = member(1000)
 
     async def scenario() -> List[str]:
-        await service.get_certificates(Caller(uid=0), {})  # the chain, cached by root
+        # the chain, cached by root
+        await service.get_certificates(Caller(uid=0), CertificateOptions())
         outcomes = []
         for seed in range(10, 30):
             try:
                 verdict = await service.verify_report(attacker, forged(milan, seed),
-                                                      {"at": AT})
-                outcomes.append("invalid" if not verdict["valid"] else "valid")
+                                                      AT_NOW)
+                outcomes.append("invalid" if not verdict.valid else "valid")
             except KdsBudgetExceeded as exc:
                 outcomes.append(exc.limit)
         # Repeats of a forged chip that failed are answered from memory, budget or not.
-        verdict = await service.verify_report(attacker, forged(milan, 10), {"at": AT})
-        outcomes.append("invalid" if not verdict["valid"] else "valid")
+        verdict = await service.verify_report(attacker, forged(milan, 10), AT_NOW)
+        outcomes.append("invalid" if not verdict.valid else "valid")
         # Root is exempt, and other uids have their own budget.
         for caller in (Caller(uid=0), member(1001)):
             verdict = await service.verify_report(caller, forged(milan, 50 + caller.uid),
-                                                  {"at": AT})
-            outcomes.append("invalid" if not verdict["valid"] else "valid")
+                                                  AT_NOW)
+            outcomes.append("invalid" if not verdict.valid else "valid")
         return outcomes
 
     try:

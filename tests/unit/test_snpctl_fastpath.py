@@ -149,10 +149,15 @@ PROPERTIES = {
                                                                  "emulated": True, "vmpl": 0},
                                "Statistics": {"firmware_requests": 7, "report.ok": 7,
                                               "queue.high_water": 1, "kds.hits": 0}}}
+# The same, as varlink's Describe serves them (org.snpd.Manager.Properties).
+DESCRIBED = {"backend": "emulator", "product": "Genoa", "vmpl": 0,
+             "reported_tcb": 6059311823650291722, "state": "ready", "state_reason": "",
+             "version": "0.1.1", "sev_status": PROPERTIES["org.snpd.Snpd1.Manager"]["SevStatus"],
+             "statistics": PROPERTIES["org.snpd.Snpd1.Manager"]["Statistics"]}
 
 
 class FakeDaemon:
-    """A varlink socket answering GetProperties and GetReport as ``mode`` says, and
+    """A varlink socket answering Describe and GetReport as ``mode`` says, and
     recording every call."""
 
     def __init__(self, path: Path) -> None:
@@ -166,8 +171,8 @@ class FakeDaemon:
         self.thread.start()
 
     def answer(self, method: str) -> Dict[str, Any]:
-        if method == "org.snpd.Manager.GetProperties":
-            return {"parameters": {"properties": PROPERTIES}}
+        if method == "org.snpd.Manager.Describe":
+            return {"parameters": {"properties": DESCRIBED}}
         if self.mode == "busy":
             return {"error": "org.snpd.Attestation.Busy",
                     "parameters": {"message": "the firmware queue is full"}}
@@ -390,7 +395,7 @@ def test_status_and_report_import_none_of_what_the_fast_path_avoids(
     loaded, output = _modules(f"from snpd.cli import snpctl; assert snpctl.main({argv!r}) == 0")
     assert "snpd.cli.fastpath" in loaded and "snpd.varlink.client" in loaded, output
     assert (loaded - baseline) & AVOIDED == set(), output
-    assert ("org.snpd.Manager.GetProperties" if argv[0] == "status"
+    assert ("org.snpd.Manager.Describe" if argv[0] == "status"
             else "org.snpd.Attestation.GetReport") in [m for m, _ in daemon.calls]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import functools
 import json
 import os
@@ -21,13 +22,27 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import varlink  # type: ignore[import-untyped]  # the independent client, test-only
+from doubles import (  # type: ignore[import-not-found]
+    FakeService,
+    initial_properties,
+    make_certificates,
+)
 
 from snpd import __version__, errors
-from snpd.service import DEFAULT_VMPL, Caller
+from snpd.abi.product import Endorser, Product
+from snpd.access import Access, proc_credentials
+from snpd.service import (
+    CertificateOptions,
+    KeyRequest,
+    ReportOptions,
+    SealingKeyRequest,
+    VerifyOptions,
+)
+from snpd.trust.certset import CertificateSet
 from snpd.varlink import client as vclient
 from snpd.varlink import server as vserver
 from snpd.varlink.client import AsyncVarlinkClient, TransportError, VarlinkClient
@@ -49,83 +64,11 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-class FakeService:
-    """The Service's coroutine signatures; records each call and its caller."""
-
-    def __init__(self) -> None:
-        self.calls: List[Tuple[str, Tuple[Any, ...]]] = []
-        self.callers: List[Caller] = []
-        self.fail: Optional[BaseException] = None
-        self.entered = threading.Event()
-        self._release: Optional[asyncio.Event] = None
-        self.loop: Optional[asyncio.AbstractEventLoop] = None
-
-    async def _record(self, name: str, caller: Caller, *args: Any) -> None:
-        self.calls.append((name, args))
-        self.callers.append(caller)
-        if self.fail is not None:
-            raise self.fail
-
-    async def get_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                         options: Mapping[str, Any]) -> bytes:
-        await self._record("get_report", caller, report_data, vmpl, dict(options))
-        if options.get("block"):
-            self.loop = asyncio.get_running_loop()
-            self._release = asyncio.Event()
-            self.entered.set()
-            await self._release.wait()
-        return b"REPORT" + report_data
-
-    def release(self) -> None:
-        assert self.loop is not None and self._release is not None
-        self.loop.call_soon_threadsafe(self._release.set)
-
-    async def get_extended_report(self, caller: Caller, report_data: bytes, vmpl: int,
-                                  options: Mapping[str, Any]
-                                  ) -> Tuple[bytes, List[Tuple[str, bytes]]]:
-        await self._record("get_extended_report", caller, report_data, vmpl, dict(options))
-        return b"EXT" + report_data, [("ark", b"\x30\x01"), ("vcek", b"\x30\x02\xff")]
-
-    async def get_certificates(self, caller: Caller, options: Mapping[str, Any]
-                               ) -> List[Tuple[str, bytes]]:
-        await self._record("get_certificates", caller, dict(options))
-        return [("ask", b"\x30\x03"), ("crl", b"")]
-
-    async def verify_report(self, caller: Caller, report: bytes, options: Mapping[str, Any]
-                            ) -> Dict[str, object]:
-        await self._record("verify_report", caller, report, dict(options))
-        return {"valid": False, "product": "Genoa", "failures": ["signature"],
-                "checks": [("chain", "pass", "ARK->ASK->VCEK"),
-                           ("signature", "fail", "bad"), ("policy", "skipped", "none")]}
-
-    async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
-                           options: Mapping[str, Any]) -> Tuple[str, bytes]:
-        await self._record("get_evidence", caller, fmt, nonce, dict(options))
-        return "application/x-test", b'{"nonce":"' + nonce.hex().encode() + b'"}'
-
-    async def derive_key(self, caller: Caller, root_key: str, fields: Sequence[str], vmpl: int,
-                         guest_svn: int, tcb_version: int, options: Mapping[str, Any]) -> bytes:
-        await self._record("derive_key", caller, root_key, list(fields), vmpl, guest_svn,
-                           tcb_version, dict(options))
-        return bytes(range(32))
-
-    async def derive_sealing_key(self, caller: Caller, label: str, fields: Sequence[str],
-                                 options: Mapping[str, Any]) -> bytes:
-        await self._record("derive_sealing_key", caller, label, list(fields), dict(options))
-        return bytes(32)
-
-    async def refresh_certificates(self, caller: Caller) -> None:
-        await self._record("refresh_certificates", caller)
-
-    def properties(self, caller: Optional[Caller] = None) -> Dict[str, Dict[str, object]]:
-        if self.fail is not None:
-            raise self.fail
-        return {"org.snpd.Snpd1.Attestation": {"Backend": "emulator", "Vmpl": 0,
-                                               "ReportedTcb": 1 << 63},
-                "org.snpd.Snpd1.Manager": {"Version": "0.1.0",
-                                           "SevStatus": {"vmpck": 0, "raw": b"\x01",
-                                                         "features": ("SNP", "VMPL")},
-                                           "Statistics": {"reports": 3}}}
+@functools.lru_cache(maxsize=1)
+def certificates() -> CertificateSet:
+    """One emulator-signed ARK and ASK for every harness of this module (RSA keys take
+    a while to make)."""
+    return make_certificates()
 
 
 class Harness:
@@ -186,7 +129,8 @@ def make_harness(short_dir: str) -> Iterator[Callable[..., Harness]]:
 
     def make(service: Optional[FakeService] = None, **options: Any) -> Harness:
         sub = tempfile.mkdtemp(dir=short_dir)
-        harness = Harness(sub, service or FakeService(), **options)
+        harness = Harness(sub, service or FakeService(certificates=certificates()),
+                          **options)
         made.append(harness)
         return harness
 
@@ -380,116 +324,149 @@ def test_idl_is_package_data() -> None:
 # -- org.snpd.* argument mapping ------------------------------------------------------------------
 
 
+def _facts(report: bytes) -> Dict[str, Any]:
+    """What the double wrote after report_data (tests/doubles.py)."""
+    assert len(report) == 1184
+    facts: Dict[str, Any] = json.loads(report[64:].rstrip(b"\0"))
+    return facts
+
+
 def test_get_report(client: VarlinkClient, h: Harness) -> None:
     out = client.call("org.snpd.Attestation.GetReport", {"report_data": b64(b"\x00nonce\xff")})
-    assert out == {"report": b64(b"REPORT\x00nonce\xff")}
+    assert base64.b64decode(out["report"])[:64] == b"\x00nonce\xff".ljust(64, b"\0")
     out = client.call("org.snpd.Attestation.GetReport",
                       {"report_data": "", "vmpl": 2, "options": {"timeout": 5}})
-    assert base64.b64decode(out["report"]) == b"REPORT"
-    assert h.service.calls == [("get_report", (b"\x00nonce\xff", DEFAULT_VMPL, {})),
-                               ("get_report", (b"", 2, {"timeout": 5}))]
+    assert _facts(base64.b64decode(out["report"]))["vmpl"] == 2
+    assert h.service.calls == [("get_report", (b"\x00nonce\xff", None, ReportOptions())),
+                               ("get_report", (b"", 2, ReportOptions(timeout=5.0)))]
 
 
 def test_get_extended_report(client: VarlinkClient, h: Harness) -> None:
     out = client.call("org.snpd.Attestation.GetExtendedReport",
                       {"report_data": b64(b"n"), "vmpl": None, "options": None})
-    assert out == {"report": b64(b"EXTn"),
-                   "certificates": [{"kind": "ark", "data": b64(b"\x30\x01")},
-                                    {"kind": "vcek", "data": b64(b"\x30\x02\xff")}]}
-    assert h.service.calls == [("get_extended_report", (b"n", DEFAULT_VMPL, {}))]
+    assert base64.b64decode(out["report"])[:1] == b"n"
+    assert out["certificates"] == [{"kind": kind, "data": b64(item.der)}
+                                   for kind, item in h.service.certificates.items()]
+    assert [c["kind"] for c in out["certificates"]] == ["ark", "ask"]
+    assert h.service.calls == [("get_extended_report", (b"n", None, ReportOptions()))]
 
 
 def test_get_certificates(client: VarlinkClient, h: Harness) -> None:
     out = client.call("org.snpd.Attestation.GetCertificates",
                       {"options": {"crl": True, "endorser": "vlek"}})
-    assert out == {"certificates": [{"kind": "ask", "data": b64(b"\x30\x03")},
-                                    {"kind": "crl", "data": ""}]}
-    assert h.service.calls == [("get_certificates", ({"crl": True, "endorser": "vlek"},))]
+    assert [c["kind"] for c in out["certificates"]] == ["ark", "ask"]
+    assert h.service.calls == [("get_certificates", (CertificateOptions(True, Endorser.VLEK),))]
 
 
 def test_verify_report(client: VarlinkClient, h: Harness) -> None:
+    ark = h.service.certificates.ark
+    assert ark is not None
     out = client.call("org.snpd.Attestation.VerifyReport", {
         "report": b64(b"\x01" * 1184),
-        "certificates": [{"kind": "ark", "data": b64(b"A")}, {"kind": "vcek", "data": ""}],
+        "certificates": [{"kind": "ark", "data": b64(ark.der)}, {"kind": "vcek", "data": ""}],
         "at": 1700000000, "policy": "strict", "product": "Genoa"})
-    assert out == {"valid": False, "product": "Genoa", "failures": ["signature"],
-                   "checks": [{"name": "chain", "status": "pass", "detail": "ARK->ASK->VCEK"},
-                              {"name": "signature", "status": "fail", "detail": "bad"},
-                              {"name": "policy", "status": "skipped", "detail": "none"}]}
+    assert out == {"valid": False, "product": "Milan", "failures": [],
+                   "checks": [{"name": "size", "status": "pass", "detail": "1184 bytes"},
+                              {"name": "option:at", "status": "skipped",
+                               "detail": "1700000000"},
+                              {"name": "option:certificates", "status": "skipped",
+                               "detail": "kinds=[ark] defects=1"},
+                              {"name": "option:policy", "status": "skipped",
+                               "detail": "strict"},
+                              {"name": "option:product", "status": "skipped",
+                               "detail": "Genoa"}]}
     client.call("org.snpd.Attestation.VerifyReport", {"report": "", "at": None})
-    assert h.service.calls == [
-        ("verify_report", (b"\x01" * 1184, {"certificates": [("ark", b"A"), ("vcek", b"")],
-                                            "at": 1700000000, "policy": "strict",
-                                            "product": "Genoa"})),
-        ("verify_report", (b"", {})),
-    ]
+    (name, (report, options)), (_, (empty, none)) = h.service.calls
+    assert name == "verify_report" and report == b"\x01" * 1184
+    assert options.at == datetime.datetime(2023, 11, 14, 22, 13, 20,
+                                           tzinfo=datetime.timezone.utc)
+    assert (options.policy, options.product) == ("strict", Product.GENOA)
+    assert options.certificates.ark == ark and options.certificates.vcek is None
+    assert empty == b"" and none == VerifyOptions()
 
 
 def test_get_evidence(client: VarlinkClient, h: Harness) -> None:
     out = client.call("org.snpd.Attestation.GetEvidence",
                       {"format": "trustee", "nonce": b64(b"\xab")})
-    assert out == {"media_type": "application/x-test", "evidence": b64(b'{"nonce":"ab"}')}
-    assert h.service.calls == [("get_evidence", ("trustee", b"\xab", {}))]
+    assert out == {"media_type": "application/json", "evidence": b64(b'{"nonce": "ab"}')}
+    assert h.service.calls == [("get_evidence", ("trustee", b"\xab", ReportOptions()))]
 
 
 def test_derive_key(client: VarlinkClient, h: Harness) -> None:
     out = client.call("org.snpd.Keys.DeriveKey", {"root_key": "vcek", "fields": []})
-    assert base64.b64decode(out["key"]) == bytes(range(32))
+    assert len(base64.b64decode(out["key"])) == 32
     client.call("org.snpd.Keys.DeriveKey", {
         "root_key": "vmrk", "fields": ["measurement", "policy"], "vmpl": 1, "guest_svn": 7,
         "tcb_version": (1 << 64) - 1, "options": {"timeout": 1.5}})
     assert h.service.calls == [
-        ("derive_key", ("vcek", [], DEFAULT_VMPL, 0, 0, {})),
-        ("derive_key", ("vmrk", ["measurement", "policy"], 1, 7, (1 << 64) - 1,
-                        {"timeout": 1.5})),
+        ("derive_key", (KeyRequest("vcek"), ReportOptions())),
+        ("derive_key", (KeyRequest("vmrk", ("measurement", "policy"), 1, 7, (1 << 64) - 1),
+                        ReportOptions(1.5))),
     ]
 
 
 def test_derive_sealing_key(client: VarlinkClient, h: Harness) -> None:
-    assert client.call("org.snpd.Keys.DeriveSealingKey", {"label": "app"}) == {
-        "key": b64(bytes(32))}
+    key = client.call("org.snpd.Keys.DeriveSealingKey", {"label": "app"})["key"]
+    assert len(base64.b64decode(key)) == 32
     client.call("org.snpd.Keys.DeriveSealingKey",
                 {"label": "app", "fields": ["image_id"], "options": {}})
-    assert h.service.calls == [("derive_sealing_key", ("app", [], {})),
-                               ("derive_sealing_key", ("app", ["image_id"], {}))]
+    assert h.service.calls == [
+        ("derive_sealing_key", (SealingKeyRequest("app"), ReportOptions())),
+        ("derive_sealing_key", (SealingKeyRequest("app", ("image_id",)), ReportOptions()))]
 
 
 def test_manager(client: VarlinkClient, h: Harness) -> None:
     assert client.call("org.snpd.Manager.RefreshCertificates") == {}
     assert h.service.calls == [("refresh_certificates", ())]
-    props = client.call("org.snpd.Manager.GetProperties")["properties"]
-    assert props["org.snpd.Snpd1.Attestation"] == {"Backend": "emulator", "Vmpl": 0,
-                                                   "ReportedTcb": 1 << 63}
-    assert props["org.snpd.Snpd1.Manager"]["SevStatus"] == {
-        "vmpck": 0, "raw": b64(b"\x01"), "features": ["SNP", "VMPL"]}
+    props = client.call("org.snpd.Manager.Describe")["properties"]
+    assert props == {"backend": "emulator", "product": "Milan", "vmpl": 0, "reported_tcb": 0,
+                     "state": "ready", "state_reason": "", "version": "0.0-fake",
+                     "sev_status": dict(initial_properties().sev_status),
+                     "statistics": {"calls": 1}}
+    old = client.call("org.snpd.Manager.GetProperties")["properties"]
+    assert old["org.snpd.Snpd1.Attestation"] == {
+        "Backend": "emulator", "Product": "Milan", "Vmpl": 0, "ReportedTcb": 0,
+        "State": "ready", "StateReason": ""}
+    assert old["org.snpd.Snpd1.Manager"]["Version"] == "0.0-fake"
+
+
+def test_properties_values_as_json(client: VarlinkClient, h: Harness) -> None:
+    """Bytes, tuples and 64-bit integers in a property keep their JSON forms."""
+    h.service.notify({"reported_tcb": 1 << 63,
+                      "sev_status": {"vmpck": 0, "raw": b"\x01", "features": ("SNP", "VMPL")}})
+    props = client.call("org.snpd.Manager.Describe")["properties"]
+    assert props["reported_tcb"] == 1 << 63
+    assert props["sev_status"] == {"vmpck": 0, "raw": b64(b"\x01"), "features": ["SNP", "VMPL"]}
 
 
 def test_every_method_through_the_independent_client(independent: Independent,
                                                       h: Harness) -> None:
     att = independent.open("org.snpd.Attestation")
-    assert att.GetReport(report_data=b64(b"x"))["report"] == b64(b"REPORTx")
-    assert att.GetReport(report_data=b64(b"y"), vmpl=3, options={"timeout": 2}) == {
-        "report": b64(b"REPORTy")}
+    assert base64.b64decode(att.GetReport(report_data=b64(b"x"))["report"])[:1] == b"x"
+    report = att.GetReport(report_data=b64(b"y"), vmpl=3, options={"timeout": 2})["report"]
+    assert _facts(base64.b64decode(report))["timeout"] == 2.0
     ext = att.GetExtendedReport(report_data=b64(b"z"))
-    assert ext["certificates"][1] == {"kind": "vcek", "data": b64(b"\x30\x02\xff")}
-    assert att.GetCertificates()["certificates"][0]["kind"] == "ask"
+    assert ext["certificates"][1]["kind"] == "ask"
+    assert att.GetCertificates()["certificates"][0]["kind"] == "ark"
     verdict = att.VerifyReport(report=b64(b"r"), certificates=[{"kind": "ark", "data": "QQ=="}],
                                at=5)
-    assert verdict["valid"] is False and verdict["checks"][0]["name"] == "chain"
-    assert att.GetEvidence(format="trustee", nonce="")["media_type"] == "application/x-test"
+    assert verdict["valid"] is False and verdict["checks"][0]["name"] == "size"
+    assert att.GetEvidence(format="trustee", nonce="")["media_type"] == "application/json"
     keys = independent.open("org.snpd.Keys")
-    assert keys.DeriveKey(root_key="vcek", fields=["policy"], guest_svn=1)["key"] == \
-        b64(bytes(range(32)))
-    assert keys.DeriveSealingKey(label="l", fields=["measurement"])["key"] == b64(bytes(32))
+    assert len(keys.DeriveKey(root_key="vcek", fields=["policy"], guest_svn=1)["key"]) == 44
+    assert len(keys.DeriveSealingKey(label="l", fields=["measurement"])["key"]) == 44
     manager = independent.open("org.snpd.Manager")
     assert manager.RefreshCertificates() == {}
-    assert manager.GetProperties()["properties"]["org.snpd.Snpd1.Manager"]["Version"] == "0.1.0"
+    assert manager.Describe()["properties"]["version"] == "0.0-fake"
+    assert manager.GetProperties()["properties"]["org.snpd.Snpd1.Manager"]["Version"] == \
+        "0.0-fake"
     assert [name for name, _ in h.service.calls] == [
         "get_report", "get_report", "get_extended_report", "get_certificates", "verify_report",
         "get_evidence", "derive_key", "derive_sealing_key", "refresh_certificates"]
-    assert h.service.calls[1][1] == (b"y", 3, {"timeout": 2})
-    assert h.service.calls[4][1] == (b"r", {"certificates": [("ark", b"A")], "at": 5})
-    assert h.service.calls[6][1] == ("vcek", ["policy"], DEFAULT_VMPL, 1, 0, {})
+    assert h.service.calls[1][1] == (b"y", 3, ReportOptions(2.0))
+    assert h.service.calls[4][1][1].at.timestamp() == 5
+    assert h.service.calls[6][1] == (KeyRequest("vcek", ("policy",), None, 1, 0),
+                                     ReportOptions())
 
 
 def test_oneway_call_through_the_independent_client(independent: Independent,
@@ -612,8 +589,8 @@ def test_pipelined_calls_are_answered_in_order(h: Harness) -> None:
     replies = raw_session(h.path, b"".join(
         call_message("org.snpd.Attestation.GetReport", {"report_data": b64(bytes([i]))})
         for i in range(20)))
-    assert [r["parameters"]["report"] for r in replies] == [
-        b64(b"REPORT" + bytes([i])) for i in range(20)]
+    assert [base64.b64decode(r["parameters"]["report"])[:64] for r in replies] == [
+        bytes([i]).ljust(64, b"\0") for i in range(20)]
 
 
 def test_oneway_gets_no_reply_more_gets_one_upgrade_is_refused(h: Harness) -> None:
@@ -624,7 +601,8 @@ def test_oneway_gets_no_reply_more_gets_one_upgrade_is_refused(h: Harness) -> No
         call_message("org.snpd.Attestation.GetReport", {"report_data": ""}, upgrade=True),
         call_message("org.varlink.service.GetInfo"),
     ]))
-    assert replies[0] == {"parameters": {"report": b64(b"REPORT")}}  # no "continues"
+    assert list(replies[0]) == ["parameters"]  # no "continues"
+    assert base64.b64decode(replies[0]["parameters"]["report"])[:64] == bytes(64)
     assert replies[1] == {"error": "org.varlink.service.InvalidParameter",
                           "parameters": {"parameter": "upgrade"}}
     assert replies[2]["parameters"]["vendor"] == "snpd"
@@ -719,17 +697,20 @@ def test_supplementary_groups_reach_the_service(h: Harness, monkeypatch: pytest.
 
 
 def test_peer_groups_from_proc(tmp_path: Path) -> None:
+    """SO_PEERCRED's semantics: the effective uid must match; effective gid plus
+    supplementary groups."""
     status = tmp_path / "42" / "status"
     status.parent.mkdir()
-    status.write_text("Name:\tx\nUid:\t1000\t1001\t1001\t1001\nGid:\t5\t5\t5\t5\n"
+    status.write_text("Name:\tx\nUid:\t1000\t1001\t1001\t1001\nGid:\t5\t6\t6\t6\n"
                       "Groups:\t4 24 27 \n")
-    assert vserver._peer_groups_proc(42, 1001, str(tmp_path)) == {4, 24, 27}
-    assert vserver._peer_groups_proc(42, 1000, str(tmp_path)) == frozenset()  # not effective
-    assert vserver._peer_groups_proc(43, 1001, str(tmp_path)) == frozenset()  # gone
+    assert proc_credentials(42, 1001, str(tmp_path)) == {6, 4, 24, 27}
+    assert proc_credentials(42, 1000, str(tmp_path)) == frozenset()  # not effective
+    assert proc_credentials(43, 1001, str(tmp_path)) == frozenset()  # gone
+    assert proc_credentials(None, 1001, str(tmp_path)) == frozenset()
     status.write_text("Uid:\t1\t1\t1\t1\nGroups:\n")
-    assert vserver._peer_groups_proc(42, 1, str(tmp_path)) == frozenset()
-    mine = vserver._peer_groups_proc(os.getpid(), os.geteuid())
-    assert mine == frozenset(os.getgroups())
+    assert proc_credentials(42, 1, str(tmp_path)) == frozenset()  # no Gid line
+    mine = proc_credentials(os.getpid(), os.geteuid())
+    assert mine == frozenset(os.getgroups()) | {os.getegid()}
 
 
 def test_socket_mode_and_stale_socket(short_dir: str, make_harness: Callable[..., Harness]
@@ -810,10 +791,10 @@ def test_adopting_refuses_a_non_listening_socket() -> None:
 
 ACTIVATED_CHILD = r"""
 import asyncio, os, sys
-sys.path.insert(0, sys.argv[1])
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
 os.dup2(int(os.environ.pop("TEST_FD")), 3)
 os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="varlink")
-from test_varlink_server import FakeService
+from doubles import FakeService
 from snpd.varlink import server as vserver
 
 async def main():
@@ -845,8 +826,8 @@ def test_socket_activation_in_a_real_process(short_dir: str) -> None:
         assert child.stdout.readline().strip() == "ready [(3, 'varlink')]"
         with VarlinkClient(path, timeout=WAIT) as c:
             assert c.call("org.varlink.service.GetInfo")["vendor"] == "snpd"
-            assert c.call("org.snpd.Attestation.GetReport", {"report_data": "QQ=="}) == {
-                "report": b64(b"REPORTA")}
+            report = c.call("org.snpd.Attestation.GetReport", {"report_data": "QQ=="})["report"]
+            assert base64.b64decode(report)[:64] == b"A".ljust(64, b"\0")
         child.stdin.close()
         assert child.wait(WAIT) == 0
     finally:
@@ -891,7 +872,7 @@ def test_close_waits_for_calls_in_flight(h: Harness) -> None:
         idle.call("org.varlink.service.GetInfo")
         result: Dict[str, Any] = {}
         caller = threading.Thread(target=lambda: result.update(busy.call(
-            "org.snpd.Attestation.GetReport", {"report_data": "", "options": {"block": True}})))
+            "org.snpd.Attestation.GetReport", {"report_data": b64(b"block")})))
         caller.start()
         assert h.service.entered.wait(WAIT)
         closing = h.submit(h.server.close())
@@ -903,7 +884,8 @@ def test_close_waits_for_calls_in_flight(h: Harness) -> None:
         closing.result(WAIT)
         h.closed = True
         caller.join(WAIT)
-        assert result == {"report": b64(b"REPORT")}  # the call in flight was answered
+        # the call in flight was answered
+        assert base64.b64decode(result["report"])[:64] == b"block".ljust(64, b"\0")
     assert not os.path.exists(h.path)
 
 
@@ -943,8 +925,8 @@ def test_async_client(h: Harness) -> None:
             results = await asyncio.gather(*(
                 c.call("org.snpd.Attestation.GetReport", {"report_data": b64(bytes([i]))})
                 for i in range(5)))
-            assert [r["report"] for r in results] == [b64(b"REPORT" + bytes([i]))
-                                                      for i in range(5)]
+            assert [base64.b64decode(r["report"])[:64] for r in results] == [
+                bytes([i]).ljust(64, b"\0") for i in range(5)]
             h.service.fail = errors.Busy("queue full")
             with pytest.raises(errors.Busy, match="queue full"):
                 await c.call("org.snpd.Keys.DeriveSealingKey", {"label": "x"})
@@ -1032,12 +1014,15 @@ def served(sock: socket.socket) -> bool:
 
 
 def sized_call(size: int) -> bytes:
-    """A GetReport of exactly ``size`` bytes, its NUL included."""
-    head = call_message("org.snpd.Attestation.GetReport", {"report_data": ""})
+    """A VerifyReport of exactly ``size`` bytes, its NUL included (the double takes a
+    report of any size)."""
+    head = call_message("org.snpd.Attestation.VerifyReport", {"report": "", "policy": ""})
     padding = size - len(head)
-    assert padding >= 0 and padding % 4 == 0
-    return call_message("org.snpd.Attestation.GetReport",
-                        {"report_data": b64(bytes(padding // 4 * 3))})
+    assert padding >= 0
+    message = call_message("org.snpd.Attestation.VerifyReport", {
+        "report": b64(bytes(padding // 4 * 3)), "policy": "x" * (padding % 4)})
+    assert len(message) == size
+    return message
 
 
 def on_loop(h: Harness, read: Callable[[], Any]) -> Any:
@@ -1050,7 +1035,13 @@ def on_loop(h: Harness, read: Callable[[], Any]) -> Any:
 @pytest.fixture
 def uids(make_harness: Callable[..., Harness]) -> Callable[..., Harness]:
     """Makes harnesses whose connections have the uid ``open_as`` gives them."""
-    return functools.partial(make_harness, credentials=credentials_from_address)
+    def make(**options: Any) -> Harness:
+        # Every test uid is in its own group (credentials_from_address): all may attest.
+        service = FakeService(Access(report_gids=frozenset(range(1000, 1100))),
+                              certificates=certificates())
+        return make_harness(service, credentials=credentials_from_address, **options)
+
+    return make
 
 
 def open_as(h: Harness, uid: int) -> socket.socket:
@@ -1166,8 +1157,8 @@ def test_a_uid_over_its_buffer_budget_is_told_busy_and_closed(
 
 
 def assert_report(reply: Optional[Dict[str, Any]]) -> None:
-    assert reply is not None and base64.b64decode(reply["parameters"]["report"]).startswith(
-        b"REPORT"), reply
+    """``reply`` is the service's answer to a :func:`sized_call`."""
+    assert reply is not None and reply["parameters"]["checks"][0]["name"] == "size", reply
 
 
 def test_the_global_buffer_budget_binds_all_uids_but_roots_reserve(

@@ -307,8 +307,9 @@ def test_the_daemon_answers_a_mislabelled_list_with_an_invalid_verdict(
     reason, not an InvalidArgument error."""
     import asyncio
 
+    from snpd.access import Access, Caller
     from snpd.events import Events
-    from snpd.service import Access, Caller, Service
+    from snpd.service import Service, VerifyOptions
 
     class Sink:
         def send(self, fields: object) -> None:
@@ -325,19 +326,20 @@ def test_the_daemon_answers_a_mislabelled_list_with_an_invalid_verdict(
 
     async def calls() -> list:  # type: ignore[type-arg]
         return [await service.verify_report(root, milan.report(),
-                                            {"certificates": pairs, "at": at})
+                                            VerifyOptions.from_plain(certificates=pairs, at=at))
                 for pairs in lists]
 
     try:
         honest, lying, garbage = asyncio.run(calls())
     finally:
         service.close()
-    assert honest["valid"] is True
-    assert lying["valid"] is False and lying["failures"] == ["chain.certificates"]
+    assert honest.valid is True
+    assert lying.valid is False and [c.name for c in lying.failures] == ["chain.certificates"]
     assert ("chain.certificates", "fail",
             "certificate 3 (given as asvk) holds an ASK certificate, not an ASVK"
-            ) in lying["checks"]
-    assert garbage["valid"] is False and "chain.certificates" in garbage["failures"]
+            ) in [(c.name, c.status.value, c.detail) for c in lying.checks]
+    assert garbage.valid is False and "chain.certificates" in [c.name for c in
+                                                                garbage.failures]
 
 
 # -- partial verification: snpguest's --tcb and --signature --------------------------------
