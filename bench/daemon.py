@@ -1,4 +1,4 @@
-"""Daemon figures, printed from one run (DESIGN.md "Performance budget").
+"""Daemon figures, printed from one run (docs/contracts.md, "Performance budget").
 
     python bench/daemon.py [--starts N] [--samples N] [--seconds S] [--clients 1,8,64]
                            [--rss-requests N] [--snpctl-runs N] [--profile-daemon FILE]
@@ -89,7 +89,7 @@ from _timing import private_bytecode  # noqa: E402
 
 from snpd.bundled import use_bundled_dbus_fast  # noqa: E402
 
-# DESIGN.md's budgets for the figures this script measures.
+# docs/contracts.md's budgets for the figures this script measures.
 BUDGET_READY_MS = 300.0
 BUDGET_DBUS_ADDED_P50_US = 300.0
 BUDGET_DBUS_P99_US = 1500.0

@@ -1,4 +1,4 @@
-"""Verification figures, printed from one run (DESIGN.md performance budget).
+"""Verification figures, printed from one run (docs/contracts.md, "Performance budget").
 
     python bench/verify.py [--vectors DIR] [--runs N] [--process-runs N]
 

@@ -1,6 +1,6 @@
 """The single owner of the firmware channel: queue, fairness, deadlines, VMPCK health.
 
-Why a broker (spec/ABI.md §2.7): the kernel serializes guest requests behind an
+Why a broker (docs/reference/abi.md §2.7): the kernel serializes guest requests behind an
 uninterruptible mutex, so a caller stuck behind a throttled request can sit in
 D-state for about 60 s per request ahead of it, and a handful of failures wipe
 the VMPCK for good. The broker is the only code that calls a :class:`Device`,

@@ -217,7 +217,7 @@ class Daemon:
         else:
             guest_vmpl = self.status.vmpl or 0
             if device.name != "none" and self.status.cpu is not None:
-                # CPUID family/model name the product on hardware (spec/ABI.md §4.8);
+                # CPUID family/model name the product on hardware (docs/reference/abi.md §4.8);
                 # the first report confirms or corrects it.
                 product_hint = self.status.cpu.product
                 hint_source = "cpuid" if product_hint is not None else ""

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 DBUS_PREFIX = "org.snpd.Snpd1.Error."
 
-# snpctl exit codes (DESIGN.md): 0 success, 1 a check failed, 2 usage or
+# snpctl exit codes (docs/contracts.md, "The command line"): 0 success, 1 a check failed, 2 usage or
 # unreadable input, 3 daemon or device unavailable.
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1

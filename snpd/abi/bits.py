@@ -1,4 +1,5 @@
-"""Bit fields of the report: guest POLICY, PLATFORM_INFO and KEY_INFO (spec/ABI.md §4.3-4.5).
+"""Bit fields of the report: guest POLICY, PLATFORM_INFO and KEY_INFO (docs/reference/abi.md
+§4.3-4.5).
 
 Unknown and reserved bits are kept and reported, never fatal: real Turin
 firmware sets PLATFORM_INFO bit 6, which older ABI revisions call reserved.

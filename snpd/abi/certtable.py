@@ -1,4 +1,5 @@
-"""The GHCB certificate table the host hands back with an extended report (spec/ABI.md §1.5).
+"""The GHCB certificate table the host hands back with an extended report (docs/reference/abi.md
+§1.5).
 
 The table comes from the untrusted host, so parsing is defensive: every entry is
 read only inside the buffer, every region is bounds-checked, and any defect

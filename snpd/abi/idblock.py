@@ -5,7 +5,7 @@ produce, byte for byte what snpguest 0.10 produces through virtee/sev 7.1.0
 
 The host passes both structures to SNP_LAUNCH_FINISH (SNP firmware ABI 56860); the
 firmware checks the signatures and then reports SHA-384 digests of the two public
-keys as ID_KEY_DIGEST and AUTHOR_KEY_DIGEST (spec/ABI.md §4.1). All integers are
+keys as ID_KEY_DIGEST and AUTHOR_KEY_DIGEST (docs/reference/abi.md §4.1). All integers are
 little-endian.
 
 ID_BLOCK, 96 bytes::

@@ -1,4 +1,4 @@
-"""CPU product lines and their detection (spec/ABI.md §4.8).
+"""CPU product lines and their detection (docs/reference/abi.md §4.8).
 
 Parsing a report never depends on recognizing the CPU: detection is a separate
 step that may answer ``None``.

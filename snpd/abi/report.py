@@ -1,4 +1,4 @@
-"""The 1184-byte SEV-SNP ATTESTATION_REPORT (spec/ABI.md §4), parsed as a view.
+"""The 1184-byte SEV-SNP ATTESTATION_REPORT (docs/reference/abi.md §4), parsed as a view.
 
 The raw bytes are the truth: the signature is verified over them, never over a
 re-encoding, and every field here is read from them. Versions 2 to 5 parse (4

@@ -1,4 +1,4 @@
-"""TCB_VERSION: a u64 whose byte layout depends on the product (spec/ABI.md §4.6).
+"""TCB_VERSION: a u64 whose byte layout depends on the product (docs/reference/abi.md §4.6).
 
 Milan and Genoa ("legacy"): byte 0 bootloader, 1 TEE, 6 SNP, 7 microcode.
 Turin: byte 0 FMC, 1 bootloader, 2 TEE, 3 SNP, 7 microcode. Comparisons are

@@ -1,5 +1,5 @@
 """The ``/dev/sev-guest`` uapi: ioctl numbers, ctypes structs and message bodies
-(spec/ABI.md §1-2, checked against the kernel's own ``<linux/sev-guest.h>`` by a
+(docs/reference/abi.md §1-2, checked against the kernel's own ``<linux/sev-guest.h>`` by a
 compiled C test).
 
 The ctypes structures are what the ioctl backend hands to the kernel and what

@@ -1,4 +1,5 @@
-"""The configfs-tsm backend (spec/ABI.md §3): reports through ``/sys/kernel/config/tsm/report``.
+"""The configfs-tsm backend (docs/reference/abi.md §3): reports through
+``/sys/kernel/config/tsm/report``.
 
 Each request gets a private report directory, so no other process shares its
 attributes; the generation check catches the one remaining race (someone writing
@@ -246,7 +247,7 @@ class ConfigfsDevice:
             raise self._error(exc, "write", path) from exc
 
     def _error(self, exc: OSError, op: str, path: str) -> SnpdError:
-        """The taxonomy error for a failed configfs operation (spec/ABI.md §2.4, §3.2)."""
+        """The taxonomy error for a failed configfs operation (docs/reference/abi.md §2.4, §3.2)."""
         code = exc.errno
         attribute = posixpath.basename(path)
         what = f"{op} {path}"

@@ -4,7 +4,7 @@ Real ctypes buffers and pointers go to the kernel exactly as the uapi defines
 them; the emulator plugs in at the same boundary (an object with ``open``,
 ``ioctl`` and ``close``), so this marshalling is what the tests exercise.
 
-Kernel rules this follows (spec/ABI.md §1-2): ``exitinfo2`` is zeroed before
+Kernel rules this follows (docs/reference/abi.md §1-2): ``exitinfo2`` is zeroed before
 every call because the kernel writes it back only when non-zero; firmware
 status is read from the response body, where a rejected request (e.g. a VMPL
 below the guest's own) shows up while the ioctl itself succeeds; the extended

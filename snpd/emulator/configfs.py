@@ -1,5 +1,5 @@
 """configfs-tsm's report interface for SEV-SNP, as an in-process filesystem model
-(spec/ABI.md §3.1-3.2, §7 item 6; the kernel's ``drivers/virt/coco/tsm.c`` and
+(docs/reference/abi.md §3.1-3.2, §7 item 6; the kernel's ``drivers/virt/coco/tsm.c`` and
 ``sev_report_new``).
 
 :class:`TsmReportModel` offers the five operations of the configfs backend's

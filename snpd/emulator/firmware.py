@@ -1,4 +1,4 @@
-"""The PSP and the host, at the guest-message level (spec/ABI.md §1.3-1.5, §2, §4).
+"""The PSP and the host, at the guest-message level (docs/reference/abi.md §1.3-1.5, §2, §4).
 
 :class:`Firmware` answers decrypted guest messages the way the SEV firmware
 does: MSG_REPORT_REQ with a signed report of the configured version,
@@ -44,7 +44,7 @@ from snpd.emulator.faults import DeviceFault, FaultQueue
 from snpd.emulator.sign import sign_report
 from snpd.emulator.state import EmulatorState
 
-# enum msg_type (spec/ABI.md §2.8)
+# enum msg_type (docs/reference/abi.md §2.8)
 MSG_KEY_REQ = 3
 MSG_REPORT_REQ = 5
 MSG_NAMES = {MSG_KEY_REQ: "derived_key", MSG_REPORT_REQ: "report"}

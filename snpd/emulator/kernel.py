@@ -1,4 +1,4 @@
-"""The sev-guest driver at the ioctl boundary (spec/ABI.md §1, §2.1-2.6, §7 items 1-5).
+"""The sev-guest driver at the ioctl boundary (docs/reference/abi.md §1, §2.1-2.6, §7 items 1-5).
 
 :class:`EmulatedSevGuest` offers ``open``/``ioctl``/``close`` with the signatures
 of ``os.open``/``fcntl.ioctl(fd, request, arg, True)``/``os.close``, so the real

@@ -1,7 +1,7 @@
 """HTTP client for AMD's Key Distribution Service: bytes in, bytes out, bounded in time.
 
 The KDS throttles with HTTP 429, has transient 5xx outages and sometimes hangs
-(spec/ABI.md §5.2). This client turns all of that into either the body of a 200
+(docs/reference/abi.md §5.2). This client turns all of that into either the body of a 200
 answer or one :class:`~snpd.errors.KdsError` whose message tells an operator which
 URL failed, how, after how many attempts, and what to do. It does not parse or
 verify what it fetched: the trust layer does that before anything is cached, so a
@@ -165,11 +165,12 @@ class _UrlOutcome:
 class KdsClient:
     """Fetches KDS resources with retries, mirrors, an overall deadline and a size cap.
 
-    Everything with state or time is injected (DESIGN.md): the HTTP ``session``, the
-    monotonic ``clock`` the deadline is measured on and the ``sleep`` used between
-    attempts. A session passed in stays the caller's to close; its adapters should not
-    retry on their own (requests' default adapter does not). Safe to share between
-    threads: a call keeps its state in local variables.
+    Everything with state or time is injected (docs/architecture.md, "Seams for
+    tests"): the HTTP ``session``, the monotonic ``clock`` the deadline is measured on
+    and the ``sleep`` used between attempts. A session passed in stays the caller's
+    to close; its adapters should not retry on their own (requests' default adapter
+    does not). Safe to share between threads: a call keeps its state in local
+    variables.
 
     ``deadline`` bounds a whole :meth:`get` (all attempts, backoffs and mirrors); each
     attempt's timeouts are clipped to what remains of it. ``max_retry_wait`` (None: up

@@ -1,4 +1,4 @@
-"""KDS URL paths, built and parsed (spec/ABI.md §5.1). Pure: no I/O, no HTTP library.
+"""KDS URL paths, built and parsed (docs/reference/abi.md §5.1). Pure: no I/O, no HTTP library.
 
 The client builds paths here and the loopback KDS stand-in parses them with the
 same code, so the two cannot drift apart. Parsing is the inverse of building but
@@ -196,8 +196,9 @@ def _parse_spl_query(query: str, product: Product) -> Dict[str, int]:
 def chip_digest(hwid: bytes) -> str:
     """A short SHA-256 tag for a chip id, for logs and error messages.
 
-    DESIGN.md: full chip ids are never logged. A Turin hwid (8 bytes) is zero-padded to
-    the 64-byte CHIP_ID it came from, so the tag matches the one for the report's id.
+    Full chip ids are never logged (docs/architecture.md, "Security model"). A Turin
+    hwid (8 bytes) is zero-padded to the 64-byte CHIP_ID it came from, so the tag
+    matches the one for the report's id.
     """
     return "chip-sha256:" + hashlib.sha256(hwid.ljust(CHIP_ID_SIZE, b"\0")).hexdigest()[:16]
 

@@ -1,4 +1,4 @@
-"""Parse the guest kernel's SEV lines (spec/ABI.md §6.1) into facts. Pure.
+"""Parse the guest kernel's SEV lines (docs/reference/abi.md §6.1) into facts. Pure.
 
 The lines changed wording across kernel versions; every known form is matched,
 unknown lines are ignored, and nothing here raises on odd input.

@@ -32,14 +32,14 @@ MAX_CPUINFO = 1 << 20
 SEV_FEATURES = ("SEV", "SEV-ES", "SEV-SNP")
 FEATURES_LINE = "Memory Encryption Features active"
 # /proc/cpuinfo flags worth showing: CPUID 0x8000001F capabilities, host-oriented and
-# not a reliable guest indicator (spec/ABI.md §6.3), so shown, never trusted.
+# not a reliable guest indicator (docs/reference/abi.md §6.3), so shown, never trusted.
 CPU_SEV_FLAGS = ("sev", "sev_es", "sev_snp")
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuInfo:
     """The first processor of /proc/cpuinfo: what names the product without a report
-    (spec/ABI.md §4.8, "local CPUID when the report is from this machine")."""
+    (docs/reference/abi.md §4.8, "local CPUID when the report is from this machine")."""
 
     vendor: str
     family: Optional[int]

@@ -29,7 +29,7 @@ DOCUMENT_KEYS = ("source", "transport", "version", "backend", "state", "state_re
 
 
 def decode_tcb(raw: int, product: Optional[str]) -> Dict[str, Any]:
-    """REPORTED_TCB's components in the product's layout (spec/ABI.md §4.6): Milan
+    """REPORTED_TCB's components in the product's layout (docs/reference/abi.md §4.6): Milan
     and Genoa byte 0 bootloader, 1 TEE, 6 SNP, 7 microcode; Turin byte 0 FMC, 1
     bootloader, 2 TEE, 3 SNP, 7 microcode. Only ``raw`` when the product is unknown.
     (snpd.abi.tcb does the same with dataclasses, too slow to import here; a unit

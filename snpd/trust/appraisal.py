@@ -5,7 +5,7 @@ guest, firmware and platform we want?". Keeping them apart lets one verified rep
 be judged against several named policies, and keeps this module pure: it takes
 text, mappings and bytes, never files or the network.
 
-The rule set covers go-sev-guest's ``validate.Options`` in full (spec/PEERS.md §5.4),
+The rule set covers go-sev-guest's ``validate.Options`` in full (docs/reference/peers.md §5.4),
 minus what needs the endorsement certificate (certificate TCB, chip binding) or the
 certificate table, which belong to verification. It departs from go-sev-guest where
 go-sev-guest breaks on real hardware: unknown PLATFORM_INFO bits (real Turin firmware
@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------
-# The AMD public-key format (spec/ABI.md §4.1)
+# The AMD public-key format (docs/reference/abi.md §4.1)
 
 AMD_PUBLIC_KEY_SIZE = 0x404
 _AMD_CURVE_P384 = 2

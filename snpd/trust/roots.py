@@ -1,4 +1,4 @@
-"""AMD's SEV-SNP roots, pinned by the SHA-256 of their DER encoding (spec/ABI.md §5.3).
+"""AMD's SEV-SNP roots, pinned by the SHA-256 of their DER encoding (docs/reference/abi.md §5.3).
 
 The certificates themselves are not shipped: they arrive from a certs dir, the
 host's certificate table or the KDS, and are trusted only if they hash to one

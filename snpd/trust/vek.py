@@ -1,4 +1,4 @@
-"""The KDS extensions of a VCEK or VLEK (OID arc 1.3.6.1.4.1.3704.1, spec/ABI.md §5.4).
+"""The KDS extensions of a VCEK or VLEK (OID arc 1.3.6.1.4.1.3704.1, docs/reference/abi.md §5.4).
 
 Real certificates carry hwID as raw bytes with no ASN.1 tag; some test
 certificates wrap it in an OCTET STRING. Both are accepted, by length rather

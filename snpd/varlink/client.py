@@ -1,8 +1,8 @@
 """A small varlink client for snpd's socket: synchronous, and an asyncio twin.
 
 ``snpctl`` runs this on every command the daemon answers, within a whole-process
-budget of 25 ms (DESIGN.md), so the module imports only the standard library's
-cheap parts and :mod:`snpd.errors` — not the protocol core (dataclasses), not
+budget of 25 ms (docs/contracts.md, "Performance budget"), so the module imports only the standard
+library's cheap parts and :mod:`snpd.errors` — not the protocol core (dataclasses), not
 asyncio (imported by :class:`AsyncVarlinkClient` only when it is used), never
 cryptography or dbus-fast. Replies are decoded here with a few lines of their own
 for the same reason, and the socket comes from ``_socket``, the C module under

@@ -1,6 +1,6 @@
 """snpd's varlink server: an asyncio AF_UNIX stream server in front of the Service.
 
-It is a transport and nothing more (DESIGN.md): it establishes who is calling
+It is a transport and nothing more (docs/architecture.md, "Layers"): it establishes who is calling
 from the kernel (``SO_PEERCRED``, ``SO_PEERGROUPS``), decodes each call with the
 sans-IO :mod:`snpd.varlink.protocol`, turns the JSON parameters into the
 service's typed values (null ``vmpl``: the guest's own), calls the same
@@ -8,7 +8,7 @@ service's typed values (null ``vmpl``: the guest's own), calls the same
 result as JSON or maps the typed error. Authorization is the service's table
 (:mod:`snpd.access`), asked before options are read and again by the method.
 
-Why in-tree and not a library: spec/STACK.md §6 — no maintained varlink library
+Why in-tree and not a library: docs/reference/stack.md §6 — no maintained varlink library
 is packaged in the distributions; the protocol is small enough to own, and the
 tests hold it to an independent client.
 

@@ -1,7 +1,7 @@
 """The real snpd daemon as a subprocess, for integration tests.
 
 What the test harness stands in for, since there is no systemd as PID 1 here
-(spec/STACK.md §4.3-4.4, §5.4; SYSTEM.md §11):
+(docs/reference/stack.md §4.3-4.4, §5.4; docs/reference/system.md §11):
 
 - the unit's ``User=snpd``: the daemon is ``python -m snpd.cli.daemon`` started
   through ``setpriv`` as uid ``snpd`` with its login groups. (``setpriv`` keeps

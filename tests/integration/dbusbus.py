@@ -5,7 +5,7 @@
   in each group and one in neither. scripts/test does the same before its
   integration stage.
 - :class:`PrivateBus` runs ``dbus-daemon`` from the configuration template of
-  spec/STACK.md §5.1 (the stock system-bus default policy) with a ``system.d/``
+  docs/reference/stack.md §5.1 (the stock system-bus default policy) with a ``system.d/``
   holding a copy of the shipped ``conf/dbus/org.snpd.Snpd1.conf``, so the policy
   under test is the file that ships. The socket's directory is world-traversable:
   unprivileged test users connect to it.
@@ -65,7 +65,7 @@ TEST_USERS: Mapping[str, Optional[str]] = {
     "snpd-test-outsider": None,
 }
 
-# spec/STACK.md §5.1, verbatim but for the comment.
+# docs/reference/stack.md §5.1, verbatim but for the comment.
 BUS_CONF_TEMPLATE = (REPO_ROOT / "conf" / "dbus" / "private-system-bus.conf.in").read_text()
 
 # Added beside the shipped policy for the layer-2 tests: "mandatory" rules apply

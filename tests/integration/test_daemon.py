@@ -612,7 +612,7 @@ ROOT, USER, KEYS_MEMBER, OUTSIDER = ("root", "snpd-test-user", "snpd-test-keys",
                                      "snpd-test-outsider")
 EVERYONE = frozenset({ROOT, USER, KEYS_MEMBER, OUTSIDER})
 
-# Who may call what (DESIGN.md "Security"), the same on both transports: the report
+# Who may call what (docs/contracts.md, "Access"), the same on both transports: the report
 # group attests and gets sealing keys, the key group gets raw firmware keys, only
 # root manages, and the members of either group may read the properties; outsiders
 # may call nothing at all (on D-Bus the bus refuses even Introspect and Ping to
@@ -709,7 +709,7 @@ def varlink_as(user: str, path: str, calls: Sequence[Mapping[str, Any]]
 
 
 def test_the_access_table_is_the_security_model() -> None:
-    """The table itself, against DESIGN.md's sentences, so that a slip in it cannot
+    """The table itself, against docs/contracts.md's sentences, so that a slip in it cannot
     make the tests below agree with a wrong daemon."""
     assert WHO_MAY["DeriveKey"] == {ROOT, KEYS_MEMBER}, "raw firmware keys: root and snpd-keys"
     assert WHO_MAY["RefreshCertificates"] == {ROOT}
@@ -1238,8 +1238,8 @@ def test_a_kds_fetch_is_logged(launcher: Launcher) -> None:
 
 
 def test_snpctl_cache_shows_the_counters_and_refreshes(launcher: Launcher) -> None:
-    """``snpctl cache`` (DESIGN.md's CLI): the daemon's KDS cache counters, and
-    ``cache refresh`` fetching this platform's chain and CRL now, as root."""
+    """``snpctl cache`` (docs/contracts.md, "The command line"): the daemon's KDS cache counters,
+    and ``cache refresh`` fetching this platform's chain and CRL now, as root."""
     import io
 
     from snpd.cli import snpctl

@@ -102,7 +102,7 @@ STRICT = {
     "snpd-test-user": {**dict.fromkeys(ATTESTATION_METHODS, OK), "DeriveSealingKey": OK,
                        "DeriveKey": BUS, "RefreshCertificates": BUS},
     # The bus lets the key group call all of Keys; sealing keys are the report groups'
-    # (DESIGN.md), so the daemon refuses DeriveSealingKey itself.
+    # (docs/contracts.md, "Access"), so the daemon refuses DeriveSealingKey itself.
     "snpd-test-keys": {**dict.fromkeys(ATTESTATION_METHODS, BUS), "DeriveKey": OK,
                        "DeriveSealingKey": DAEMON, "RefreshCertificates": BUS},
 }

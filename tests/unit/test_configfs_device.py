@@ -42,7 +42,7 @@ def _oserror(code: int, path: str) -> OSError:
 
 
 class FakeTsm:
-    """A dict model of configfs-tsm (spec/ABI.md §3.2): per-directory attributes, the
+    """A dict model of configfs-tsm (docs/reference/abi.md §3.2): per-directory attributes, the
     write generation, report generation on the first blob read, fault injection."""
 
     def __init__(self, base_report: bytes, *, provider: bytes = b"sev_guest\n",

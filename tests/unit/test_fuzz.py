@@ -1,5 +1,5 @@
 """Fuzzing: every parser and validator that takes outside input lets only its documented
-typed error escape (issue 6, DESIGN.md "Security model").
+typed error escape (issue 6, docs/architecture.md "Security model").
 
 One property per target: arbitrary and mutated-real input either parses or raises the
 named :mod:`snpd.errors` class (or, for the varlink wire, ``ProtocolError``); never

@@ -2,7 +2,7 @@
 docs/snpguest.1.adoc), the files and console output it writes, and the bytes.
 
 Expected bytes are computed here from the layouts (SNP firmware ABI 56860: ID_BLOCK,
-ID_AUTH_INFO, PAGE_INFO; spec/ABI.md §4.1: the 0x404-byte public key; AMD64 APM
+ID_AUTH_INFO, PAGE_INFO; docs/reference/abi.md §4.1: the 0x404-byte public key; AMD64 APM
 vol. 2 table B-4: the VMSA) and the register values of virtee/sev 7.1.0, the library
 snpguest 0.10 runs on, never by calling snpd's own code. Signatures are randomized:
 they are verified with the public keys.
@@ -67,8 +67,8 @@ def der(key: Any, fmt: Any = serialization.PrivateFormat.TraditionalOpenSSL) -> 
 
 
 def amd_public_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """ABI.md §4.1: u32 curve 2, Qx and Qy little-endian in 72 bytes each, zero padding
-    to 0x404."""
+    """docs/reference/abi.md §4.1: u32 curve 2, Qx and Qy little-endian in 72 bytes each, zero
+    padding to 0x404."""
     numbers = key.public_key().public_numbers()
     out = bytearray(0x404)
     struct.pack_into("<I", out, 0, 2)

@@ -1,8 +1,8 @@
 """KdsClient against a real KdsServer on 127.0.0.1, with injected faults.
 
 Timeouts, deadlines and backoffs are tiny so the file runs in seconds. Nothing here
-asserts on elapsed time (DESIGN.md): outcomes, request counts and the delays the
-client *asked* to sleep are what is checked.
+asserts on elapsed time (docs/contracts.md, "Performance budget"): outcomes, request counts and the
+delays the client *asked* to sleep are what is checked.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""KDS URL building and parsing (spec/ABI.md §4.6, §5.1), against the real examples."""
+"""KDS URL building and parsing (docs/reference/abi.md §4.6, §5.1), against the real examples."""
 
 from __future__ import annotations
 

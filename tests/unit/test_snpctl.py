@@ -238,8 +238,8 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_a_daemon_answered_command_imports_only_what_its_budget_affords() -> None:
-    """DESIGN.md: any snpctl command the daemon answers takes at most 25 ms as a whole
-    process, so its path (parser, client, varlink) imports neither the heavy
+    """docs/contracts.md, "Performance budget": any snpctl command the daemon answers takes at most
+    25 ms as a whole process, so its path (parser, client, varlink) imports neither the heavy
     libraries nor typing, shutil and the compressors that a careless import drags in.
     Measured against what the interpreter has loaded anyway."""
     baseline = _modules_after("pass")
