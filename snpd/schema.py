@@ -135,8 +135,9 @@ def join(path: str, key: object) -> str:
     return f"{path}.{key_text(key)}" if path else key_text(key)
 
 
-def unknown_key(path: str, key: object, known: Iterable[str]) -> SchemaError:
-    return SchemaError(join(path, key), f"unknown key (known: {', '.join(known)})")
+def unknown_key(path: str, key: object, known: Iterable[str], *, noun: str = "key"
+                ) -> SchemaError:
+    return SchemaError(join(path, key), f"unknown {noun} (known: {', '.join(known) or 'none'})")
 
 
 # ---------------------------------------------------------------------------
@@ -283,12 +284,13 @@ def kind_for(hint: Any) -> Kind:
 
 
 def read_table(path: str, table: object, kinds: Mapping[str, Kind], *,
-               what: str = "a table", name: str = "") -> Dict[str, Any]:
+               what: str = "a table", name: str = "", noun: str = "key") -> Dict[str, Any]:
     """The keys of ``table`` that ``kinds`` declares, each checked by its kind.
     Absent keys are absent from the result (the caller's defaults apply); any key
     ``kinds`` does not declare is an error naming it and the known ones, in the
     order ``kinds`` lists them. ``name`` names the table in errors (``emulator:
-    latency: ...``) when ``path`` starts inside it."""
+    latency: ...``) when ``path`` starts inside it; ``noun`` is what a key is called
+    there (a service method's "option")."""
     try:
         if not isinstance(table, Mapping):
             raise SchemaError(path, f"expected {what}, got {show(table)}")
@@ -296,7 +298,7 @@ def read_table(path: str, table: object, kinds: Mapping[str, Kind], *,
         for key, value in table.items():
             kind = kinds.get(key) if isinstance(key, str) else None
             if kind is None:
-                raise unknown_key(path, key, kinds)
+                raise unknown_key(path, key, kinds, noun=noun)
             out[key] = kind(join(path, key), value)
         return out
     except SchemaError as exc:

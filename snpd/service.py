@@ -34,7 +34,7 @@ from typing import (
     TypeVar,
 )
 
-from snpd import __version__
+from snpd import __version__, schema
 from snpd.abi.product import Endorser, Product
 from snpd.abi.report import AttestationReport
 from snpd.abi.tcb import TcbVersion
@@ -67,6 +67,8 @@ _T = TypeVar("_T")
 MAX_LABEL = 255
 MAX_TIMEOUT = 600
 MAX_REPORT = 4096
+MAX_CERTIFICATES = 64  # a chain is ark, ask or asvk, vcek or vlek, crl
+MAX_NAME = 255  # a policy's or a product's name
 """VerifyReport takes anything up to this size: a wrong size is a verdict, not an error."""
 SEALING_SALT = b"snpd sealing key v2"
 DEFAULT_SEALING_FIELDS = ("measurement", "policy")
@@ -239,27 +241,33 @@ Listener = Callable[[Mapping[str, object]], None]
 """``listener(changed)``: :class:`Properties` fields by name, with their new values."""
 
 
-def check_options(values: Mapping[str, object], allowed: Mapping[str, type], what: str
+def check_options(values: object, kinds: Mapping[str, schema.Kind], what: str
                   ) -> Dict[str, Any]:
-    """Plain option values (decoded from either wire) against the names and types a
-    method allows: an unknown name or a wrong type is InvalidArgument naming both."""
-    out: Dict[str, Any] = {}
-    for key, value in values.items():
-        if key not in allowed:
-            known = ", ".join(sorted(allowed)) or "none"
-            raise InvalidArgument(f"{what}: unknown option {key!r} (known: {known})")
-        kind = allowed[key]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise InvalidArgument(f"{what}: option {key!r} must be {kind.__name__}, got "
-                                  f"{type(value).__name__}")
-        out[key] = value
-    return out
+    """Plain option values, decoded from either wire, read by the schema reader the
+    configuration uses: an unknown name or a wrong value is InvalidArgument naming the
+    method, the option and the rule (``GetReport options: timeout: expected a
+    positive number, got "soon"``)."""
+    return schema.read_table("", values, kinds, what="an options object",
+                             name=f"{what} options", noun="option")
 
 
-TIMEOUT_OPTION: Mapping[str, type] = {"timeout": float}
-CERTIFICATE_OPTIONS: Mapping[str, type] = {"crl": bool, "endorser": str}
+def _certificate_pair(path: str, value: object) -> Tuple[str, bytes]:
+    if (not isinstance(value, (tuple, list)) or len(value) != 2 or not isinstance(value[0], str)
+            or not isinstance(value[1], (bytes, bytearray))):
+        raise schema.SchemaError(path, "expected a (kind, DER) pair")
+    return value[0], bytes(value[1])
+
+
+TIMEOUT_OPTION: Mapping[str, schema.Kind] = {"timeout": schema.seconds(MAX_TIMEOUT)}
+CERTIFICATE_OPTIONS: Mapping[str, schema.Kind] = {
+    "crl": schema.boolean, "endorser": schema.choice(*(e.value for e in Endorser))}
+VERIFY_OPTIONS: Mapping[str, schema.Kind] = {
+    "certificates": schema.list_of(_certificate_pair, limit=MAX_CERTIFICATES, dedupe=False),
+    "at": schema.integer(-(1 << 63), (1 << 63) - 1),
+    "policy": schema.string(MAX_NAME),
+    "product": schema.string(MAX_NAME),
+}
+"""The options each method takes where a transport carries them as a dictionary."""
 
 
 class ServiceAPI(Protocol):

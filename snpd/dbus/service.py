@@ -76,7 +76,6 @@ from snpd.errors import (
     DBUS_PREFIX,
     Busy,
     Internal,
-    InvalidArgument,
     PermissionDenied,
     SnpdError,
 )
@@ -84,6 +83,7 @@ from snpd.ratelimit import LogLimiter
 from snpd.service import (
     CERTIFICATE_OPTIONS,
     TIMEOUT_OPTION,
+    VERIFY_OPTIONS,
     CertificateOptions,
     KeyRequest,
     Properties,
@@ -287,16 +287,8 @@ def _certificate_options(options: Mapping[str, Any]) -> CertificateOptions:
 
 
 def _verify_options(options: Mapping[str, Any]) -> VerifyOptions:
-    opts = check_options(decode_options(options), {
-        "certificates": list, "at": int, "policy": str, "product": str}, "VerifyReport")
-    pairs = opts.get("certificates")
-    if pairs is not None and not all(
-            isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
-            and isinstance(p[1], (bytes, bytearray)) for p in pairs):
-        raise InvalidArgument("option 'certificates' must be a(say): (kind, DER)")
-    return VerifyOptions.from_plain(
-        certificates=[(k, bytes(v)) for k, v in pairs] if pairs else None,
-        at=opts.get("at"), policy=opts.get("policy"), product=opts.get("product"))
+    return VerifyOptions.from_plain(**check_options(decode_options(options), VERIFY_OPTIONS,
+                                                    "VerifyReport"))
 
 
 def property_value(props: Properties, field: str) -> object:

@@ -57,6 +57,7 @@ from snpd.events import Events
 from snpd.service import (
     CERTIFICATE_OPTIONS,
     TIMEOUT_OPTION,
+    VERIFY_OPTIONS,
     CertificateOptions,
     KeyRequest,
     ReportOptions,
@@ -498,7 +499,6 @@ _OPTION_VALUES = st.one_of(JSONISH, _CERT_OPTION, st.sampled_from(
 OPTIONS = st.dictionaries(st.one_of(_OPTION_KEYS, st.text(max_size=8)), _OPTION_VALUES, max_size=4)
 OWN_VMPL = 0xFFFFFFFF  # the D-Bus transport's "the guest's own VMPL"
 _U32 = st.one_of(st.sampled_from([0, 1, 3, 4, OWN_VMPL]), st.integers(0, 0xFFFFFFFF))
-_VERIFY_OPTIONS = {"certificates": list, "at": int, "policy": str, "product": str}
 
 
 def _own(vmpl: Any) -> Any:
@@ -510,7 +510,7 @@ def _timeout(options: Any) -> ReportOptions:
 
 
 def _verify(options: Any) -> VerifyOptions:
-    return VerifyOptions.from_plain(**check_options(options, _VERIFY_OPTIONS, "fuzz"))
+    return VerifyOptions.from_plain(**check_options(options, VERIFY_OPTIONS, "fuzz"))
 
 
 def _certificate(options: Any) -> CertificateOptions:

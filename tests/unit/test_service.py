@@ -31,6 +31,7 @@ from snpd.events import Events
 from snpd.service import (
     CERTIFICATE_OPTIONS,
     TIMEOUT_OPTION,
+    VERIFY_OPTIONS,
     CertificateOptions,
     KeyRequest,
     Properties,
@@ -277,19 +278,34 @@ def test_extended_report_without_a_cache_has_no_certificates(milan: Platform) ->
 
 def test_check_options_names_the_method_the_option_and_the_rule() -> None:
     with pytest.raises(InvalidArgument,
-                       match=r"^GetReport: unknown option 'x' \(known: timeout\)$"):
+                       match=r"^GetReport options: x: unknown option \(known: timeout\)$"):
         check_options({"x": 1}, TIMEOUT_OPTION, "GetReport")
-    with pytest.raises(InvalidArgument,
-                       match="^GetReport: option 'timeout' must be float, got str$"):
+    with pytest.raises(InvalidArgument, match="^GetReport options: timeout: expected a "
+                                              'positive number, got "soon"$'):
         check_options({"timeout": "soon"}, TIMEOUT_OPTION, "GetReport")
-    with pytest.raises(InvalidArgument,
-                       match="^GetCertificates: option 'crl' must be bool, got int$"):
+    with pytest.raises(InvalidArgument, match="^GetReport options: timeout: 601 is more "
+                                              "than the maximum 600$"):
+        check_options({"timeout": 601}, TIMEOUT_OPTION, "GetReport")
+    with pytest.raises(InvalidArgument, match="^GetCertificates options: crl: expected true "
+                                              "or false, got 1$"):
         check_options({"crl": 1}, CERTIFICATE_OPTIONS, "GetCertificates")
-    with pytest.raises(InvalidArgument, match=r"unknown option 'timeout' \(known: none\)"):
+    with pytest.raises(InvalidArgument, match="^GetCertificates options: endorser: expected "
+                                              'one of vcek, vlek, got "ask"$'):
+        check_options({"endorser": "ask"}, CERTIFICATE_OPTIONS, "GetCertificates")
+    with pytest.raises(InvalidArgument, match=r"timeout: unknown option \(known: none\)"):
         check_options({"timeout": 1}, {}, "RefreshCertificates")
     assert check_options({"timeout": 2}, TIMEOUT_OPTION, "x") == {"timeout": 2.0}
-    with pytest.raises(InvalidArgument, match="must be int, got bool"):
-        check_options({"at": True}, {"at": int}, "VerifyReport")
+    with pytest.raises(InvalidArgument, match="at: expected an integer"):
+        check_options({"at": True}, VERIFY_OPTIONS, "VerifyReport")
+    with pytest.raises(InvalidArgument, match=r"certificates\[1\]: expected a \(kind, DER\) "
+                                              "pair$"):
+        check_options({"certificates": [("ark", b"x"), ("ask",)]}, VERIFY_OPTIONS,
+                      "VerifyReport")
+    with pytest.raises(InvalidArgument, match="^VerifyReport options: expected an options "
+                                              "object, got an array$"):
+        check_options([], VERIFY_OPTIONS, "VerifyReport")
+    assert check_options({"certificates": [["ark", bytearray(b"x")]]}, VERIFY_OPTIONS,
+                         "v") == {"certificates": (("ark", b"x"),)}
 
 
 def test_certificate_options() -> None:
