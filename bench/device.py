@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from _timing import median_us  # noqa: E402
 
 from snpd.abi.uapi import DerivedKeyRequest  # noqa: E402
+from snpd.device.base import ReportRequest  # noqa: E402
 from snpd.device.ioctl import IoctlDevice  # noqa: E402
 from snpd.emulator.kernel import EmulatedSevGuest  # noqa: E402
 from snpd.emulator.launch import EmulatorConfig  # noqa: E402
@@ -42,9 +43,9 @@ def main() -> int:
             now=lambda: datetime.datetime.now(datetime.timezone.utc))
         device = IoctlDevice(ops=guest)
         data = bytes(range(64))
-        raw = device.report(data, 0)
+        raw = device.report(ReportRequest(data, 0))
         key = guest.firmware.state.signing_key
-        through_ioctl = median_us(lambda: device.report(data, 0), args.runs)
+        through_ioctl = median_us(lambda: device.report(ReportRequest(data, 0)), args.runs)
         signing = median_us(lambda: sign_report(raw, key), args.runs)
         firmware = median_us(lambda: guest.firmware.report(data, 0), args.runs)
         derived = median_us(lambda: device.derived_key(DerivedKeyRequest()), args.runs)

@@ -100,9 +100,9 @@ def operation(request: FirmwareRequest) -> str:
 def _perform(device: Device, request: FirmwareRequest) -> object:
     """Run ``request`` on ``device`` (worker thread only)."""
     if isinstance(request, ExtendedReportRequest):
-        return device.extended_report(request.report_data, request.vmpl)
+        return device.extended_report(request)
     if isinstance(request, ReportRequest):
-        return device.report(request.report_data, request.vmpl)
+        return device.report(request)
     return device.derived_key(request)
 
 

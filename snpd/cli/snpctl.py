@@ -599,7 +599,13 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
     device = _device(args) if _direct(args) else _DaemonDevice(args)
     try:
         vmpl = _default_vmpl(args, device)
-        report = device.report(data, vmpl)
+        if isinstance(device, _DaemonDevice):
+            report = device.report(data, vmpl)
+        else:
+            # lazy: the device layer is for --direct; the daemon path's 25 ms budget
+            from snpd.device.base import ReportRequest
+
+            report = device.report(ReportRequest(data, vmpl))
         vmpl = parse_vmpl(report)
     finally:
         device.close()
@@ -617,6 +623,7 @@ def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
     import os
 
     from snpd.certsdir import write_certs_dir
+    from snpd.device.base import ReportRequest
     from snpd.trust.certset import CertificateSet
 
     if os.path.exists(args.dir) and not os.path.isdir(args.dir):
@@ -624,7 +631,8 @@ def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
     if _direct(args):
         device = _device(args)
         try:
-            extended = device.extended_report(os.urandom(64), _default_vmpl(args, device))
+            extended = device.extended_report(ReportRequest(os.urandom(64),
+                                                            _default_vmpl(args, device)))
         finally:
             device.close()
         certs = CertificateSet.from_table(extended.certificates)
@@ -729,6 +737,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     asks for one at start. A backend that cannot be opened, or a report that fails,
     is the state "failed" with the reason, not an error."""
     from snpd import __version__
+    from snpd.device.base import ReportRequest
     from snpd.status.probe import emulated, probe, status_properties
     from snpd.status.summary import ATTESTATION, MANAGER
 
@@ -754,7 +763,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
             try:
                 from snpd.abi.report import AttestationReport
 
-                parsed = AttestationReport.from_bytes(device.report(bytes(64), vmpl))
+                parsed = AttestationReport.from_bytes(device.report(ReportRequest(vmpl=vmpl)))
                 tcb = parsed.reported_tcb
                 if parsed.cpuid_product is not None:
                     product, source = parsed.cpuid_product, "report"
@@ -828,7 +837,8 @@ def _direct_evidence(args: argparse.Namespace, out: Output, nonce: bytes) -> Any
     when that table verifies against the trusted roots (AMD's; with the emulator
     backend its own ARK too, as the daemon does). Without a verified table the
     evidence carries no certificate and the verifier fetches it."""
-    from snpd.abi.report import REPORT_DATA_SIZE, AttestationReport
+    from snpd.abi.report import AttestationReport
+    from snpd.device.base import ReportRequest
     from snpd.errors import CertificateFormatError, NotSupported
     from snpd.evidence import TRUSTEE_MEDIA_TYPE, trustee_evidence
     from snpd.trust.certset import CertificateSet
@@ -839,7 +849,7 @@ def _direct_evidence(args: argparse.Namespace, out: Output, nonce: bytes) -> Any
     try:
         # The guest's own VMPL, as the daemon's GetEvidence uses (no --vmpl here).
         vmpl = _default_vmpl(argparse.Namespace(vmpl=None), device)
-        extended = device.extended_report(nonce.ljust(REPORT_DATA_SIZE, b"\0"), vmpl)
+        extended = device.extended_report(ReportRequest(nonce, vmpl))
         extra = device.platform().extra_roots  # the emulator's ARK, with its backend only
         roots = AMD_ROOTS.with_explicit(*extra) if extra else AMD_ROOTS
     finally:

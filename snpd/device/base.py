@@ -80,11 +80,12 @@ class Device(Protocol):
 
     name: str
 
-    def report(self, report_data: bytes, vmpl: int) -> bytes:
-        """The raw 1184-byte report binding ``report_data`` (exactly 64 bytes)."""
+    def report(self, request: ReportRequest) -> bytes:
+        """The raw 1184-byte report binding the request's report_data."""
         ...
 
-    def extended_report(self, report_data: bytes, vmpl: int) -> ExtendedReport:
+    def extended_report(self, request: ReportRequest) -> ExtendedReport:
+        """The report and the host's certificate table."""
         ...
 
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
@@ -101,12 +102,3 @@ class Device(Protocol):
 
     def close(self) -> None:
         ...
-
-
-def check_request(report_data: bytes, vmpl: int) -> None:
-    """Caller-side validation shared by every backend (the firmware checks again)."""
-    if not isinstance(report_data, (bytes, bytearray)) or len(report_data) != REPORT_DATA_SIZE:
-        raise InvalidArgument(f"report_data must be exactly {REPORT_DATA_SIZE} bytes "
-                              f"(pad shorter data with zeros)")
-    if not isinstance(vmpl, int) or not 0 <= vmpl <= 3:
-        raise InvalidArgument(f"vmpl {vmpl!r} is not 0-3")

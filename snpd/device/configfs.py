@@ -24,7 +24,7 @@ from typing import Dict, Optional, Protocol, Tuple
 from snpd.abi.certtable import CertTableEntry, parse_cert_table
 from snpd.abi.report import REPORT_SIZE
 from snpd.abi.uapi import DerivedKeyRequest
-from snpd.device.base import ExtendedReport, Platform, check_request
+from snpd.device.base import ExtendedReport, Platform, ReportRequest
 from snpd.errors import (
     Busy,
     DeviceError,
@@ -134,11 +134,11 @@ class ConfigfsDevice:
 
     # -- Device protocol -------------------------------------------------------------
 
-    def report(self, report_data: bytes, vmpl: int) -> bytes:
-        return self._request(report_data, vmpl, with_certificates=False)[0]
+    def report(self, request: ReportRequest) -> bytes:
+        return self._request(request, with_certificates=False)[0]
 
-    def extended_report(self, report_data: bytes, vmpl: int) -> ExtendedReport:
-        report, certificates = self._request(report_data, vmpl, with_certificates=True)
+    def extended_report(self, request: ReportRequest) -> ExtendedReport:
+        report, certificates = self._request(request, with_certificates=True)
         return ExtendedReport(report, certificates)
 
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
@@ -161,12 +161,11 @@ class ConfigfsDevice:
         floors = [f for f in (self.privlevel_floor, self._kernel_floor) if f is not None]
         return max(floors) if floors else None
 
-    def _request(self, report_data: bytes, vmpl: int, *, with_certificates: bool,
+    def _request(self, request: ReportRequest, *, with_certificates: bool,
                  ) -> Tuple[bytes, Tuple[CertTableEntry, ...]]:
-        check_request(report_data, vmpl)
         for _ in range(ATTEMPTS):
             try:
-                return self._attempt(bytes(report_data), vmpl, with_certificates)
+                return self._attempt(request.report_data, request.vmpl, with_certificates)
             except _Raced:
                 log.warning("configfs-tsm generation changed during a report request; "
                             "another writer touched the report directory")

@@ -41,7 +41,7 @@ from snpd.abi.uapi import (
     parse_key_response,
     parse_report_response,
 )
-from snpd.device.base import ExtendedReport, Platform, check_request
+from snpd.device.base import ExtendedReport, Platform, ReportRequest
 from snpd.errors import (
     Busy,
     DeviceError,
@@ -177,8 +177,8 @@ class IoctlDevice:
 
     # -- requests --------------------------------------------------------------------
 
-    def report(self, report_data: bytes, vmpl: int) -> bytes:
-        check_request(report_data, vmpl)
+    def report(self, request: ReportRequest) -> bytes:
+        report_data, vmpl = request.report_data, request.vmpl
         req = SnpReportReq(vmpl=vmpl)
         ctypes.memmove(req.user_data, report_data, len(report_data))
         resp = SnpReportResp()
@@ -189,8 +189,8 @@ class IoctlDevice:
                 raise classify_failure(failed.exc, failed.arg, "SNP_GET_REPORT") from failed.exc
         return _report_from(bytes(resp.data), vmpl)
 
-    def extended_report(self, report_data: bytes, vmpl: int) -> ExtendedReport:
-        check_request(report_data, vmpl)
+    def extended_report(self, request: ReportRequest) -> ExtendedReport:
+        report_data, vmpl = request.report_data, request.vmpl
         with self._lock:
             for attempt in range(2):
                 req = SnpExtReportReq()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict
 
 from snpd.abi.uapi import DerivedKeyRequest
-from snpd.device.base import ExtendedReport, Platform
+from snpd.device.base import ExtendedReport, Platform, ReportRequest
 from snpd.errors import DeviceUnavailable
 
 
@@ -18,10 +18,10 @@ class UnavailableDevice:
     def __init__(self, error: DeviceUnavailable) -> None:
         self.error = error
 
-    def report(self, report_data: bytes, vmpl: int) -> bytes:
+    def report(self, request: ReportRequest) -> bytes:
         raise self.error
 
-    def extended_report(self, report_data: bytes, vmpl: int) -> ExtendedReport:
+    def extended_report(self, request: ReportRequest) -> ExtendedReport:
         raise self.error
 
     def derived_key(self, request: DerivedKeyRequest) -> bytes:

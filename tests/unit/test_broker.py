@@ -113,13 +113,13 @@ class FakeDevice:
             with self._lock:
                 self.active -= 1
 
-    def report(self, report_data: bytes, vmpl: int) -> bytes:
-        self._call("report", (report_data, vmpl))
-        return b"R" + report_data + bytes([vmpl])
+    def report(self, request: ReportRequest) -> bytes:
+        self._call("report", (request.report_data, request.vmpl))
+        return b"R" + request.report_data + bytes([request.vmpl])
 
-    def extended_report(self, report_data: bytes, vmpl: int) -> ExtendedReport:
-        self._call("extended_report", (report_data, vmpl))
-        return ExtendedReport(b"X" + report_data + bytes([vmpl]))
+    def extended_report(self, request: ReportRequest) -> ExtendedReport:
+        self._call("extended_report", (request.report_data, request.vmpl))
+        return ExtendedReport(b"X" + request.report_data + bytes([request.vmpl]))
 
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
         self._call("derived_key", (request,))

@@ -15,7 +15,7 @@ import pytest
 from snpd.abi.certtable import ARK_GUID, ASK_GUID, VLEK_GUID, build_cert_table
 from snpd.abi.report import parse_report
 from snpd.abi.uapi import DerivedKeyRequest
-from snpd.device.base import Device
+from snpd.device.base import Device, ReportRequest
 from snpd.device.configfs import ConfigfsDevice, OsFsOps
 from snpd.errors import (
     Busy,
@@ -160,7 +160,7 @@ def test_is_a_device(fake: FakeTsm) -> None:
 
 
 def test_report(fake: FakeTsm, base_report: bytes) -> None:
-    raw = device(fake).report(DATA, 1)
+    raw = device(fake).report(ReportRequest(DATA, 1))
     report = parse_report(raw)
     assert report.report_data == DATA and report.vmpl == 1
     assert raw[0x90:] == base_report[0x90:]
@@ -175,7 +175,7 @@ def test_report(fake: FakeTsm, base_report: bytes) -> None:
 def test_directories_are_unique(fake: FakeTsm) -> None:
     dev = device(fake)
     for _ in range(3):
-        dev.report(DATA, 0)
+        dev.report(ReportRequest(DATA, 0))
     assert len(set(fake.created)) == 3 and fake.dirs == {}
 
 
@@ -185,7 +185,7 @@ def test_extended_report_with_host_certificates(
     fake.aux = build_cert_table([(ARK_GUID, (d / "ark.pem").read_bytes()),
                                  (ASK_GUID, (d / "asvk.pem").read_bytes()),
                                  (VLEK_GUID, (d / "vlek.der").read_bytes())])
-    ext = device(fake).extended_report(DATA, 0)
+    ext = device(fake).extended_report(ReportRequest(DATA, 0))
     assert parse_report(ext.report).report_data == DATA
     assert [c.kind for c in ext.certificates] == ["ark", "ask", "vlek"]
     certs = CertificateSet.from_table(ext.certificates)
@@ -196,14 +196,14 @@ def test_extended_report_with_host_certificates(
 @pytest.mark.parametrize("aux", [None, b"", bytes(24)], ids=["absent", "empty", "terminator"])
 def test_extended_report_without_certificates(fake: FakeTsm, aux: Optional[bytes]) -> None:
     fake.aux = aux
-    ext = device(fake).extended_report(DATA, 0)
+    ext = device(fake).extended_report(ReportRequest(DATA, 0))
     assert ext.certificates == () and len(ext.report) == 1184
 
 
 def test_malformed_auxblob(fake: FakeTsm) -> None:
     fake.aux = struct.pack("<16sII", ARK_GUID.bytes, 4000, 10) + bytes(24)
     with pytest.raises(CertTableError, match=r"entry 0 .ark.: offset 4000"):
-        device(fake).extended_report(DATA, 0)
+        device(fake).extended_report(ReportRequest(DATA, 0))
     assert fake.dirs == {}
 
 
@@ -211,7 +211,7 @@ def test_wrong_provider(fake: FakeTsm) -> None:
     fake.provider = b"tdx_guest\n"
     dev = device(fake)
     with pytest.raises(NotSupported, match="'tdx_guest'"):
-        dev.report(DATA, 0)
+        dev.report(ReportRequest(DATA, 0))
     assert fake.dirs == {} and dev.describe()["provider"] == "tdx_guest"
     assert not [a for op, a in fake.log if op == "write"]
 
@@ -220,7 +220,7 @@ def test_generation_race_once_is_retried(fake: FakeTsm, caplog: pytest.LogCaptur
                                          ) -> None:
     fake.foreign_writes = 1
     with caplog.at_level(logging.WARNING, logger="snpd.device.configfs"):
-        raw = device(fake).report(DATA, 0)
+        raw = device(fake).report(ReportRequest(DATA, 0))
     assert parse_report(raw).report_data == DATA
     assert len(fake.created) == 2 and fake.dirs == {}
     assert "generation changed" in caplog.text
@@ -229,7 +229,7 @@ def test_generation_race_once_is_retried(fake: FakeTsm, caplog: pytest.LogCaptur
 def test_generation_race_persists(fake: FakeTsm) -> None:
     fake.foreign_writes = 5
     with pytest.raises(Busy, match="generation"):
-        device(fake).extended_report(DATA, 0)
+        device(fake).extended_report(ReportRequest(DATA, 0))
     assert len(fake.created) == 2 and fake.dirs == {}
 
 
@@ -258,7 +258,7 @@ def test_errno_mapping(fake: FakeTsm, op: str, attribute: str, code: int,
     fake.aux = bytes(24)
     fake.faults[(op, attribute)] = code
     with pytest.raises(error, match=message) as info:
-        device(fake).extended_report(DATA, 0)
+        device(fake).extended_report(ReportRequest(DATA, 0))
     assert type(info.value) is error
     if issubclass(error, DeviceError):
         assert isinstance(info.value, DeviceError) and info.value.errno == code
@@ -275,32 +275,32 @@ def test_errno_mapping(fake: FakeTsm, op: str, attribute: str, code: int,
 def test_missing_root(fake: FakeTsm) -> None:
     fake.root_exists = False
     with pytest.raises(DeviceUnavailable, match=f"configfs-tsm not available at {ROOT}"):
-        device(fake).report(DATA, 0)
+        device(fake).report(ReportRequest(DATA, 0))
 
 
 def test_missing_root_on_the_real_filesystem(tmp_path: Path) -> None:
     dev = ConfigfsDevice(str(tmp_path / "tsm" / "report"))
     with pytest.raises(DeviceUnavailable, match="not available at"):
-        dev.report(DATA, 0)
+        dev.report(ReportRequest(DATA, 0))
 
 
 def test_privlevel_below_the_kernel_floor(fake: FakeTsm) -> None:
     fake.floor = 2
     dev = device(fake)
     with pytest.raises(InvalidArgument, match="VMPL 1 is below the privlevel floor 2"):
-        dev.report(DATA, 1)
+        dev.report(ReportRequest(DATA, 1))
     assert fake.dirs == {}
     assert not [a for op, a in fake.log if op == "write"]
     assert dev.describe()["privlevel_floor"] == 2
-    assert parse_report(dev.report(DATA, 2)).vmpl == 2
+    assert parse_report(dev.report(ReportRequest(DATA, 2))).vmpl == 2
 
 
 def test_configured_floor_without_the_attribute(fake: FakeTsm) -> None:
     fake.floor = None
     dev = device(fake, privlevel_floor=1)
     with pytest.raises(InvalidArgument, match="below the privlevel floor 1"):
-        dev.report(DATA, 0)
-    assert parse_report(dev.report(DATA, 3)).vmpl == 3
+        dev.report(ReportRequest(DATA, 0))
+    assert parse_report(dev.report(ReportRequest(DATA, 3))).vmpl == 3
     assert fake.dirs == {}
 
 
@@ -312,7 +312,7 @@ def test_configured_floor_is_validated() -> None:
 def test_short_outblob(fake: FakeTsm) -> None:
     fake.outblob = bytes(1000)
     with pytest.raises(DeviceError, match="1000 bytes, expected an 1184-byte"):
-        device(fake).report(DATA, 0)
+        device(fake).report(ReportRequest(DATA, 0))
     assert fake.dirs == {}
 
 
@@ -324,7 +324,7 @@ def test_garbled_generation(fake: FakeTsm) -> None:
 
     fake.read = read  # type: ignore[method-assign]
     with pytest.raises(DeviceError, match="generation reads 'soon'"):
-        device(fake).report(DATA, 0)
+        device(fake).report(ReportRequest(DATA, 0))
     assert fake.dirs == {}
 
 
@@ -332,7 +332,7 @@ def test_rmdir_failure_does_not_lose_the_report(fake: FakeTsm,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     fake.faults[("rmdir", "")] = errno.EBUSY
     with caplog.at_level(logging.WARNING, logger="snpd.device.configfs"):
-        raw = device(fake).report(DATA, 0)
+        raw = device(fake).report(ReportRequest(DATA, 0))
     assert len(raw) == 1184
     assert "could not remove" in caplog.text
 
@@ -341,13 +341,14 @@ def test_rmdir_failure_does_not_mask_the_error(fake: FakeTsm) -> None:
     fake.faults[("rmdir", "")] = errno.EBUSY
     fake.faults[("read", "outblob")] = errno.ENOTTY
     with pytest.raises(VmpckDisabled):
-        device(fake).report(DATA, 0)
+        device(fake).report(ReportRequest(DATA, 0))
 
 
-@pytest.mark.parametrize("data, vmpl", [(DATA[:63], 0), (DATA + b"x", 0), (DATA, 4), (DATA, -1)])
+@pytest.mark.parametrize("data, vmpl", [("text", 0), (DATA + b"x", 0), (DATA, 4), (DATA, -1),
+                                        (DATA, True)])
 def test_bad_requests_touch_nothing(fake: FakeTsm, data: bytes, vmpl: int) -> None:
     with pytest.raises(InvalidArgument):
-        device(fake).report(data, vmpl)
+        device(fake).report(ReportRequest(data, vmpl))
     assert fake.created == []
 
 
@@ -361,7 +362,7 @@ def test_describe(fake: FakeTsm) -> None:
     dev = device(fake)
     assert dev.describe() == {"backend": "configfs", "root": ROOT, "provider": None,
                               "privlevel_floor": None}
-    dev.report(DATA, 0)
+    dev.report(ReportRequest(DATA, 0))
     assert dev.describe() == {"backend": "configfs", "root": ROOT, "provider": "sev_guest",
                               "privlevel_floor": 0}
     dev.close()

@@ -16,6 +16,7 @@ import pytest
 from snpd.abi.product import Product
 from snpd.abi.report import parse_report
 from snpd.abi.uapi import DerivedKeyRequest, RootKey
+from snpd.device.base import ReportRequest
 from snpd.device.configfs import ConfigfsDevice
 from snpd.device.ioctl import IoctlDevice
 from snpd.emulator.configfs import TsmReportModel
@@ -80,7 +81,7 @@ def guest(state_dir: Path) -> EmulatedSevGuest:
 
 def test_report_carries_report_data_and_verifies(guest: EmulatedSevGuest) -> None:
     device = IoctlDevice(ops=guest)
-    raw = device.report(DATA, 0)
+    raw = device.report(ReportRequest(DATA, 0))
     report = parse_report(raw)
     assert report.report_data == DATA and report.vmpl == 0
     state = guest.firmware.state
@@ -91,7 +92,7 @@ def test_report_carries_report_data_and_verifies(guest: EmulatedSevGuest) -> Non
 
 
 def test_extended_report_certificate_table(guest: EmulatedSevGuest) -> None:
-    extended = IoctlDevice(ops=guest).extended_report(DATA, 0)
+    extended = IoctlDevice(ops=guest).extended_report(ReportRequest(DATA, 0))
     certs = CertificateSet.from_table(extended.certificates)
     assert certs.ark is not None and certs.ask is not None and certs.vcek is not None
     assert certs.crl is not None
@@ -101,31 +102,32 @@ def test_extended_report_grows_its_buffer_once(state_dir: Path) -> None:
     guest = guest_for(state_dir)()
     guest.firmware.faults.push(DeviceFault.invalid_len(3), count=1)
     device = IoctlDevice(ops=guest)
-    extended = device.extended_report(DATA, 0)
+    extended = device.extended_report(ReportRequest(DATA, 0))
     assert parse_report(extended.report).report_data == DATA
     assert not guest.vmpck_disabled  # INVALID_LEN never costs the key
 
 
 def test_empty_host_table(state_dir: Path) -> None:
     guest = guest_for(state_dir, host_certs="empty")()
-    assert IoctlDevice(ops=guest).extended_report(DATA, 0).certificates == ()
+    assert IoctlDevice(ops=guest).extended_report(ReportRequest(DATA, 0)).certificates == ()
 
 
 def test_vmpl_below_the_guests_own(state_dir: Path) -> None:
     guest = guest_for(state_dir, guest_vmpl=2)()
     device = IoctlDevice(ops=guest)
     with pytest.raises(InvalidArgument, match="INVALID_PARAM"):
-        device.report(DATA, 1)
-    assert parse_report(device.report(DATA, 2)).vmpl == 2
+        device.report(ReportRequest(DATA, 1))
+    assert parse_report(device.report(ReportRequest(DATA, 2))).vmpl == 2
     assert not guest.vmpck_disabled
 
 
 def test_caller_errors_are_refused_before_the_firmware(guest: EmulatedSevGuest) -> None:
-    device = IoctlDevice(ops=guest)
-    with pytest.raises(InvalidArgument):
-        device.report(DATA[:63], 0)
-    with pytest.raises(InvalidArgument):
-        device.report(DATA, 7)
+    """A request is checked where it is made (ReportRequest), so no device call ever
+    carries a bad one: nothing reaches the firmware."""
+    with pytest.raises(InvalidArgument, match="65 bytes"):
+        ReportRequest(DATA + b"x", 0)
+    with pytest.raises(InvalidArgument, match="vmpl 7"):
+        ReportRequest(DATA, 7)
     with pytest.raises(InvalidArgument):
         DerivedKeyRequest(guest_field_select=1 << 6)
 
@@ -143,7 +145,7 @@ def test_fault_gives_its_typed_error(state_dir: Path, fault: DeviceFault, error:
     device = IoctlDevice(ops=guest)
     guest.firmware.faults.push(fault, count=1)
     with pytest.raises(error) as info:
-        device.report(DATA, 0)
+        device.report(ReportRequest(DATA, 0))
     if isinstance(info.value, DeviceError):
         assert info.value.errno is not None
     # Only the errno that proves the wipe says so; EIO leaves the broker to confirm it.
@@ -151,20 +153,21 @@ def test_fault_gives_its_typed_error(state_dir: Path, fault: DeviceFault, error:
     assert guest.vmpck_disabled is wiped
     if wiped:
         served = sum(guest.firmware.requests.values())
-        for call in (lambda: device.report(DATA, 0), lambda: device.extended_report(DATA, 0),
+        for call in (lambda: device.report(ReportRequest(DATA, 0)),
+                     lambda: device.extended_report(ReportRequest(DATA, 0)),
                      lambda: device.derived_key(DerivedKeyRequest())):
             with pytest.raises(VmpckDisabled, match=r"[Rr]eboot"):
                 call()
         assert sum(guest.firmware.requests.values()) == served  # failed fast, no firmware
     else:
-        assert parse_report(device.report(DATA, 0)).report_data == DATA
+        assert parse_report(device.report(ReportRequest(DATA, 0))).report_data == DATA
 
 
 def test_host_busy_burst_is_absorbed_by_the_kernel(state_dir: Path) -> None:
     time = FakeTime()
     guest = guest_for(state_dir)(clock=time.clock, sleep=time.sleep)
     guest.firmware.faults.push(DeviceFault.busy(), count=5)
-    assert parse_report(IoctlDevice(ops=guest).report(DATA, 0)).report_data == DATA
+    assert parse_report(IoctlDevice(ops=guest).report(ReportRequest(DATA, 0))).report_data == DATA
     assert not guest.vmpck_disabled
 
 
@@ -174,11 +177,11 @@ def test_host_busy_past_60s_times_out_and_wipes(state_dir: Path) -> None:
     guest.firmware.faults.push(DeviceFault.busy(), count=None)
     device = IoctlDevice(ops=guest)
     with pytest.raises(VmpckTimedOut, match="60 s") as info:
-        device.report(DATA, 0)
+        device.report(ReportRequest(DATA, 0))
     assert isinstance(info.value, Timeout) and info.value.kind == "Timeout"
     guest.firmware.faults.clear()
     with pytest.raises(VmpckDisabled):
-        device.report(DATA, 0)
+        device.report(ReportRequest(DATA, 0))
 
 
 def test_host_busy_on_an_old_kernel_is_a_device_error(state_dir: Path) -> None:
@@ -186,16 +189,16 @@ def test_host_busy_on_an_old_kernel_is_a_device_error(state_dir: Path) -> None:
     guest.firmware.faults.push(DeviceFault.busy(), count=1)
     device = IoctlDevice(ops=guest)
     with pytest.raises(DeviceError, match="BUSY"):
-        device.report(DATA, 0)
+        device.report(ReportRequest(DATA, 0))
     with pytest.raises(VmpckDisabled):
-        device.report(DATA, 0)
+        device.report(ReportRequest(DATA, 0))
 
 
 def test_missing_and_forbidden_device(state_dir: Path) -> None:
     for device_state, hint in (("absent", "no such device"), ("denied", "permission denied")):
         guest = guest_for(state_dir, device=device_state)()
         with pytest.raises(DeviceUnavailable, match=hint):
-            IoctlDevice(ops=guest).report(DATA, 0)
+            IoctlDevice(ops=guest).report(ReportRequest(DATA, 0))
 
 
 def test_derived_keys(state_dir: Path) -> None:
@@ -215,24 +218,24 @@ def test_configfs_backend_on_the_model(state_dir: Path) -> None:
     guest = guest_for(state_dir)()
     model = TsmReportModel(guest)
     device = ConfigfsDevice(fs=model)
-    assert parse_report(device.report(DATA, 0)).report_data == DATA
-    certs = CertificateSet.from_table(device.extended_report(DATA, 0).certificates)
+    assert parse_report(device.report(ReportRequest(DATA, 0))).report_data == DATA
+    certs = CertificateSet.from_table(device.extended_report(ReportRequest(DATA, 0)).certificates)
     assert certs.vcek is not None
     with pytest.raises(NotSupported, match="ioctl"):
         device.derived_key(DerivedKeyRequest())
     guest.firmware.faults.push(DeviceFault.tamper(), count=1)
     with pytest.raises(VmpckBadMessage) as info:
-        device.report(DATA, 0)
+        device.report(ReportRequest(DATA, 0))
     assert info.value.kind == "DeviceError"
     with pytest.raises(VmpckDisabled):
-        device.report(DATA, 0)
+        device.report(ReportRequest(DATA, 0))
 
 
 def test_configfs_backend_below_the_floor(state_dir: Path) -> None:
     device = ConfigfsDevice(fs=TsmReportModel(guest_for(state_dir, guest_vmpl=1)()))
     with pytest.raises(InvalidArgument):
-        device.report(DATA, 0)
-    assert parse_report(device.report(DATA, 1)).vmpl == 1
+        device.report(ReportRequest(DATA, 0))
+    assert parse_report(device.report(ReportRequest(DATA, 1))).vmpl == 1
 
 
 @pytest.fixture
@@ -251,6 +254,7 @@ def fuse_root(state_dir: Path, tmp_path: Path) -> Iterator[str]:
 
 def test_configfs_backend_with_plain_os_calls_over_fuse(fuse_root: str) -> None:
     device = ConfigfsDevice(fuse_root)
-    assert parse_report(device.report(DATA, 0)).report_data == DATA
-    assert CertificateSet.from_table(device.extended_report(DATA, 0).certificates).ark
-    assert Product.GENOA is parse_report(device.report(DATA, 0)).cpuid_product
+    assert parse_report(device.report(ReportRequest(DATA, 0))).report_data == DATA
+    extended = device.extended_report(ReportRequest(DATA, 0))
+    assert CertificateSet.from_table(extended.certificates).ark
+    assert Product.GENOA is parse_report(device.report(ReportRequest(DATA, 0))).cpuid_product

@@ -12,6 +12,7 @@ import pytest
 
 from snpd.abi.certtable import parse_cert_table
 from snpd.abi.report import AttestationReport
+from snpd.device.base import ReportRequest
 from snpd.emulator.configfs import DEFAULT_ROOT, TsmReportModel
 from snpd.emulator.faults import DeviceFault
 from snpd.emulator.firmware import Firmware
@@ -220,7 +221,7 @@ def test_the_configfs_backend_runs_on_the_model(model: TsmReportModel) -> None:
     from snpd.device.configfs import ConfigfsDevice
 
     device = ConfigfsDevice(fs=model)
-    report = device.extended_report(DATA, 0)
+    report = device.extended_report(ReportRequest(DATA, 0))
     assert AttestationReport.from_bytes(report.report).report_data == DATA
     assert [e.kind for e in report.certificates] == ["ark", "ask", "vcek", "crl"]
     assert model.exists(ITEM) and len(model._items) == 1  # its own directory is gone again
@@ -250,7 +251,7 @@ def test_the_configfs_backend_over_fuse(fuse_root: Tuple[str, TsmReportModel]) -
 
     root, model = fuse_root
     device = ConfigfsDevice(root)  # OsFsOps: os.mkdir, os.open/read/write, os.rmdir
-    report = device.extended_report(DATA, 1)
+    report = device.extended_report(ReportRequest(DATA, 1))
     parsed = AttestationReport.from_bytes(report.report)
     assert parsed.report_data == DATA and parsed.vmpl == 1
     assert [e.kind for e in report.certificates] == ["ark", "ask", "vcek", "crl"]

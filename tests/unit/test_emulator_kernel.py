@@ -33,6 +33,7 @@ from snpd.abi.uapi import (
     parse_key_response,
     parse_report_response,
 )
+from snpd.device.base import ReportRequest
 from snpd.emulator.faults import DeviceFault
 from snpd.emulator.firmware import Firmware
 from snpd.emulator.kernel import EmulatedSevGuest
@@ -480,9 +481,9 @@ def test_the_ioctl_backend_runs_unchanged_on_the_model(guest: EmulatedSevGuest) 
 
     device = IoctlDevice(ops=guest)
     try:
-        report = device.report(DATA, 0)
+        report = device.report(ReportRequest(DATA, 0))
         assert AttestationReport.from_bytes(report).report_data == DATA
-        extended = device.extended_report(DATA, 1)
+        extended = device.extended_report(ReportRequest(DATA, 1))
         assert [e.kind for e in extended.certificates] == ["ark", "ask", "vcek", "crl"]
         request = DerivedKeyRequest.from_fields("vmrk", ["measurement"])
         assert device.derived_key(request) == guest.firmware.derived_key(request)[1]

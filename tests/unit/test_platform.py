@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from snpd.abi.product import Product
-from snpd.device.base import Platform
+from snpd.device.base import Platform, ReportRequest
 from snpd.device.configfs import ConfigfsDevice
 from snpd.device.ioctl import IoctlDevice
 from snpd.device.select import open_emulator
@@ -30,7 +30,7 @@ def test_hardware_backends_know_nothing_more() -> None:
 def test_unavailable_device_says_why() -> None:
     device = UnavailableDevice(DeviceUnavailable("no guest here"))
     with pytest.raises(DeviceUnavailable, match="no guest here"):
-        device.report(bytes(64), 0)
+        device.report(ReportRequest(bytes(64), 0))
     assert device.describe() == {"backend": "none", "error": "no guest here"}
 
 

@@ -141,7 +141,7 @@ class CountingDevice:
     def __init__(self) -> None:
         self.requests = 0
 
-    def report(self, data: bytes, vmpl: Any) -> bytes:
+    def report(self, *request: Any) -> bytes:
         self.requests += 1
         raise AssertionError("the firmware was asked before the output was checked")
 
