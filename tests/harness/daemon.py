@@ -287,7 +287,7 @@ class DaemonProcess:
         self.journal = journal
         self.python = python or sys.executable
         self.profile = profile
-        self.environ = dict(os.environ if environ is None else environ)
+        self.environ = dict(environ) if environ is not None else None  # None: at start
         self.extra_env = dict(env or {})
         self.cwd = cwd
         self.die_with_parent = die_with_parent
@@ -305,6 +305,7 @@ class DaemonProcess:
     # -- life cycle ---------------------------------------------------------------------------
 
     def argv(self) -> List[str]:
+        """The command line, setpriv included."""
         profiler = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
         argv = [self.python, *profiler, "-m", "snpd.cli.daemon", "--config",
                 str(self.config_path), "--log-target", "journal" if self.journal else "stderr"]
@@ -314,7 +315,10 @@ class DaemonProcess:
         return argv
 
     def environment(self) -> Dict[str, str]:
-        env = {k: v for k, v in self.environ.items() if k not in SCRUBBED_ENV}
+        """The daemon's environment: nothing meant for another process, the capture's
+        sockets, then ``env``."""
+        base = os.environ if self.environ is None else self.environ
+        env = {k: v for k, v in base.items() if k not in SCRUBBED_ENV}
         env["NOTIFY_SOCKET"] = str(self.capture.notify_path)
         if self.capture.journal_path is not None:
             env["SNPD_JOURNAL_SOCKET"] = str(self.capture.journal_path)
