@@ -153,6 +153,7 @@ class Daemon(DaemonProcess):
             raise
 
     def log(self, tail: Optional[int] = 4000) -> str:
+        """The end of its log: enough to say why it failed."""
         return super().log(tail)
 
     def stop(self) -> int:
