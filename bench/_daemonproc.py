@@ -4,7 +4,9 @@ Kept out of the measuring script for two reasons. The load clients run as
 ``python bench/_daemonproc.py load ...`` in their own processes, so that the
 clients' JSON, base64 and D-Bus marshalling do not share a GIL with the
 measuring process (or with each other), and such a process should import only
-what a client imports. And the life-cycle rules live in one place:
+what a client imports. And the life-cycle rules live in one place, the harness the
+tests use too (tests/harness: proc.py, bus.py, daemon.py), which this module
+adapts to the benchmark:
 
 - every child is started in its own session (a Ctrl-C at the terminal reaches
   only the benchmark, which then stops the children in order: workers, daemon,
@@ -28,108 +30,33 @@ import argparse
 import asyncio
 import base64
 import contextlib
-import ctypes
 import os
-import select
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, List, Mapping, Optional, Sequence, Tuple
-from xml.sax.saxutils import escape
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+# The harness the tests use too (tests/harness): children, the bus, the daemon.
+from tests.harness import bus as harness_bus  # noqa: E402
+from tests.harness.bus import ALLOW_ALL_CONFIG as BUS_CONFIG  # noqa: E402, F401  # re-exported
+from tests.harness.daemon import DaemonProcess  # noqa: E402
+from tests.harness.proc import Child as Child  # noqa: E402  # re-exported
+from tests.harness.proc import readline as readline  # noqa: E402  # re-exported
 
 BUS_NAME = "org.snpd.Snpd1"
 OBJECT_PATH = "/org/snpd/Snpd1"
 ATTESTATION = "org.snpd.Snpd1.Attestation"
 GET_REPORT = "org.snpd.Attestation.GetReport"
 DEFAULT_VMPL = 0xFFFFFFFF
-_PR_SET_PDEATHSIG = 1
-# Environment the daemon must not inherit from whoever runs the benchmark: another
-# bus, socket activation or a watchdog meant for some other process.
-_FOREIGN_ENV = ("DBUS_SYSTEM_BUS_ADDRESS", "DBUS_SESSION_BUS_ADDRESS", "LISTEN_FDS",
-                "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID",
-                "NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID")
-
-# A session-style bus that lets anyone own any name: the shipped policy lets only
-# user snpd own org.snpd.Snpd1, and the benchmark runs the daemon as whoever runs it.
-BUS_CONFIG = """\
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
-
 
 # -- children --------------------------------------------------------------------------------
-
-
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn: SIGTERM this child when the benchmark dies, however it dies."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-class Child:
-    """A child process that is stopped in order: SIGTERM, a bounded wait, SIGKILL."""
-
-    def __init__(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
-                 stdin: Any = subprocess.DEVNULL, stdout: Any = subprocess.DEVNULL,
-                 stderr: Any = subprocess.DEVNULL, cwd: Optional[Path] = None) -> None:
-        parent = os.getpid()
-        self.argv = list(argv)
-        # preexec_fn is safe here: the benchmark spawns from its only thread.
-        self.proc = subprocess.Popen(
-            self.argv, env=dict(env) if env is not None else None, stdin=stdin,
-            stdout=stdout, stderr=stderr, cwd=str(cwd or REPO), start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent))
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self, timeout: float = 10.0) -> Optional[int]:
-        """Stop the process (if it still runs) and reap it; its exit status."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        return self.proc.returncode
-
-
-def readline(stream: IO[bytes], timeout: float) -> str:
-    """One line from a child's stdout, or "" when none arrives within ``timeout``
-    (a child that hangs must not hang the benchmark)."""
-    ready, _, _ = select.select([stream], [], [], max(0.0, timeout))
-    return stream.readline().decode("utf-8", "replace").strip() if ready else ""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -169,28 +96,13 @@ def rss_kib(pid: int) -> int:
 # -- the bus ---------------------------------------------------------------------------------
 
 
-class PrivateBus:
-    """``dbus-daemon`` on a socket in ``directory``, with a policy that allows all."""
+class PrivateBus(harness_bus.PrivateBus):
+    """The benchmark's bus: allow-all, in the run's ``directory``, and gone with the
+    benchmark however it ends."""
 
     def __init__(self, directory: Path, timeout: float) -> None:
-        self.socket = directory / "bus.socket"
-        conf = directory / "bus.conf"
-        conf.write_text(BUS_CONFIG.format(socket=escape(str(self.socket))), encoding="utf-8")
-        self.log_path = directory / "dbus-daemon.log"
-        with open(self.log_path, "wb") as log:
-            self.child = Child(["dbus-daemon", f"--config-file={conf}", "--nofork",
-                                "--nopidfile", "--print-address=1"],
-                               stdout=subprocess.PIPE, stderr=log)
-        assert self.child.proc.stdout is not None
-        line = readline(self.child.proc.stdout, timeout)
-        if not line:
-            self.child.stop()
-            raise RuntimeError(f"dbus-daemon did not start within {timeout:g} s: "
-                               f"{self.log_path.read_text(errors='replace')[-2000:]}")
-        self.address = line.split(",guid=")[0]
-
-    def close(self) -> None:
-        self.child.stop()
+        super().__init__("allow-all", directory=directory, timeout=timeout,
+                         die_with_parent=True)
 
 
 # -- the daemon ------------------------------------------------------------------------------
@@ -223,69 +135,33 @@ def write_config(path: Path, *, state_dir: Path, cache_dir: Path, socket_path: P
     path.write_text("\n".join(lines), encoding="utf-8")
 
 
-class Daemon:
-    """``python -m snpd.cli.daemon`` started with NOTIFY_SOCKET; the constructor returns
-    once READY=1 arrives. ``ready_ms`` is the time from just before the fork to the
-    READY=1 datagram, which is what systemd waits for before starting dependants."""
+class Daemon(DaemonProcess):
+    """The benchmark's daemon (:class:`tests.harness.daemon.DaemonProcess`): logging to
+    ``snpd-NUMBER.log``, gone with the benchmark however it ends, and started by the
+    constructor, which returns once READY=1 arrives (``ready_ms``)."""
 
     def __init__(self, config: Path, directory: Path, *, timeout: float, number: int = 0,
                  profile: Optional[Path] = None, python: Optional[str] = None,
                  env: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None
                  ) -> None:
-        self.log_path = directory / f"snpd-{number}.log"
-        notify_path = directory / f"notify-{number}"
-        with contextlib.suppress(FileNotFoundError):
-            notify_path.unlink()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        super().__init__(config, directory, name=f"snpd-{number}", python=python,
+                         profile=profile, environ=env, cwd=cwd, die_with_parent=True)
         try:
-            sock.bind(str(notify_path))
-            child_env = {k: v for k, v in (os.environ if env is None else env).items()
-                         if k not in _FOREIGN_ENV}
-            child_env["NOTIFY_SOCKET"] = str(notify_path)
-            profiler = ["-m", "cProfile", "-o", str(profile)] if profile else []
-            argv = [python or sys.executable, *profiler, "-m", "snpd.cli.daemon", "--config",
-                    str(config), "--log-target", "stderr"]
-            with open(self.log_path, "wb") as log:
-                start = time.perf_counter()
-                self.child = Child(argv, env=child_env, stderr=log, cwd=cwd)
-            try:
-                self.ready_ms = self._wait_ready(sock, start, timeout)
-            except BaseException:
-                self.child.stop()
-                raise
+            self.start(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def log(self, tail: Optional[int] = 4000) -> str:
+        """The end of its log: enough to say why it failed."""
+        return super().log(tail)
+
+    def stop(self) -> int:
+        """SIGTERM, then SIGKILL after 20 s; its exit status. Everything is closed."""
+        try:
+            return self.terminate(timeout=20.0)
         finally:
-            sock.close()
-            with contextlib.suppress(OSError):
-                notify_path.unlink()
-
-    def _wait_ready(self, sock: socket.socket, start: float, timeout: float) -> float:
-        deadline = start + timeout
-        while True:
-            now = time.perf_counter()
-            if now >= deadline:
-                raise RuntimeError(f"snpd sent no READY=1 within {timeout:g} s; its log:\n"
-                                   f"{self.log()}")
-            ready, _, _ = select.select([sock], [], [], min(0.05, deadline - now))
-            if ready:
-                message = sock.recv(4096)
-                if b"READY=1" in message.split(b"\n"):
-                    return (time.perf_counter() - start) * 1e3
-            elif not self.child.alive():
-                raise RuntimeError(f"snpd exited with {self.child.proc.returncode} before "
-                                   f"READY=1; its log:\n{self.log()}")
-
-    @property
-    def pid(self) -> int:
-        return self.child.pid
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self) -> Optional[int]:
-        return self.child.stop(timeout=20.0)
+            self.close()
 
 
 # -- load workers ------------------------------------------------------------------------------

@@ -326,12 +326,12 @@ class Generator:
     """One ``loadgen.py`` process, started by a benchmark or a test: the constructor
     returns once every client is connected (READY); :meth:`go` starts the calls and
     :meth:`result` reads the JSON line. The process ends by itself after ``deadline``
-    seconds, and with its parent (bench/_daemonproc.py's Child), so a failing caller
+    seconds, and with its parent (tests/harness/proc.py's Child), so a failing caller
     never leaves it behind."""
 
     def __init__(self, argv: Sequence[str], *, deadline: int, timeout: float = 60.0,
                  python: str = sys.executable) -> None:
-        from _daemonproc import Child
+        from tests.harness.proc import Child
 
         self.child = Child([python, str(Path(__file__).resolve()), *argv,
                             "--deadline", str(deadline)],
@@ -342,7 +342,7 @@ class Generator:
                                f"{self._stderr()}")
 
     def _line(self, timeout: float) -> str:
-        from _daemonproc import readline
+        from tests.harness.proc import readline
 
         assert self.child.proc.stdout is not None
         return readline(self.child.proc.stdout, timeout)

@@ -12,20 +12,14 @@ What the test harness stands in for, since there is no systemd as PID 1 here
   directories under one temporary directory, owned by ``snpd``; the emulator's
   state is a copy of a template made once per session (its RSA keys take
   seconds to generate).
-- ``Type=notify``: a ``SOCK_DGRAM`` socket the test binds, passed as
-  ``NOTIFY_SOCKET``; :meth:`SnpdDaemon.start` waits (bounded) for ``READY=1``.
-- journald: another ``SOCK_DGRAM`` socket the test binds, passed to the daemon
-  with ``--log-target journal`` and ``SNPD_JOURNAL_SOCKET`` (snpd/events.py);
-  records are parsed from the journal's native protocol (memfd-passed entries
-  included).
-- the system bus: a :class:`dbusbus.PrivateBus` loading the shipped policy,
+- ``Type=notify`` and journald: the harness's :class:`DaemonProcess`
+  (tests/harness/daemon.py, shared with the unit tests and bench/) binds a
+  ``NOTIFY_SOCKET`` and a journal socket; :meth:`SnpdDaemon.start` waits
+  (bounded) for ``READY=1``.
+- the system bus: a :class:`PrivateBus` (tests/harness/bus.py) loading the shipped policy,
   given as ``DBUS_SYSTEM_BUS_ADDRESS``.
 - AMD's KDS: ``snpd-emu kds`` serving the template emulator's chain, VCEK and
   CRL on 127.0.0.1 (:class:`EmulatedKds`).
-
-A background thread drains both datagram sockets all the time: a Unix datagram
-receiver that stops reading makes the daemon's sends block once a few messages
-are queued (net.unix.max_dgram_qlen), which would wedge its event loop.
 
 Run as a script, this module is a client in its own process:
 ``daemonproc.py varlink-call --socket PATH [--as-user USER]`` reads a JSON list
@@ -44,17 +38,13 @@ import contextlib
 import datetime
 import json
 import os
-import pwd
 import re
 import select
 import shutil
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import (
     Any,
@@ -66,7 +56,6 @@ from typing import (
     Optional,
     Sequence,
     Tuple,
-    TypeVar,
 )
 
 from dbusbus import (  # type: ignore[import-not-found]
@@ -78,12 +67,16 @@ from dbusbus import (  # type: ignore[import-not-found]
     stop_process,
 )
 
+# dbusbus put the repository root on sys.path. The notify and journal capture is the
+# harness's; its names are re-exported here for the tests that import them from here.
+from tests.harness.daemon import EXIT_BARRIER as EXIT_BARRIER
+from tests.harness.daemon import Capture as Capture
+from tests.harness.daemon import DaemonProcess
+from tests.harness.daemon import parse_journal as parse_journal
+from tests.harness.daemon import parse_notify as parse_notify
+
 DAEMON_USER = "snpd"
 VARLINK_SOCKET_NAME = "snpd.varlink"
-# Sent by the harness (as root) to both sockets once the daemon has exited.
-EXIT_BARRIER = b"X_SNPD_TEST_DAEMON_EXITED=1\n"
-
-_T = TypeVar("_T")
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -121,181 +114,6 @@ def merge(*docs: Mapping[str, Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
         for section, table in doc.items():
             out.setdefault(section, {}).update(table)
     return out
-
-
-# -- notify and journal messages -----------------------------------------------------------------
-
-
-def parse_notify(data: bytes) -> Dict[str, str]:
-    """An sd_notify datagram: ``KEY=value`` lines."""
-    fields: Dict[str, str] = {}
-    for line in data.decode("utf-8", "replace").split("\n"):
-        if line:
-            key, _, value = line.partition("=")
-            fields[key] = value
-    return fields
-
-
-def parse_journal(data: bytes) -> Dict[str, str]:
-    """One entry in journald's native protocol: ``KEY=value\\n``, or ``KEY\\n`` + a
-    little-endian u64 length + the value + ``\\n`` for values that hold newlines.
-    Raises ValueError on anything else (a malformed entry is a finding)."""
-    fields: Dict[str, str] = {}
-    pos = 0
-    while pos < len(data):
-        end = data.find(b"\n", pos)
-        if end < 0:
-            raise ValueError(f"journal entry truncated at byte {pos}")
-        line = data[pos:end]
-        if b"=" in line:
-            key, _, value = line.partition(b"=")
-            pos = end + 1
-        else:
-            key = line
-            if end + 9 > len(data):
-                raise ValueError(f"journal field {key!r}: length missing")
-            (size,) = struct.unpack_from("<Q", data, end + 1)
-            start = end + 9
-            value = data[start:start + size]
-            if len(value) != size or data[start + size:start + size + 1] != b"\n":
-                raise ValueError(f"journal field {key!r}: value truncated")
-            pos = start + size + 1
-        name = key.decode("ascii", "replace")
-        if not re.fullmatch(r"[A-Z0-9][A-Z0-9_]*", name):
-            raise ValueError(f"invalid journal field name {name!r}")
-        fields[name] = value.decode("utf-8", "replace")
-    return fields
-
-
-def _receive(sock: socket.socket) -> bytes:
-    """One datagram; an entry passed as a memfd (SCM_RIGHTS, as libsystemd does for
-    large ones) is read from the descriptor."""
-    data, ancillary, _flags, _addr = sock.recvmsg(1 << 20, socket.CMSG_SPACE(16))
-    for level, kind, payload in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds = struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4])
-            for fd in fds:
-                try:
-                    if not data:
-                        os.lseek(fd, 0, os.SEEK_SET)
-                        chunks = []
-                        while True:
-                            chunk = os.read(fd, 1 << 20)
-                            if not chunk:
-                                break
-                            chunks.append(chunk)
-                        data = b"".join(chunks)
-                finally:
-                    os.close(fd)
-    return data
-
-
-class Capture:
-    """Binds the notify and journal sockets in ``directory`` (owned by ``uid``, mode
-    0600, so only the daemon's user may send) and collects what arrives, in a
-    background thread. Wait for something with :meth:`wait`."""
-
-    def __init__(self, directory: Path, uid: int, gid: int) -> None:
-        self.notify_path = directory / "notify.socket"
-        self.journal_path = directory / "journal.socket"
-        self.notify: List[Dict[str, str]] = []
-        self.journal: List[Dict[str, str]] = []
-        self.journal_raw: List[bytes] = []
-        self.errors: List[str] = []
-        self.exited = {"notify": False, "journal": False}
-        self.cond = threading.Condition()
-        self._sockets: List[socket.socket] = []
-        try:
-            for path in (self.notify_path, self.journal_path):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-                self._sockets.append(sock)
-                sock.bind(str(path))
-                os.chown(path, uid, gid)
-                os.chmod(path, 0o600)
-            self._notify_sock, self._journal_sock = self._sockets
-            self._wake_r, self._wake_w = socket.socketpair()
-        except BaseException:
-            for sock in self._sockets:
-                sock.close()
-            raise
-        self._thread = threading.Thread(target=self._run, name="snpd-capture", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        watched = [self._notify_sock, self._journal_sock, self._wake_r]
-        while True:
-            ready, _, _ = select.select(watched, [], [])
-            if self._wake_r in ready:
-                return
-            for sock in ready:
-                which = "notify" if sock is self._notify_sock else "journal"
-                try:
-                    data = _receive(sock)
-                    if data == EXIT_BARRIER:
-                        with self.cond:
-                            self.exited[which] = True
-                            self.cond.notify_all()
-                    elif which == "notify":
-                        item = parse_notify(data)
-                        with self.cond:
-                            self.notify.append(item)
-                            self.cond.notify_all()
-                    else:
-                        record = parse_journal(data)
-                        with self.cond:
-                            self.journal_raw.append(data)
-                            self.journal.append(record)
-                            self.cond.notify_all()
-                except (OSError, ValueError) as exc:
-                    with self.cond:
-                        self.errors.append(f"{which}: {type(exc).__name__}: {exc}")
-                        self.cond.notify_all()
-
-    def mark_exit(self) -> None:
-        """Called once the daemon has exited: a barrier datagram behind everything it
-        sent, so that a waiter can tell "not sent" from "not read yet"."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            for path in (self.notify_path, self.journal_path):
-                with contextlib.suppress(OSError):
-                    sock.sendto(EXIT_BARRIER, str(path))
-
-    def wait(self, predicate: Callable[[], Optional[_T]], what: str, *,
-             until_exit: Optional[str] = None, timeout: float = DEADLINE) -> _T:
-        """The first truthy value of ``predicate()`` (called with the lock held).
-        AssertionError naming ``what`` if it does not come within ``timeout``, or (with
-        ``until_exit`` "notify" or "journal") once everything the daemon sent on that
-        socket before it exited has been read without it."""
-        gone: List[bool] = []
-
-        def check() -> Optional[_T]:
-            value = predicate()
-            if not value and until_exit is not None and self.exited[until_exit]:
-                gone.append(True)
-                return True  # type: ignore[return-value]
-            return value
-
-        with self.cond:
-            value = self.cond.wait_for(check, timeout)
-        if gone:
-            raise AssertionError(f"the daemon exited without sending {what}")
-        if not value:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        return value
-
-    def notify_index(self, key: str, value: Optional[str] = None, start: int = 0
-                     ) -> Optional[int]:
-        """Index (>= ``start``) of the first notify message with ``key`` (=``value``)."""
-        for i in range(start, len(self.notify)):
-            if key in self.notify[i] and (value is None or self.notify[i][key] == value):
-                return i
-        return None
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"x")
-        self._thread.join(DEADLINE)
-        for sock in (*self._sockets, self._wake_r, self._wake_w):
-            sock.close()
 
 
 # -- the emulator's platform and its KDS ----------------------------------------------------------
@@ -366,14 +184,8 @@ class EmulatedKds:
 
 # -- the daemon --------------------------------------------------------------------------------
 
-# Environment a test runner may carry that must not reach the daemon: it would
-# change which bus, which sockets or which log sink it uses.
-_SCRUBBED = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID",
-             "LISTEN_FDNAMES", "JOURNAL_STREAM", "INVOCATION_ID", "DBUS_SYSTEM_BUS_ADDRESS",
-             "DBUS_SESSION_BUS_ADDRESS", "SNPD_JOURNAL_SOCKET", "SNPD_SOCKET")
 
-
-class SnpdDaemon:
+class SnpdDaemon(DaemonProcess):
     """``python -m snpd.cli.daemon --config FILE --log-target journal`` as user snpd.
 
     ``config`` adds to (or overrides) the base configuration: the emulator backend
@@ -392,26 +204,24 @@ class SnpdDaemon:
                  config: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  env: Optional[Mapping[str, str]] = None,
                  socket_mode: Optional[int] = 0o666) -> None:
-        pw = pwd.getpwnam(DAEMON_USER)
-        self.uid, self.gid = pw.pw_uid, pw.pw_gid
         self.bus_address = bus_address
-        self.directory = Path(tempfile.mkdtemp(prefix="snpd-daemon-"))
-        self.directory.chmod(0o755)  # test users reach the socket through it
-        self.runtime_dir = self.directory / "run"
-        self.state_dir = self.directory / "lib"
-        self.cache_dir = self.directory / "cache"
+        directory = Path(tempfile.mkdtemp(prefix="snpd-daemon-"))
+        try:
+            directory.chmod(0o755)  # test users reach the socket through it
+            super().__init__(directory / "snpd.toml", directory, user=DAEMON_USER,
+                             journal=True, cwd=Path("/"),
+                             env={"DBUS_SYSTEM_BUS_ADDRESS": bus_address,
+                                  "PYTHONDONTWRITEBYTECODE": "1", **(env or {})})
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self.runtime_dir = directory / "run"
+        self.state_dir = directory / "lib"
+        self.cache_dir = directory / "cache"
         self.emulator_dir = self.state_dir / "emulator"
         self.socket_path = self.runtime_dir / VARLINK_SOCKET_NAME
-        self.config_path = self.directory / "snpd.toml"
-        self.stderr_path = self.directory / "stderr.log"
         self.socket_mode = socket_mode
-        self.capture: Optional[Capture] = None
-        self.ready: Dict[str, str] = {}
         self.socket_stat: Optional[os.stat_result] = None
-        self._proc: Optional[subprocess.Popen[bytes]] = None
-        self._stderr: Any = None
-        self._waiter: Optional[threading.Thread] = None
-        self._extra_env = dict(env or {})
         try:
             for path, mode in ((self.runtime_dir, 0o755), (self.state_dir, 0o700),
                                (self.cache_dir, 0o700)):
@@ -427,7 +237,6 @@ class SnpdDaemon:
                 "log": {"level": "debug"},
             }, config or {})
             self.write_config(self.config)
-            self.capture = Capture(self.directory, self.uid, self.gid)
         except BaseException:
             self.close()
             raise
@@ -442,64 +251,13 @@ class SnpdDaemon:
         self.config_path.chmod(0o644)
 
     def stderr(self) -> str:
-        if self._stderr is not None:
-            self._stderr.flush()
-        try:
-            return self.stderr_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def diagnostics(self) -> str:
-        """What to print when something failed."""
-        capture = self.capture
-        notify = capture.notify if capture else []
-        journal = [r.get("MESSAGE", "") for r in capture.journal] if capture else []
-        return (f"notify: {notify}\njournal: {journal}\n"
-                f"capture errors: {capture.errors if capture else []}\n"
-                f"stderr:\n{self.stderr()}")
+        return self.log()
 
     # -- life cycle -------------------------------------------------------------------------
 
-    @property
-    def pid(self) -> int:
-        assert self._proc is not None
-        return self._proc.pid
-
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
-    def start(self) -> SnpdDaemon:
+    def start(self, timeout: float = DEADLINE) -> SnpdDaemon:
         """Start the daemon and wait (bounded) for READY=1."""
-        assert self.capture is not None and self._proc is None
-        env = {k: v for k, v in os.environ.items() if k not in _SCRUBBED}
-        env.update({
-            "DBUS_SYSTEM_BUS_ADDRESS": self.bus_address,
-            "NOTIFY_SOCKET": str(self.capture.notify_path),
-            "SNPD_JOURNAL_SOCKET": str(self.capture.journal_path),
-            "PYTHONDONTWRITEBYTECODE": "1",
-        })
-        env.update(self._extra_env)
-        self._stderr = open(self.stderr_path, "wb")  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-             sys.executable, "-m", "snpd.cli.daemon", "--config", str(self.config_path),
-             "--log-target", "journal"],
-            stdin=subprocess.DEVNULL, stdout=self._stderr, stderr=self._stderr, env=env,
-            cwd="/")
-        capture = self.capture
-        proc = self._proc
-
-        def reap() -> None:
-            proc.wait()
-            capture.mark_exit()
-
-        self._waiter = threading.Thread(target=reap, name="snpd-reaper", daemon=True)
-        self._waiter.start()
-        try:
-            index = self.wait_notify("READY", "1")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}\n{self.diagnostics()}") from None
-        self.ready = dict(self.capture.notify[index])
+        super().start(timeout)
         self.socket_stat = os.stat(self.socket_path)
         if self.socket_mode is not None:
             # The daemon binds its socket 0660 snpd:snpd; in production the socket unit
@@ -508,41 +266,14 @@ class SnpdDaemon:
             os.chmod(self.socket_path, self.socket_mode)
         return self
 
-    def wait_notify(self, key: str, value: Optional[str] = None, start: int = 0) -> int:
-        """Index of the first notify message (from ``start``) carrying ``key`` (=``value``)."""
-        assert self.capture is not None
-        capture = self.capture
-        return capture.wait(lambda: _plus_one(capture.notify_index(key, value, start)),
-                            f"{key}={value or '*'} on NOTIFY_SOCKET (from #{start})",
-                            until_exit="notify") - 1
-
-    def wait_journal(self, predicate: Callable[[Dict[str, str]], bool], what: str
-                     ) -> Dict[str, str]:
-        """The first journal record ``predicate`` accepts."""
-        assert self.capture is not None
-        capture = self.capture
-
-        def find() -> Optional[Dict[str, str]]:
-            return next((r for r in capture.journal if predicate(r)), None)
-
-        return capture.wait(find, f"a journal record: {what}", until_exit="journal")
-
-    def send_signal(self, sig: int) -> None:
-        assert self._proc is not None
-        self._proc.send_signal(sig)
-
     def stop(self, expect_status: Optional[int] = 0) -> int:
         """SIGTERM; wait (bounded) for the exit; check that STOPPING=1 came and (unless
         ``expect_status`` is None) the exit status. Returns the exit status."""
-        assert self._proc is not None and self.capture is not None
+        assert self._proc is not None
         start = len(self.capture.notify)
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-        try:
-            status = self._proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"snpd did not exit on SIGTERM\n{self.diagnostics()}"
-                                 ) from None
+        status = self.terminate(DEADLINE)
+        if self.killed:
+            raise AssertionError(f"snpd did not exit on SIGTERM\n{self.diagnostics()}")
         capture = self.capture
         capture.wait(lambda: capture.exited["notify"], "the exit barrier on NOTIFY_SOCKET")
         if capture.notify_index("STOPPING", "1", start) is None:
@@ -552,28 +283,9 @@ class SnpdDaemon:
                                  f"{self.diagnostics()}")
         return status
 
-    def wait_exit(self) -> int:
-        """Wait (bounded) for a daemon that stops by itself; its exit status."""
-        assert self._proc is not None
-        try:
-            return self._proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"snpd did not exit\n{self.diagnostics()}") from None
-
     def close(self) -> None:
         """Kill the daemon if it still runs; close sockets and files; remove the files."""
-        if self._proc is not None:
-            if self._proc.poll() is None:
-                self._proc.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=DEADLINE)
-        if self._waiter is not None:
-            self._waiter.join(DEADLINE)
-        if self.capture is not None:
-            self.capture.close()
-        if self._stderr is not None:
-            self._stderr.close()
-            self._stderr = None
+        super().close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     # -- secrets -----------------------------------------------------------------------------
@@ -581,7 +293,6 @@ class SnpdDaemon:
     def find_leaks(self, secrets: Mapping[str, bytes]) -> List[str]:
         """Where any secret (name -> bytes) appears, as hex (either case) or base64
         (with or without padding), in the journal records or the daemon's stderr."""
-        assert self.capture is not None
         with self.capture.cond:
             sources = [(f"journal record #{i}", raw.decode("utf-8", "replace"))
                        for i, raw in enumerate(self.capture.journal_raw)]
@@ -640,10 +351,6 @@ class Launcher:
                 bus.close()
         self.started.clear()
         assert not problems, "\n".join(problems)
-
-
-def _plus_one(index: Optional[int]) -> Optional[int]:
-    return None if index is None else index + 1
 
 
 def secret_forms(secret: bytes) -> Dict[str, str]:

@@ -4,11 +4,11 @@
   ``snpd``, the groups ``snpd-users`` and ``snpd-keys``, and three test users: one
   in each group and one in neither. scripts/test does the same before its
   integration stage.
-- :class:`PrivateBus` runs ``dbus-daemon`` from the configuration template of
-  docs/reference/stack.md §5.1 (the stock system-bus default policy) with a ``system.d/``
-  holding a copy of the shipped ``conf/dbus/org.snpd.Snpd1.conf``, so the policy
-  under test is the file that ships. The socket's directory is world-traversable:
-  unprivileged test users connect to it.
+- :class:`PrivateBus` (tests/harness/bus.py) runs ``dbus-daemon`` from the
+  configuration template of docs/reference/stack.md §5.1 (the stock system-bus default
+  policy) with a ``system.d/`` holding a copy of the shipped
+  ``conf/dbus/org.snpd.Snpd1.conf``, so the policy under test is the file that
+  ships (``PrivateBus.shipped()``, ``shipped(permissive=True)``).
 - :class:`PeerProcess` runs ``dbus_peer.py serve`` (a fake Service behind the real
   transport, :mod:`snpd.dbus.service`) as user ``snpd``; :func:`calls_as` runs
   ``dbus_peer.py call`` as any test user. Both start as root, import everything,
@@ -32,9 +32,6 @@ import grp
 import json
 import os
 import pwd
-import select
-import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -43,7 +40,19 @@ from pathlib import Path
 from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHIPPED_POLICY = REPO_ROOT / "conf" / "dbus" / "org.snpd.Snpd1.conf"
+if str(REPO_ROOT) not in sys.path:  # run as a script (dbus_peer.py, daemonproc.py)
+    sys.path.append(str(REPO_ROOT))
+
+# The bus itself and the process rules are the harness's, shared with the unit tests
+# and bench/; they are re-exported here for the tests that import them from dbusbus.
+from tests.harness.bus import BUS_CONF_TEMPLATE as BUS_CONF_TEMPLATE  # noqa: E402
+from tests.harness.bus import PERMISSIVE_POLICY as PERMISSIVE_POLICY  # noqa: E402
+from tests.harness.bus import SHIPPED_POLICY as SHIPPED_POLICY  # noqa: E402
+from tests.harness.bus import PrivateBus as PrivateBus  # noqa: E402
+from tests.harness.proc import DEADLINE as DEADLINE  # noqa: E402
+from tests.harness.proc import readline  # noqa: E402
+from tests.harness.proc import stop_process as stop_process  # noqa: E402
+
 PEER_SCRIPT = Path(__file__).resolve().parent / "dbus_peer.py"
 BUS_NAME = "org.snpd.Snpd1"
 OBJECT_PATH = "/org/snpd/Snpd1"
@@ -51,9 +60,6 @@ ATTESTATION = "org.snpd.Snpd1.Attestation"
 KEYS = "org.snpd.Snpd1.Keys"
 MANAGER = "org.snpd.Snpd1.Manager"
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-# A safety net so a broken daemon fails a test instead of hanging it; never a
-# measurement.
-DEADLINE = 60.0
 
 DAEMON_USER = "snpd"
 REPORT_GROUP = "snpd-users"
@@ -64,23 +70,6 @@ TEST_USERS: Mapping[str, Optional[str]] = {
     "snpd-test-keys": KEY_GROUP,
     "snpd-test-outsider": None,
 }
-
-# docs/reference/stack.md §5.1, verbatim but for the comment.
-BUS_CONF_TEMPLATE = (REPO_ROOT / "conf" / "dbus" / "private-system-bus.conf.in").read_text()
-
-# Added beside the shipped policy for the layer-2 tests: "mandatory" rules apply
-# after every other, so anyone may call anything and only the daemon's own
-# re-check stands between a caller and the Service.
-PERMISSIVE_POLICY = """\
-<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <policy context="mandatory">
-    <allow send_destination="org.snpd.Snpd1"/>
-  </policy>
-</busconfig>
-"""
-
 
 # -- accounts --------------------------------------------------------------------------------
 
@@ -156,76 +145,7 @@ def ensure_test_accounts() -> Accounts:
     )
 
 
-# -- the bus ---------------------------------------------------------------------------------
-
-
-class PrivateBus:
-    """``dbus-daemon --nofork`` on a socket in a fresh world-traversable directory,
-    configured from the §5.1 template plus ``system.d/`` files (name -> XML)."""
-
-    def __init__(self, policies: Mapping[str, str]) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="snpd-bus-"))
-        self.directory.chmod(0o755)
-        system_d = self.directory / "system.d"
-        system_d.mkdir()
-        for name, text in policies.items():
-            (system_d / name).write_text(text, encoding="utf-8")
-        self.socket = self.directory / "system_bus_socket"
-        conf = self.directory / "bus.conf"
-        conf.write_text(BUS_CONF_TEMPLATE.replace("@SOCKET@", str(self.socket)),
-                        encoding="utf-8")
-        self.log = open(self.directory / "dbus-daemon.log", "wb")  # noqa: SIM115
-        self._proc = subprocess.Popen(
-            ["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile",
-             "--print-address=1"],
-            stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
-        assert self._proc.stdout is not None
-        line = _readline(self._proc.stdout, DEADLINE)
-        if not line:
-            self.close()
-            raise RuntimeError(f"dbus-daemon did not start: {self.daemon_log()}")
-        self.address = line.decode().strip().split(",guid=")[0]
-
-    @classmethod
-    def shipped(cls, *, permissive: bool = False) -> PrivateBus:
-        policies = {"org.snpd.Snpd1.conf": SHIPPED_POLICY.read_text(encoding="utf-8")}
-        if permissive:
-            policies["zz-snpd-test-permissive.conf"] = PERMISSIVE_POLICY
-        return cls(policies)
-
-    def daemon_log(self) -> str:
-        self.log.flush()
-        return (self.directory / "dbus-daemon.log").read_text(errors="replace")
-
-    @property
-    def pid(self) -> int:
-        """The dbus-daemon's pid (to stop and continue it)."""
-        return self._proc.pid
-
-    def close(self) -> None:
-        stop_process(self._proc)
-        self.log.close()
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _readline(stream: Any, deadline: float) -> bytes:
-    ready, _, _ = select.select([stream], [], [], deadline)
-    return bytes(stream.readline()) if ready else b""
-
-
-def stop_process(proc: subprocess.Popen[bytes]) -> int:
-    """SIGTERM a child that still runs, wait (bounded), SIGKILL if it must; close its
-    stdout. Its exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=DEADLINE)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-    return proc.returncode
+# -- processes -------------------------------------------------------------------------------
 
 
 def drop_privileges(user: str) -> None:
@@ -262,7 +182,7 @@ class PeerProcess:
             stdout=subprocess.PIPE, stderr=self._stderr, stdin=subprocess.DEVNULL,
             cwd=str(REPO_ROOT), env=env)
         assert self._proc.stdout is not None
-        line = _readline(self._proc.stdout, DEADLINE).decode().strip()
+        line = readline(self._proc.stdout, DEADLINE)
         self.ready: Optional[str] = line.split()[1] if line.startswith("READY ") else None
         self.failure = "" if self.ready else line or "no output"
 

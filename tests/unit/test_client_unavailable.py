@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, Tuple
 
@@ -19,6 +19,12 @@ from snpctlrun import run  # type: ignore[import-not-found]
 
 from snpd.client import DaemonUnavailable, SnpdClient
 from snpd.errors import ALL_KINDS, EXIT_UNAVAILABLE
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:  # the Debian build runs pytest from its build directory
+    sys.path.append(str(REPO_ROOT))
+
+from tests.harness.bus import PrivateBus  # noqa: E402
 
 
 @pytest.fixture
@@ -63,25 +69,14 @@ def test_snpctl_json_kind_is_unavailable(command, nothing_there, tmp_path, monke
 
 
 @pytest.fixture
-def empty_bus(tmp_path: Path) -> Iterator[str]:
+def empty_bus() -> Iterator[str]:
     """A running dbus-daemon on which nobody owns org.snpd.Snpd1."""
     if shutil.which("dbus-daemon") is None:
         if os.environ.get("CI"):
             pytest.fail("dbus-daemon is missing (scripts/test installs it)")
         pytest.fail("needs dbus-daemon (scripts/test installs it)")
-    path = tmp_path / "bus"
-    daemon = subprocess.Popen(
-        ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1",
-         f"--address=unix:path={path}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert daemon.stdout is not None
-        address = daemon.stdout.readline().strip()  # printed once it listens
-        assert address, daemon.stderr.read() if daemon.stderr else ""
-        yield f"unix:path={path}"
-    finally:
-        daemon.terminate()
-        daemon.communicate(timeout=30)
+    with PrivateBus("allow-all") as bus:  # the constructor returns once it listens
+        yield bus.address
 
 
 def test_bus_without_snpd_names_socket_bus_and_direct(empty_bus, nothing_there, monkeypatch):
