@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 
-from snpd.cli.snpctl import UsageError, _write, check_output, choice, read_file
+from snpd.cli.common import Output, UsageError, check_output, choice, read_file, write_file
 from snpd.errors import EXIT_OK
 
 TYPE_CHECKING = False  # see snpd/__init__.py: the parser path does not import typing
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, Optional, Tuple
-
-    from snpd.cli.snpctl import Output
 
 OUTPUT_FORMATS = ("hex", "base64")
 
@@ -104,9 +102,9 @@ def cmd_id_block(args: argparse.Namespace, out: Output) -> int:
     id_text = base64.b64encode(result.id_block.to_bytes()).decode()
     auth_text = base64.b64encode(result.id_auth.to_bytes()).decode()
     if args.id_file is not None:
-        _write(args.id_file, id_text.encode())
+        write_file(args.id_file, id_text.encode())
     if args.auth_file is not None:
-        _write(args.auth_file, auth_text.encode())
+        write_file(args.auth_file, auth_text.encode())
     out.json({"id_block": id_text, "auth_block": auth_text,
               "id_key_digest": result.id_key_digest.hex(),
               "author_key_digest": result.author_key_digest.hex(),
@@ -126,7 +124,7 @@ def cmd_key_digest(args: argparse.Namespace, out: Output) -> int:
     _check_outputs((args.key_digest_file, "key digest file"))
     text = idblock.key_digest(key.public_key()).hex()
     if args.key_digest_file is not None:
-        _write(args.key_digest_file, text.encode())
+        write_file(args.key_digest_file, text.encode())
     out.json({"key_digest": text, "key_digest_file": args.key_digest_file})
     out.line("Key Digest:")
     out.line(text)
@@ -188,7 +186,7 @@ def cmd_measurement(args: argparse.Namespace, out: Output) -> int:
     digest = measurement.launch_digest(inputs)
     text = _formatted(digest, args.output_format, "0x")
     if args.measurement_file is not None:
-        _write(args.measurement_file, text.encode())
+        write_file(args.measurement_file, text.encode())
     out.json({"measurement": digest.hex(), "output_format": args.output_format,
               "vcpus": inputs.vcpus, "vcpu_sig": inputs.vcpu_sig, "vmm_type": inputs.vmm_type,
               "guest_features": inputs.guest_features,
@@ -206,7 +204,7 @@ def cmd_ovmf_hash(args: argparse.Namespace, out: Output) -> int:
     digest = measurement.ovmf_hash(args.ovmf)
     text = _formatted(digest, args.output_format, "")
     if args.hash_file is not None:
-        _write(args.hash_file, text.encode())
+        write_file(args.hash_file, text.encode())
     out.json({"ovmf_hash": digest.hex(), "output_format": args.output_format,
               "hash_file": args.hash_file})
     out.line(text)

@@ -13,14 +13,16 @@ from __future__ import annotations
 import os
 import sys
 
-from snpd.errors import (
-    EXIT_CHECK_FAILED,
-    EXIT_OK,
-    EXIT_USAGE,
-    InputFileError,
-    ReportFormatError,
-    SnpdError,
+from snpd.cli.common import (
+    Output,
+    OutputFileError,
+    UsageError,
+    check_output,
+    choice,
+    read_file,
+    write_file,
 )
+from snpd.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, ReportFormatError, SnpdError
 
 TYPE_CHECKING = False  # see snpd/__init__.py: the client path does not import typing
 if TYPE_CHECKING:
@@ -54,19 +56,6 @@ PROCESSOR_MODELS = ("Milan", "Genoa", "Bergamo", "Siena", "Turin")
 _KDS_PRODUCT = {"bergamo": "Genoa", "siena": "Genoa"}
 
 
-def choice(*values: str) -> Callable[[str], str]:
-    """An argparse type that matches ``values`` in any case and gives the canonical
-    spelling, so ``milan``, ``MILAN``, ``PEM`` and ``VLEK`` mean what snpguest means;
-    anything else falls through to argparse's own "invalid choice" error."""
-    canonical = {v.lower(): v for v in values}
-
-    def convert(text: str) -> str:
-        return canonical.get(text.lower(), text)
-
-    convert.__name__ = "choice"
-    return convert
-
-
 def kds_product(name: str) -> str:
     """The KDS product a processor model is filed under (Bergamo, Siena → Genoa)."""
     return _KDS_PRODUCT.get(name.lower(), name)
@@ -79,33 +68,6 @@ def _path(name: str) -> Any:
     return Path(name)
 
 
-def _write(name: str, data: bytes, mode: int = 0o644) -> None:
-    """Write a file the user named, as that user, with files.atomic_write: a reader
-    never sees half of it, and no link planted in the directory is followed. The
-    directory the user named is the one exception: it is followed even if it is a
-    symlink, because it is the user's own choice."""
-    from snpd.files import write_named  # atomic_write(path, …, within=path.parent)
-
-    try:
-        write_named(name, data, mode)  # without pathlib: snpctl report's budget
-    except OSError as exc:
-        raise OutputFileError(f"cannot write {name}: {exc.strerror or exc}") from None
-
-
-def check_output(name: str, what: str) -> None:
-    """Refuse an output path that cannot be written before anything is asked of the
-    firmware or the KDS: a report or key request spent for nothing is a firmware
-    message (and a sequence number) gone, and the caller still has no file."""
-    if os.path.isdir(name):
-        raise OutputFileError(f"{what} {name} is a directory; give a file name")
-    parent = os.path.dirname(name) or "."
-    if not os.path.isdir(parent):
-        raise OutputFileError(f"cannot write {what} {name}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputFileError(f"cannot write {what} {name}: directory {parent} is not "
-                              "writable")
-
-
 def read_head(name: str, what: str, size: int) -> bytes:
     """The first ``size`` bytes of a file, as snpguest reads its request file."""
     try:
@@ -113,15 +75,6 @@ def read_head(name: str, what: str, size: int) -> bytes:
             return f.read(size)
     except OSError as exc:
         raise OutputFileError(f"cannot read {what} {name}: {exc.strerror or exc}") from None
-
-
-class UsageError(SnpdError):
-    kind = "InvalidArgument"
-    exit_code = EXIT_USAGE
-
-
-class OutputFileError(InputFileError):
-    """A file snpctl was told to read or write cannot be (exit 2, one line)."""
 
 
 # -- argument helpers ------------------------------------------------------------
@@ -142,12 +95,6 @@ def parse_time(text: str) -> datetime.datetime:
     if parsed.tzinfo is None:
         raise argparse.ArgumentTypeError(f"{text!r} has no time zone; add Z or an offset")
     return parsed.astimezone(datetime.timezone.utc)
-
-
-def read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
-    from snpd.files import read_bounded
-
-    return read_bounded(path, what, limit)
 
 
 def load_report(path: str) -> AttestationReport:
@@ -187,32 +134,6 @@ def trust_roots(paths: Sequence[str]) -> List[Certificate]:
     for path in list(paths) + trust_root_env():
         roots.extend(load_certificates(read_file(path, "trust root")))
     return roots
-
-
-class Output:
-    """Human lines on stdout, or one JSON document with --json; diagnostics on stderr."""
-
-    def __init__(self, as_json: bool, quiet: bool, out: TextIO, err: TextIO) -> None:
-        self.as_json, self.quiet, self.out, self.err = as_json, quiet, out, err
-
-    def line(self, text: str = "") -> None:
-        if not self.as_json and not self.quiet:
-            print(text, file=self.out)
-
-    def result(self, text: str) -> None:
-        """The one-line outcome: shown even with --quiet."""
-        if not self.as_json:
-            print(text, file=self.out)
-
-    def json(self, doc: Dict[str, Any]) -> None:
-        if self.as_json:
-            import json
-
-            json.dump(doc, self.out, indent=2, sort_keys=False)
-            self.out.write("\n")
-
-    def warn(self, text: str) -> None:
-        print(f"snpctl: {text}", file=self.err)
 
 
 # -- display -------------------------------------------------------------------------
@@ -604,8 +525,8 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
     finally:
         device.close()
     if args.random:
-        _write(args.request_file, data)
-    _write(args.report_file, report)
+        write_file(args.request_file, data)
+    write_file(args.report_file, report)
     out.json({"report": args.report_file, "request": args.request_file, "vmpl": vmpl,
               "backend": device.name, "size": len(report)})
     out.result(f"wrote {args.report_file} ({len(report)} bytes, VMPL {vmpl}, "
@@ -683,7 +604,7 @@ def cmd_key(args: argparse.Namespace, out: Output) -> int:
         key = device.derived_key(request)
     finally:
         device.close()
-    _write(args.key_file, key, mode=0o600)
+    write_file(args.key_file, key, mode=0o600)
     out.json({"key_file": args.key_file, "root_key": args.root_key, "vmpl": vmpl,
               "via": device.name,
               "guest_field_select": args.guest_field_select, "fields": list(request.fields)})
@@ -815,7 +736,7 @@ def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
     else:
         with _client(args) as client:
             media_type, evidence = client.get_evidence(args.format, nonce)
-    _write(args.file, evidence)
+    write_file(args.file, evidence)
     out.json({"file": args.file, "format": args.format, "media_type": media_type,
               "size": len(evidence)})
     out.result(f"wrote {args.file} ({len(evidence)} bytes, {media_type})")
