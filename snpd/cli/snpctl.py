@@ -915,6 +915,10 @@ ENDORSERS = ("vcek", "vlek")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # lazy: status and report parse without this parser (snpd.cli.fastpath), 25 ms budget
+    from snpd.cli import generate
+    from snpd.device import BACKENDS  # a tuple: snpd/device/__init__.py imports nothing
+
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON document instead of text")
@@ -965,7 +969,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--direct", action="store_true", default=value("direct"),
                        help="open the firmware channel yourself instead of asking the "
                             "daemon (root)")
-        p.add_argument("--backend", choices=("auto", "ioctl", "configfs", "emulator"),
+        p.add_argument("--backend", choices=BACKENDS,
                        default=value("backend"),
                        help="firmware backend for --direct (implies --direct)")
         p.add_argument("--socket", metavar="PATH", default=value("socket"),
@@ -1041,7 +1045,6 @@ def build_parser() -> argparse.ArgumentParser:
                "(through the daemon, else from what this user can read)")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
 
-    from snpd.cli import generate
     generate.add_parsers(sub, common)
     display = group("display", "show a report or a key")
     p = add(display, "report", cmd_display_report, "decode and show an attestation report")
