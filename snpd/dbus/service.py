@@ -153,10 +153,9 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def introspection_xml() -> str:
-    """The checked-in introspection XML, the API's contract (package data)."""
-    from importlib import resources
-
-    return resources.files(__package__).joinpath(INTROSPECTION_FILE).read_text(encoding="utf-8")
+    """The checked-in introspection XML, the API's contract, beside this module (the
+    package is installed as files; importlib.resources would import zipfile and more)."""
+    return Path(__file__).with_name(INTROSPECTION_FILE).read_text(encoding="utf-8")
 
 
 # -- values: D-Bus <-> plain Python ----------------------------------------------------------
