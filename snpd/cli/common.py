@@ -44,7 +44,8 @@ def write_file(name: str, data: bytes, mode: int = 0o644) -> None:
     never sees half of it, and no link planted in the directory is followed. The
     directory the user named is the one exception: it is followed even if it is a
     symlink, because it is the user's own choice."""
-    from snpd.files import write_named  # atomic_write(path, …, within=path.parent)
+    # lazy: snpctl status writes no file (25 ms budget); atomic_write(path, …, within=path.parent)
+    from snpd.files import write_named
 
     try:
         write_named(name, data, mode)  # without pathlib: snpctl report's budget
@@ -67,7 +68,7 @@ def check_output(name: str, what: str) -> None:
 
 
 def read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
-    from snpd.files import read_bounded
+    from snpd.files import read_bounded  # lazy: see write_file
 
     return read_bounded(path, what, limit)
 
@@ -89,7 +90,7 @@ class Output:
 
     def json(self, doc: Dict[str, Any]) -> None:
         if self.as_json:
-            import json
+            import json  # lazy: json imports re; only for --json (25 ms budget)
 
             json.dump(doc, self.out, indent=2, sort_keys=False)
             self.out.write("\n")

@@ -76,6 +76,8 @@ def _check_outputs(*pairs: Tuple[Optional[str], str]) -> None:
 
 
 def cmd_id_block(args: argparse.Namespace, out: Output) -> int:
+    # lazy: build_parser imports this module for every snpctl command (25 ms);
+    # idblock imports cryptography
     import base64
 
     from snpd.abi import idblock
@@ -118,7 +120,7 @@ def cmd_id_block(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_key_digest(args: argparse.Namespace, out: Output) -> int:
-    from snpd.abi import idblock
+    from snpd.abi import idblock  # lazy: cryptography, not at snpctl's start (see cmd_id_block)
 
     key = idblock.load_private_key(read_file(args.key, "key"), f"key {args.key}")
     _check_outputs((args.key_digest_file, "key digest file"))
@@ -134,7 +136,7 @@ def cmd_key_digest(args: argparse.Namespace, out: Output) -> int:
 def _formatted(digest: bytes, output_format: str, prefix: str) -> str:
     """snpguest's forms: lower-case hex (``prefix`` before it), or base64 of that hex
     text (not of the digest: snpguest encodes ``get_hex_ld().as_bytes()``)."""
-    import base64
+    import base64  # lazy: see cmd_id_block
 
     if output_format == "hex":
         return prefix + digest.hex()
@@ -143,7 +145,7 @@ def _formatted(digest: bytes, output_format: str, prefix: str) -> str:
 
 def _vcpu_sig(args: argparse.Namespace) -> int:
     """One of snpguest's three mutually exclusive ways to name the vCPU."""
-    from snpd import measurement
+    from snpd import measurement  # lazy: dataclasses, typing; optional sev-snp-measure
 
     fms = {"--vcpu-family": args.vcpu_family, "--vcpu-model": args.vcpu_model,
            "--vcpu-stepping": args.vcpu_stepping}
@@ -169,7 +171,7 @@ def _vcpu_sig(args: argparse.Namespace) -> int:
 
 
 def cmd_measurement(args: argparse.Namespace, out: Output) -> int:
-    from snpd import measurement
+    from snpd import measurement  # lazy: dataclasses, typing; optional sev-snp-measure
 
     for option, value in (("--initrd", args.initrd), ("--append", args.append)):
         if value is not None and args.kernel is None:
@@ -197,7 +199,7 @@ def cmd_measurement(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_ovmf_hash(args: argparse.Namespace, out: Output) -> int:
-    from snpd import measurement
+    from snpd import measurement  # lazy: dataclasses, typing; optional sev-snp-measure
 
     measurement.library("generate ovmf-hash")
     _check_outputs((args.hash_file, "hash file"))

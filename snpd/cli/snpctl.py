@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import sys
 
+from snpd import __version__
+from snpd.cli import fastpath
 from snpd.cli.common import (
     Output,
     OutputFileError,
@@ -22,7 +24,15 @@ from snpd.cli.common import (
     read_file,
     write_file,
 )
-from snpd.errors import EXIT_CHECK_FAILED, EXIT_OK, EXIT_USAGE, ReportFormatError, SnpdError
+from snpd.errors import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CertificateFormatError,
+    NotSupported,
+    ReportFormatError,
+    SnpdError,
+)
 
 TYPE_CHECKING = False  # see snpd/__init__.py: the client path does not import typing
 if TYPE_CHECKING:
@@ -42,7 +52,7 @@ else:
         enum and gettext modules it imports cost a third of their 25 ms budget."""
 
         def __getattr__(self, name: str) -> object:
-            import argparse as module
+            import argparse as module  # lazy: argparse is imported on first use, see above
 
             globals()["argparse"] = module
             return getattr(module, name)
@@ -63,7 +73,7 @@ def kds_product(name: str) -> str:
 
 def _path(name: str) -> Any:
     """pathlib only when a command needs it: snpctl's start-up time is a budget."""
-    from pathlib import Path
+    from pathlib import Path  # lazy: pathlib imports re: 10 ms of snpctl report's 25
 
     return Path(name)
 
@@ -82,7 +92,7 @@ def read_head(name: str, what: str, size: int) -> bytes:
 
 def parse_time(text: str) -> datetime.datetime:
     """RFC 3339, e.g. ``2025-06-01T00:00:00Z``; a time without a zone is refused."""
-    import datetime
+    import datetime  # lazy: datetime only for --at (docs/contracts.md: 25 ms)
 
     value = text.strip()
     if value.endswith(("Z", "z")):
@@ -98,6 +108,7 @@ def parse_time(text: str) -> datetime.datetime:
 
 
 def load_report(path: str) -> AttestationReport:
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.report import AttestationReport
 
     return AttestationReport.from_bytes(read_file(path, "report"))
@@ -106,6 +117,7 @@ def load_report(path: str) -> AttestationReport:
 def product_arg(name: Optional[str]) -> Optional[Product]:
     if name is None:
         return None
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.product import Product
 
     return Product.parse(kds_product(name))
@@ -128,6 +140,7 @@ def trust_root_env() -> List[str]:
 
 
 def trust_roots(paths: Sequence[str]) -> List[Certificate]:
+    # lazy: the trust core and cryptography only for commands that verify
     from snpd.trust.x509 import load_certificates
 
     roots: List[Certificate] = []
@@ -217,6 +230,7 @@ def render_verdict(verdict: Verdict, out: Output, subject: str,
 
 
 def _verifier(args: argparse.Namespace) -> Any:
+    # lazy: the trust core and cryptography only for commands that verify
     from snpd.trust.roots import AMD_ROOTS
     from snpd.trust.verify import Verifier
 
@@ -225,6 +239,7 @@ def _verifier(args: argparse.Namespace) -> Any:
 
 
 def cmd_verify_certs(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import load_certs_dir
     from snpd.trust.result import Verdict
 
@@ -246,6 +261,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
     never reported as valid. ``-m``/``-d``/``-r``/``--id-key-digest``/
     ``--author-key-digest`` are an appraisal policy of exact values, appraised after
     the ``--policy`` file's."""
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import load_certs_dir
 
     policies: List[Any] = []
@@ -253,6 +269,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
              ("report_data", "-r/--report-data"), ("id_key_digest", "--id-key-digest"),
              ("author_key_digest", "--author-key-digest"))
     if any(getattr(args, field) is not None for field, _ in flags):
+        # lazy: policies (snpd.schema: json, re, enum) only when one is given
         from snpd.trust.appraisal import AppraisalPolicy, expected_value
 
         policies.append(AppraisalPolicy.expecting({
@@ -261,6 +278,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
     certs = load_certs_dir(args.dir)
     report = read_file(args.report, "report")
     if args.policy:
+        # lazy: policies (snpd.schema: json, re, enum) only when one is given
         from snpd.trust.appraisal import AppraisalPolicy
 
         text = read_file(args.policy, "policy").decode("utf-8", "replace")
@@ -268,6 +286,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
     skip: Sequence[str] = ()
     scope = ""
     if args.tcb or args.signature:
+        # lazy: the trust core and cryptography only for commands that verify
         from snpd.trust.verify import SIGNATURE_ONLY, TCB_ONLY
 
         skip, scope = (TCB_ONLY, "TCB only") if args.tcb else (SIGNATURE_ONLY, "signature only")
@@ -275,7 +294,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
                                      product=product_arg(args.product), skip=skip)
     doc = verdict.to_json()
     doc["report"] = args.report
-    import datetime
+    import datetime  # lazy: not at module level, where every start would pay for it
 
     doc["at"] = (args.at or datetime.datetime.now(datetime.timezone.utc)).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
@@ -289,6 +308,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
 
 
 def _kds(args: argparse.Namespace) -> KdsClient:
+    # lazy: requests only for fetch (verify must not import it, test_snpctl)
     from snpd.kds.client import KdsClient
 
     return KdsClient(base_url=args.kds_url, deadline=args.timeout)
@@ -296,6 +316,7 @@ def _kds(args: argparse.Namespace) -> KdsClient:
 
 def _product_for_fetch(args: argparse.Namespace) -> Product:
     """The product from --report (v3+ CPUID) or the positional/--product name."""
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.product import Product
 
     name = getattr(args, "product", None) or getattr(args, "product_opt", None)
@@ -316,12 +337,14 @@ def _product_for_fetch(args: argparse.Namespace) -> Product:
 
 
 def _endorser(name: str) -> Endorser:
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.product import Endorser
 
     return Endorser(name)
 
 
 def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import write_certs_dir
     from snpd.trust.admission import check_ca_chain
     from snpd.trust.certset import CertificateSet
@@ -347,6 +370,7 @@ def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.abi.tcb import TcbVersion
     from snpd.certsdir import write_certs_dir
     from snpd.trust.admission import check_vcek_binding
@@ -377,6 +401,7 @@ def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_fetch_crl(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import CertsDirError, load_certs_dir, write_certs_dir
     from snpd.trust.admission import check_crl
     from snpd.trust.certset import CertificateSet
@@ -418,7 +443,7 @@ def _direct(args: argparse.Namespace) -> bool:
 
 def _device(args: argparse.Namespace) -> Any:
     """The backend for --direct."""
-    from snpd.device.select import open_device
+    from snpd.device.select import open_device  # lazy: the device backends only for --direct
 
     emulator_dir = _path(args.emulator_dir) if args.emulator_dir else None
     backend = args.backend or ("emulator" if emulator_dir else "auto")
@@ -434,6 +459,7 @@ def _device(args: argparse.Namespace) -> Any:
 
 def _client(args: argparse.Namespace) -> Any:
     """The daemon: varlink when its socket answers, else D-Bus (exit 3 if neither)."""
+    # lazy: offline commands (display, verify, fetch) need no client
     from snpd.client import SnpdClient
 
     return SnpdClient(socket=args.socket, bus=args.bus)
@@ -483,7 +509,7 @@ def _default_vmpl(args: argparse.Namespace, device: Any) -> Any:
     guest_vmpl = device.platform().guest_vmpl  # the emulator knows its guest's
     if guest_vmpl is not None:
         return int(guest_vmpl)
-    from snpd.status.probe import probe
+    from snpd.status.probe import probe  # lazy: the probe only for --direct without an emulator
 
     return probe(kernel_lines=[]).vmpl or 0
 
@@ -496,14 +522,13 @@ def parse_vmpl(report: bytes) -> int:
     if isinstance(report, bytes) and len(report) == 0x4A0 \
             and 2 <= int.from_bytes(report[:4], "little") <= 5:
         return int.from_bytes(report[0x30:0x34], "little")
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.report import AttestationReport
 
     return AttestationReport.from_bytes(report).vmpl
 
 
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
-    import os
-
     if getattr(args, "platform", False):
         raise UsageError(
             "--platform is for Hyper-V (Azure) guests, whose paravisor supplies the report "
@@ -535,8 +560,7 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
-    import os
-
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import write_certs_dir
     from snpd.trust.certset import CertificateSet
 
@@ -585,6 +609,7 @@ def _int(text: str) -> int:
 
 
 def cmd_key(args: argparse.Namespace, out: Output) -> int:
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.uapi import DerivedKeyRequest, RootKey
 
     if args.launch_mit_vector is not None:
@@ -627,6 +652,7 @@ def render_status(props: Dict[str, Any], out: Output, *, source: str = "daemon")
     (snpd.status.summary.DOCUMENT_KEYS), else one fact per line and the outcome.
     Exit 0 when the firmware channel is ready. Shared with main()'s fast path:
     it imports only snpd.status.summary, which is standard library only."""
+    # lazy: only status renders; snpd.status.summary is standard library only
     from snpd.status.summary import status_document, status_lines
 
     doc = status_document(props, source=source)
@@ -649,7 +675,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     report data, the guest's VMPL) for the product and reported TCB, as the daemon
     asks for one at start. A backend that cannot be opened, or a report that fails,
     is the state "failed" with the reason, not an error."""
-    from snpd import __version__
+    # lazy: the probe only for status --direct
     from snpd.status.probe import emulated, probe, status_properties
     from snpd.status.summary import ATTESTATION, MANAGER
 
@@ -673,6 +699,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
             elif status.cpu is not None and status.cpu.product is not None:
                 product, source = status.cpu.product, "cpuid"
             try:
+                # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
                 from snpd.abi.report import AttestationReport
 
                 parsed = AttestationReport.from_bytes(device.report(bytes(64), vmpl))
@@ -725,8 +752,6 @@ def cmd_cache(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
-    import os
-
     if args.nonce_file:
         nonce = read_file(args.nonce_file, "nonce file", limit=64)
     else:
@@ -749,8 +774,8 @@ def _direct_evidence(args: argparse.Namespace, out: Output, nonce: bytes) -> Any
     when that table verifies against the trusted roots (AMD's; with the emulator
     backend its own ARK too, as the daemon does). Without a verified table the
     evidence carries no certificate and the verifier fetches it."""
+    # lazy: --direct evidence only; snpd.trust imports cryptography
     from snpd.abi.report import REPORT_DATA_SIZE, AttestationReport
-    from snpd.errors import CertificateFormatError, NotSupported
     from snpd.evidence import TRUSTEE_MEDIA_TYPE, trustee_evidence
     from snpd.trust.certset import CertificateSet
     from snpd.trust.roots import AMD_ROOTS
@@ -809,7 +834,7 @@ def cmd_ok(args: argparse.Namespace, out: Output) -> int:
 
 
 def _ok_daemon(props: Dict[str, Any], out: Output) -> int:
-    from snpd.status.checks import daemon_checks, render
+    from snpd.status.checks import daemon_checks, render  # lazy: snpctl ok's only
     from snpd.status.summary import status_document
 
     doc = status_document(props)
@@ -825,7 +850,7 @@ def _ok_daemon(props: Dict[str, Any], out: Output) -> int:
 
 
 def _ok_local(args: argparse.Namespace, out: Output, daemon_error: Optional[str]) -> int:
-    from snpd.status.checks import local_checks, render
+    from snpd.status.checks import local_checks, render  # lazy: snpctl ok's only
     from snpd.status.probe import DEVICE, probe
 
     root = _path(args.root)
@@ -1113,8 +1138,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from snpd import __version__
-
     return __version__
 
 
@@ -1124,13 +1147,11 @@ def _parse(argv: Optional[Sequence[str]], stdout: TextIO, stderr: TextIO) -> Any
     snpd.cli.fastpath, which gives the same namespace without importing argparse or
     building the parser (most of these commands' start-up time); anything else,
     and every help text and error, is argparse's."""
-    from snpd.cli.fastpath import parse
-
-    args: Any = parse(sys.argv[1:] if argv is None else argv)
+    args: Any = fastpath.parse(sys.argv[1:] if argv is None else argv)
     if args is not None:
         args.func = {"status": cmd_status, "report": cmd_report}[args.command]
         return args
-    import contextlib
+    import contextlib  # lazy: argparse's path only; the fast path runs without contextlib
 
     parser = build_parser()
     try:
@@ -1162,8 +1183,6 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
         return 130
     except BrokenPipeError:
         # The reader went away (snpctl … | head): exit quietly, like any Unix filter.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 
