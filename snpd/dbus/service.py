@@ -65,6 +65,7 @@ from typing import (
 
 from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast import introspection as intr
+from dbus_fast._private.unmarshaller import Unmarshaller
 from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
@@ -1009,8 +1010,6 @@ class _Reader:
 def unmarshal(data: bytes) -> Any:
     """One whole message as dbus-fast's :class:`Message`, with dbus-fast's own
     unmarshaller over a stream (its constructor differs between 1.x and 5.x)."""
-    from dbus_fast._private.unmarshaller import Unmarshaller
-
     stream: Any = io.BytesIO(data)  # dbus-fast only calls its read()
     make: Any = Unmarshaller
     try:
