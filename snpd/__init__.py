@@ -44,6 +44,6 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'snpd' has no attribute {name!r}")
-    import importlib
+    import importlib  # lazy: every snpctl start imports this package (25 ms budget)
 
     return getattr(importlib.import_module(module), name)

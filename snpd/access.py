@@ -12,6 +12,8 @@ import dataclasses
 import enum
 from typing import Dict, FrozenSet, List, Mapping, Optional, Tuple
 
+from snpd.errors import PermissionDenied
+
 
 class Permission(enum.Enum):
     PUBLIC = "public"
@@ -88,8 +90,6 @@ class Access:
 
     def check(self, caller: Caller, need: Permission, what: str) -> None:
         if not self.allowed(caller, need):
-            from snpd.errors import PermissionDenied
-
             raise PermissionDenied(f"{what} needs {_NEEDS.get(need, 'root')}; "
                                    f"{caller.describe()} is not allowed")
 

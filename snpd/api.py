@@ -13,6 +13,7 @@ import os
 from typing import TYPE_CHECKING, Iterable, Optional, Sequence, Union
 
 from snpd.abi.product import Product
+from snpd.certsdir import load_certs_dir
 from snpd.trust.certset import CertificateSet
 from snpd.trust.result import Verdict
 from snpd.trust.roots import AMD_ROOTS
@@ -31,8 +32,6 @@ def certificate_set(certificates: CertificatesArg) -> CertificateSet:
     if isinstance(certificates, CertificateSet):
         return certificates
     if isinstance(certificates, (str, os.PathLike)):
-        from snpd.certsdir import load_certs_dir
-
         return load_certs_dir(certificates)
     items: list = []  # type: ignore[type-arg]
     for item in certificates:

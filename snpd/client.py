@@ -18,7 +18,8 @@ from __future__ import annotations
 import binascii  # not base64, which imports re: a quarter of snpctl status's start-up
 import os
 
-from snpd.errors import EXIT_UNAVAILABLE, SnpdError
+from snpd.errors import EXIT_UNAVAILABLE, Internal, PermissionDenied, SnpdError, Timeout
+from snpd.varlink.client import VarlinkClient, error_from_reply
 
 TYPE_CHECKING = False  # see snpd/__init__.py: the client path does not import typing
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ def _b64(data: bytes) -> str:
 def _unb64(text: Any) -> bytes:  # Any: whatever JSON value the daemon sent
     if isinstance(text, str):
         return binascii.a2b_base64(text)  # what base64.b64decode does with a str
-    import base64
+    import base64  # lazy: base64 imports re (see binascii above); not for a str
 
     return base64.b64decode(text)  # and its errors for anything else
 
@@ -59,6 +60,7 @@ def _certs_from_varlink(items: Sequence[Mapping[str, str]]) -> CertificateList:
 def _by_interface(fields: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     """varlink's typed properties (Describe) as this client has always returned them:
     by D-Bus interface name, then by property name (the shape D-Bus serves)."""
+    # lazy: only Describe's caller loads it; a report or key call imports no more (25 ms)
     from snpd.status.summary import by_interface
 
     return by_interface(fields)
@@ -75,8 +77,6 @@ class _Varlink:
     """Method calls as varlink parameters: bytes as base64, nulls left out."""
 
     def __init__(self, path: str, timeout: float) -> None:
-        from snpd.varlink.client import VarlinkClient
-
         self.client = VarlinkClient(path, timeout)
         self.client.connect()
 
@@ -125,7 +125,7 @@ class _DBus:
 
     def __init__(self, address: Optional[str], timeout: float, tried: Sequence[str] = ()
                  ) -> None:
-        import asyncio
+        import asyncio  # lazy: D-Bus only; the varlink path stays within 25 ms without it
 
         self.where = _bus_where(address)
         self.tried = tuple(tried)  # what failed before the bus, for DaemonUnavailable
@@ -138,10 +138,12 @@ class _DBus:
             raise
 
     async def _connect(self, address: Optional[str]) -> Any:
+        # lazy: dbus-fast is optional and only for D-Bus (docs/contracts.md: no dbus-fast on
+        # the varlink path); the bundled copy must be on sys.path first
         from snpd.bundled import use_bundled_dbus_fast
 
         use_bundled_dbus_fast()
-        from dbus_fast import BusType
+        from dbus_fast import BusType  # after use_bundled_dbus_fast()
         from dbus_fast.aio import MessageBus
 
         address = address or os.environ.get("DBUS_SYSTEM_BUS_ADDRESS")
@@ -157,6 +159,7 @@ class _DBus:
             raise
 
     def call(self, interface: str, member: str, signature: str, body: List[Any]) -> List[Any]:
+        # lazy: asyncio and dbus-fast are for D-Bus only (see _DBus.__init__)
         import asyncio
 
         from dbus_fast import Message, MessageType
@@ -167,8 +170,6 @@ class _DBus:
             reply = self.loop.run_until_complete(
                 asyncio.wait_for(self.bus.call(message), self.timeout))
         except asyncio.TimeoutError:
-            from snpd.errors import Timeout
-
             raise Timeout(f"the daemon did not answer {member} within {self.timeout} s") \
                 from None
         if reply.message_type == MessageType.ERROR:
@@ -199,7 +200,7 @@ def _release_transport(bus: Any) -> None:
 
 
 async def asyncio_sleep0() -> None:
-    import asyncio
+    import asyncio  # lazy: D-Bus only (see _DBus.__init__)
 
     await asyncio.sleep(0)
 
@@ -213,7 +214,7 @@ def _check_reachable(address: str) -> None:
         for option in part[len("unix:"):].split(","):
             key, _, value = option.partition("=")
             if key == "path":
-                import socket
+                import socket  # lazy: socket.py's enum set-up; D-Bus only (varlink: _socket)
 
                 probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
@@ -228,27 +229,21 @@ def _check_reachable(address: str) -> None:
 
 
 def _dbus_error(name: str, body: Sequence[Any]) -> SnpdError:
-    from snpd.varlink.client import error_from_reply
-
     message = body[0] if body and isinstance(body[0], str) else name
     prefix = "org.snpd.Snpd1.Error."
     if name.startswith(prefix):
         return error_from_reply("org.snpd.Attestation." + name[len(prefix):],
                                 {"message": message})
     if name == "org.freedesktop.DBus.Error.AccessDenied":
-        from snpd.errors import PermissionDenied
-
         return PermissionDenied(f"the bus policy refused the call: {message}")
     if name in ("org.freedesktop.DBus.Error.ServiceUnknown",
                 "org.freedesktop.DBus.Error.NameHasNoOwner"):
         return DaemonUnavailable("org.snpd.Snpd1 has no owner (snpd is not on the bus)")
-    from snpd.errors import Internal
-
     return Internal(f"{name}: {message}")
 
 
 def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
-    from dbus_fast import Variant
+    from dbus_fast import Variant  # lazy: optional, D-Bus only (see _DBus._connect)
 
     A, K, M = "org.snpd.Snpd1.Attestation", "org.snpd.Snpd1.Keys", "org.snpd.Snpd1.Manager"
 
@@ -301,7 +296,7 @@ def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    from dbus_fast import Variant
+    from dbus_fast import Variant  # lazy: optional, D-Bus only (see _DBus._connect)
 
     if isinstance(value, Variant):
         return _plain(value.value)
@@ -417,6 +412,7 @@ class AsyncSnpdClient:
         self._client: Optional[SnpdClient] = None
 
     async def _run(self, name: str, *args: Any, **kw: Any) -> Any:
+        # lazy: only AsyncSnpdClient needs these; SnpdClient (snpctl, 25 ms) never does
         import asyncio
         import functools
 

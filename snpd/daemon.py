@@ -23,13 +23,26 @@ from snpd.broker import Broker, BrokerState
 from snpd.config import Config, load_config
 from snpd.dbus.gate import Limits
 from snpd.device.base import Device
+from snpd.device.select import open_device
+from snpd.device.unavailable import UnavailableDevice
 from snpd.errors import DeviceUnavailable, SnpdError
-from snpd.events import Events
+from snpd.events import Events, Repeats, choose_sink
+from snpd.files import atomic_write
 from snpd.kds.budget import BudgetLimits, KdsBudget
+from snpd.kds.cache import CertificateCache
+from snpd.kds.negative import NegativeCache
 from snpd.notify import Notifier
 from snpd.ratelimit import Rate
 from snpd.service import ReportOptions, Service
-from snpd.status.probe import SevStatus, emulated, probe, status_properties
+from snpd.status.kernel_log import parse_kernel_log
+from snpd.status.probe import (
+    SevStatus,
+    emulated,
+    probe,
+    read_kernel_log_from,
+    read_sev_status_msr,
+    status_properties,
+)
 from snpd.status.summary import (
     by_interface,
     changed_message,
@@ -41,6 +54,7 @@ from snpd.status.summary import (
 from snpd.status.summary import status_line as summary_status_line
 from snpd.trust.roots import AMD_ROOTS, TrustRoots
 from snpd.trust.verify import Verifier
+from snpd.varlink.server import VarlinkServer, activation_sockets, listen_fds
 
 PROBE_FILE = Path("/run/snpd/probe.json")
 STARTUP_CALLER = Caller(uid=0, transport="startup", peer="snpd")
@@ -61,6 +75,7 @@ class LazyKdsClient:
     def _get(self) -> Any:
         with self._lock:
             if self._client is None:
+                # lazy: requests only once the daemon fetches; offline or warm, it never does
                 from snpd.kds.client import KdsClient
 
                 url, mirrors, deadline = self._args
@@ -162,9 +177,6 @@ class Daemon:
     # -- assembly ------------------------------------------------------------------------
 
     def _device(self) -> Device:
-        from snpd.device.select import open_device
-        from snpd.device.unavailable import UnavailableDevice
-
         cfg = self.config
         try:
             return open_device(cfg.device.backend, path=str(cfg.device.path),
@@ -181,9 +193,6 @@ class Daemon:
         return AMD_ROOTS.with_explicit(*extra) if extra else AMD_ROOTS
 
     def _cache(self, roots: TrustRoots) -> Any:
-        from snpd.kds.cache import CertificateCache
-        from snpd.kds.negative import NegativeCache
-
         kds = self.config.kds
         client = None if kds.offline else LazyKdsClient(kds.url, kds.mirrors, kds.timeout_s)
         try:
@@ -259,8 +268,6 @@ class Daemon:
         cfg = self.config
         errors = []
         if cfg.varlink.enabled:
-            from snpd.varlink.server import VarlinkServer, activation_sockets, listen_fds
-
             v = cfg.varlink
             server = VarlinkServer(
                 self.service, max_message=v.max_message_bytes,
@@ -284,6 +291,7 @@ class Daemon:
                 await server.close()
         if cfg.dbus.enabled:
             try:
+                # lazy: dbus-fast only with [dbus] enabled, and it may be absent
                 from snpd.dbus import service as dbus_service
 
                 address = None if cfg.dbus.bus == "system" else cfg.dbus.bus
@@ -358,8 +366,6 @@ class Daemon:
 
     def _repeat_limit(self) -> None:
         """[log] repeat_*: at start and on reload (what was held back is reported first)."""
-        from snpd.events import Repeats
-
         log = self.config.log
         rate = Rate(log.repeat_burst, log.repeat_interval_s)
         if self.events.repeats is None or self.events.repeats.rate != rate:
@@ -481,8 +487,6 @@ class Daemon:
 def run_daemon(config_path: Optional[Path], *, log_target: str = "auto") -> int:
     """Load the configuration, run until SIGTERM. Exit codes: 0 clean stop, 2 bad
     configuration, 1 the daemon could not start (the journal says why)."""
-    from snpd.events import choose_sink
-
     events = Events(choose_sink(log_target))
     try:
         config = load_config(config_path)
@@ -512,10 +516,6 @@ def write_probe(path: Path = PROBE_FILE, root: Path = Path("/")) -> Dict[str, ob
     which a compromised daemon controls anyway. Only ``path``'s directory is created
     if missing, never a chain of parents.
     """
-    from snpd.files import atomic_write
-    from snpd.status.kernel_log import parse_kernel_log
-    from snpd.status.probe import read_kernel_log_from, read_sev_status_msr
-
     lines, source, why = read_kernel_log_from(root)
     keep = [line for line in lines if any(
         word in line for word in ("SEV", "sev-guest", "VMPCK", "vmpck", "Memory Encryption",

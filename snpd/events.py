@@ -37,6 +37,7 @@ from typing import (
 )
 
 from snpd.abi.report import AttestationReport
+from snpd.errors import Busy, DeviceError, Timeout, VmpckDisabled
 from snpd.ratelimit import Clock, Rate, TokenBucket
 
 if TYPE_CHECKING:
@@ -304,8 +305,6 @@ class Events:
                   f"(fields {names})", key_kind=kind, key_fields=names, **self._caller(caller))
 
     def request_failed(self, caller: Caller, op: str, exc: Exception) -> None:
-        from snpd.errors import Busy, DeviceError, Timeout, VmpckDisabled
-
         if isinstance(exc, Busy):
             self.emit("CLIENT_THROTTLED", "notice", f"{op} for {caller.describe()} refused: "
                       f"{exc}", repeat_key=caller.uid, operation=op,

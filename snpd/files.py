@@ -41,7 +41,7 @@ _TMP_ATTEMPTS = 16
 def _tmp_re() -> re.Pattern[str]:
     """``.NAME.<digits>.tmp``: this module's random names, and older versions' pid ones."""
     if not _TMP_PATTERN:
-        import re
+        import re  # lazy: see the note at the top (snpctl report's 25 ms)
 
         _TMP_PATTERN.append(re.compile(r"^\..+\.[0-9]+" + re.escape(TMP_SUFFIX) + r"$"))
     return _TMP_PATTERN[0]
@@ -98,6 +98,7 @@ def open_directory(path: StrPath, *, within: Optional[StrPath] = None, create: b
     """
     if within is None:
         return _open_dir(path, path)
+    # lazy: see the note at the top (snpctl report's 25 ms)
     import contextlib
     from pathlib import Path
 
@@ -154,7 +155,7 @@ def write_named(name: str, data: bytes, mode: int = 0o644) -> None:
     report a third of its start-up budget; the result is the same."""
     split = _plain_split(name)
     if split is None:
-        from pathlib import Path
+        from pathlib import Path  # lazy: see the note at the top (snpctl report's 25 ms)
 
         path = Path(name)
         atomic_write(path, data, mode, within=path.parent)
@@ -225,7 +226,7 @@ def _create_temporary(dfd: int, name: str, mode: int) -> Tuple[str, int, os.stat
             return tmp, fd, os.fstat(fd)
         except BaseException:
             os.close(fd)
-            import contextlib
+            import contextlib  # lazy: see the note at the top
 
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
@@ -236,7 +237,7 @@ def _create_temporary(dfd: int, name: str, mode: int) -> Tuple[str, int, os.stat
 
 def _remove_if_same(dfd: int, name: str, created: os.stat_result) -> None:
     """Unlink ``name`` only if it is still the file this process created there."""
-    import contextlib
+    import contextlib  # lazy: see the note at the top
 
     with contextlib.suppress(OSError):
         if os.path.samestat(os.lstat(name, dir_fd=dfd), created):

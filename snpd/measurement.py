@@ -13,6 +13,7 @@ KRUN is built here from the library's parts with sev's register values (see
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 from typing import Any, Dict, Optional, Tuple
@@ -135,8 +136,6 @@ class MeasurementInputs:
 def library(command: str) -> Any:
     """The sevsnpmeasure package, or MeasureUnavailable with the one line that says how
     to get it. Imported here, not at start-up: most snpctl commands never need it."""
-    import importlib
-
     try:
         package = importlib.import_module("sevsnpmeasure")
     except ImportError:
@@ -156,7 +155,7 @@ def library(command: str) -> Any:
 
 
 def _library_version() -> Optional[Tuple[int, ...]]:
-    from importlib import metadata
+    from importlib import metadata  # lazy: email, zipfile…; only to check the optional package
 
     try:
         text = metadata.version("sev-snp-measure")
@@ -268,6 +267,4 @@ def _krun_launch_digest(lib: Any, inputs: MeasurementInputs, append: Optional[st
 
 
 def _submodule(lib: Any, name: str) -> Any:
-    import importlib
-
     return importlib.import_module(f"{lib.__name__}.{name}")

@@ -370,9 +370,9 @@ def parse_toml(text: str, *, source: str, limit: int = MAX_TOML_SIZE) -> Dict[st
     if len(text) > limit:
         raise ConfigError(f"{source}: larger than {limit} bytes")
     if sys.version_info >= (3, 11):
-        import tomllib
+        import tomllib  # lazy: snpctl verify parses no TOML
     else:
-        import tomli as tomllib
+        import tomli as tomllib  # lazy: and tomli is needed only below 3.11
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -34,6 +34,9 @@ from typing import (
     TypeVar,
 )
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from snpd import __version__, schema
 from snpd.abi.product import Endorser, Product
 from snpd.abi.report import AttestationReport
@@ -51,7 +54,9 @@ from snpd.errors import (
     PermissionDenied,
     SnpdError,
 )
+from snpd.evidence import FORMATS, TRUSTEE_MEDIA_TYPE, trustee_evidence
 from snpd.kds.budget import KdsBudget
+from snpd.kds.cache import CertificateCache, FetchGate, NotCached, cache_only
 from snpd.trust.certset import CertificateSet
 from snpd.trust.result import Verdict
 from snpd.trust.verify import Verifier
@@ -59,7 +64,6 @@ from snpd.trust.verify import Verifier
 if TYPE_CHECKING:
     from snpd.broker import Broker
     from snpd.events import Events
-    from snpd.kds.cache import CertificateCache, FetchGate
     from snpd.trust.appraisal import AppraisalPolicy
 
 _T = TypeVar("_T")
@@ -449,8 +453,6 @@ class Service:
         """``lookup(gate)`` answered from the caches alone when it can be (no KDS pool,
         no budget); otherwise in the KDS pool, admitted by the caller's budget, each
         outbound fetch gated by it. A refusal is a KdsBudgetExceeded (Busy), logged."""
-        from snpd.kds.cache import NotCached, cache_only
-
         try:
             return await self._local(lambda: lookup(cache_only))
         except NotCached:
@@ -586,8 +588,6 @@ class Service:
                            options: ReportOptions) -> Evidence:
         """Evidence for a remote verifier in format ``fmt``, binding ``nonce``."""
         self.access.check_call(caller, "GetEvidence")
-        from snpd.evidence import FORMATS, TRUSTEE_MEDIA_TYPE, trustee_evidence
-
         if fmt not in FORMATS:
             raise NotSupported(f"evidence format {fmt!r} is not supported "
                                f"(supported: {', '.join(FORMATS)})")
@@ -628,9 +628,6 @@ class Service:
         firmware = DerivedKeyRequest.from_fields("vcek", list(request.fields),
                                                  vmpl=SEALING_VMPL)
         raw: bytes = await self._firmware(caller, firmware, deadline=self._deadline(options))
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
         info = b"snpd/v2/sealing\0" + struct.pack("<I", caller.uid) + request.label.encode()
         key = HKDF(algorithm=hashes.SHA256(), length=32, salt=SEALING_SALT,
                    info=info).derive(raw)

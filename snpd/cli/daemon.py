@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_config(path: Optional[Path], as_json: bool, stdout: TextIO, stderr: TextIO) -> int:
-    from snpd import config
+    from snpd import config  # lazy: snpd-probe (ExecStartPre) never reads the configuration
 
     default = config.DEFAULT_CONFIG_PATH
     try:
@@ -84,7 +84,7 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
     if args.check_config:
         return check_config(args.config, args.json, stdout, stderr)
     without_glib()
-    from snpd.daemon import run_daemon
+    from snpd.daemon import run_daemon  # lazy: after without_glib(); not for --check-config
 
     return run_daemon(args.config, log_target=args.log_target)
 
@@ -96,6 +96,7 @@ def probe_main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--output", type=Path, default=None, metavar="FILE",
                         help="where to write (default /run/snpd/probe.json)")
     args = parser.parse_args(argv)
+    # lazy: the daemon's modules only here and in main(), after without_glib()
     from snpd.daemon import PROBE_FILE, write_probe
 
     try:

@@ -14,18 +14,18 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, TextIO
+from typing import Optional, Sequence, TextIO
 
+from snpd.device.select import EMULATOR_TOML, default_emulator_dir, read_emulator_config
+from snpd.emulator.kds import kds_store
+from snpd.emulator.kds_faults import parse_fault
+from snpd.emulator.kds_server import KdsServer
+from snpd.emulator.state import EmulatorState
 from snpd.errors import SnpdError
-
-if TYPE_CHECKING:
-    from snpd.emulator.state import EmulatorState
+from snpd.files import atomic_write
 
 
 def _state(args: argparse.Namespace) -> EmulatorState:
-    from snpd.device.select import EMULATOR_TOML, default_emulator_dir, read_emulator_config
-    from snpd.emulator.state import EmulatorState
-
     directory = Path(args.emulator_dir) if args.emulator_dir else default_emulator_dir()
     config = read_emulator_config(directory / EMULATOR_TOML)
     return EmulatorState.load_or_create(
@@ -47,10 +47,6 @@ def cmd_init(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def cmd_kds(args: argparse.Namespace, out: TextIO) -> int:
-    from snpd.emulator.kds import kds_store
-    from snpd.emulator.kds_faults import parse_fault
-    from snpd.emulator.kds_server import KdsServer
-
     faults = [parse_fault(spec) for spec in args.fault]
     state = _state(args)
     server = KdsServer(kds_store(state), port=args.port)
@@ -63,8 +59,6 @@ def cmd_kds(args: argparse.Namespace, out: TextIO) -> int:
         print(f"emulated KDS for {state.config.product} at {server.url} "
               f"(emulator {state.state_dir})", file=out, flush=True)
         if args.url_file:  # whole or absent for a poller, and no link followed
-            from snpd.files import atomic_write
-
             atomic_write(Path(args.url_file), (server.url + "\n").encode())
         stop.wait()
     return 0

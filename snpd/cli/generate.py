@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 
-from snpd.cli.snpctl import UsageError, _write, check_output, choice, read_file
+from snpd.cli.common import Output, UsageError, check_output, choice, read_file, write_file
 from snpd.errors import EXIT_OK
 
 TYPE_CHECKING = False  # see snpd/__init__.py: the parser path does not import typing
 if TYPE_CHECKING:
     from typing import Any, Callable, Dict, Optional, Tuple
-
-    from snpd.cli.snpctl import Output
 
 OUTPUT_FORMATS = ("hex", "base64")
 
@@ -78,6 +76,8 @@ def _check_outputs(*pairs: Tuple[Optional[str], str]) -> None:
 
 
 def cmd_id_block(args: argparse.Namespace, out: Output) -> int:
+    # lazy: build_parser imports this module for every snpctl command (25 ms);
+    # idblock imports cryptography
     import base64
 
     from snpd.abi import idblock
@@ -104,9 +104,9 @@ def cmd_id_block(args: argparse.Namespace, out: Output) -> int:
     id_text = base64.b64encode(result.id_block.to_bytes()).decode()
     auth_text = base64.b64encode(result.id_auth.to_bytes()).decode()
     if args.id_file is not None:
-        _write(args.id_file, id_text.encode())
+        write_file(args.id_file, id_text.encode())
     if args.auth_file is not None:
-        _write(args.auth_file, auth_text.encode())
+        write_file(args.auth_file, auth_text.encode())
     out.json({"id_block": id_text, "auth_block": auth_text,
               "id_key_digest": result.id_key_digest.hex(),
               "author_key_digest": result.author_key_digest.hex(),
@@ -120,13 +120,13 @@ def cmd_id_block(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_key_digest(args: argparse.Namespace, out: Output) -> int:
-    from snpd.abi import idblock
+    from snpd.abi import idblock  # lazy: cryptography, not at snpctl's start (see cmd_id_block)
 
     key = idblock.load_private_key(read_file(args.key, "key"), f"key {args.key}")
     _check_outputs((args.key_digest_file, "key digest file"))
     text = idblock.key_digest(key.public_key()).hex()
     if args.key_digest_file is not None:
-        _write(args.key_digest_file, text.encode())
+        write_file(args.key_digest_file, text.encode())
     out.json({"key_digest": text, "key_digest_file": args.key_digest_file})
     out.line("Key Digest:")
     out.line(text)
@@ -136,7 +136,7 @@ def cmd_key_digest(args: argparse.Namespace, out: Output) -> int:
 def _formatted(digest: bytes, output_format: str, prefix: str) -> str:
     """snpguest's forms: lower-case hex (``prefix`` before it), or base64 of that hex
     text (not of the digest: snpguest encodes ``get_hex_ld().as_bytes()``)."""
-    import base64
+    import base64  # lazy: see cmd_id_block
 
     if output_format == "hex":
         return prefix + digest.hex()
@@ -145,7 +145,7 @@ def _formatted(digest: bytes, output_format: str, prefix: str) -> str:
 
 def _vcpu_sig(args: argparse.Namespace) -> int:
     """One of snpguest's three mutually exclusive ways to name the vCPU."""
-    from snpd import measurement
+    from snpd import measurement  # lazy: dataclasses, typing; optional sev-snp-measure
 
     fms = {"--vcpu-family": args.vcpu_family, "--vcpu-model": args.vcpu_model,
            "--vcpu-stepping": args.vcpu_stepping}
@@ -171,7 +171,7 @@ def _vcpu_sig(args: argparse.Namespace) -> int:
 
 
 def cmd_measurement(args: argparse.Namespace, out: Output) -> int:
-    from snpd import measurement
+    from snpd import measurement  # lazy: dataclasses, typing; optional sev-snp-measure
 
     for option, value in (("--initrd", args.initrd), ("--append", args.append)):
         if value is not None and args.kernel is None:
@@ -188,7 +188,7 @@ def cmd_measurement(args: argparse.Namespace, out: Output) -> int:
     digest = measurement.launch_digest(inputs)
     text = _formatted(digest, args.output_format, "0x")
     if args.measurement_file is not None:
-        _write(args.measurement_file, text.encode())
+        write_file(args.measurement_file, text.encode())
     out.json({"measurement": digest.hex(), "output_format": args.output_format,
               "vcpus": inputs.vcpus, "vcpu_sig": inputs.vcpu_sig, "vmm_type": inputs.vmm_type,
               "guest_features": inputs.guest_features,
@@ -199,14 +199,14 @@ def cmd_measurement(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_ovmf_hash(args: argparse.Namespace, out: Output) -> int:
-    from snpd import measurement
+    from snpd import measurement  # lazy: dataclasses, typing; optional sev-snp-measure
 
     measurement.library("generate ovmf-hash")
     _check_outputs((args.hash_file, "hash file"))
     digest = measurement.ovmf_hash(args.ovmf)
     text = _formatted(digest, args.output_format, "")
     if args.hash_file is not None:
-        _write(args.hash_file, text.encode())
+        write_file(args.hash_file, text.encode())
     out.json({"ovmf_hash": digest.hex(), "output_format": args.output_format,
               "hash_file": args.hash_file})
     out.line(text)

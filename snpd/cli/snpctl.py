@@ -13,11 +13,23 @@ from __future__ import annotations
 import os
 import sys
 
+from snpd import __version__
+from snpd.cli import fastpath
+from snpd.cli.common import (
+    Output,
+    OutputFileError,
+    UsageError,
+    check_output,
+    choice,
+    read_file,
+    write_file,
+)
 from snpd.errors import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    InputFileError,
+    CertificateFormatError,
+    NotSupported,
     ReportFormatError,
     SnpdError,
 )
@@ -40,7 +52,7 @@ else:
         enum and gettext modules it imports cost a third of their 25 ms budget."""
 
         def __getattr__(self, name: str) -> object:
-            import argparse as module
+            import argparse as module  # lazy: argparse is imported on first use, see above
 
             globals()["argparse"] = module
             return getattr(module, name)
@@ -54,19 +66,6 @@ PROCESSOR_MODELS = ("Milan", "Genoa", "Bergamo", "Siena", "Turin")
 _KDS_PRODUCT = {"bergamo": "Genoa", "siena": "Genoa"}
 
 
-def choice(*values: str) -> Callable[[str], str]:
-    """An argparse type that matches ``values`` in any case and gives the canonical
-    spelling, so ``milan``, ``MILAN``, ``PEM`` and ``VLEK`` mean what snpguest means;
-    anything else falls through to argparse's own "invalid choice" error."""
-    canonical = {v.lower(): v for v in values}
-
-    def convert(text: str) -> str:
-        return canonical.get(text.lower(), text)
-
-    convert.__name__ = "choice"
-    return convert
-
-
 def kds_product(name: str) -> str:
     """The KDS product a processor model is filed under (Bergamo, Siena → Genoa)."""
     return _KDS_PRODUCT.get(name.lower(), name)
@@ -74,36 +73,9 @@ def kds_product(name: str) -> str:
 
 def _path(name: str) -> Any:
     """pathlib only when a command needs it: snpctl's start-up time is a budget."""
-    from pathlib import Path
+    from pathlib import Path  # lazy: pathlib imports re: 10 ms of snpctl report's 25
 
     return Path(name)
-
-
-def _write(name: str, data: bytes, mode: int = 0o644) -> None:
-    """Write a file the user named, as that user, with files.atomic_write: a reader
-    never sees half of it, and no link planted in the directory is followed. The
-    directory the user named is the one exception: it is followed even if it is a
-    symlink, because it is the user's own choice."""
-    from snpd.files import write_named  # atomic_write(path, …, within=path.parent)
-
-    try:
-        write_named(name, data, mode)  # without pathlib: snpctl report's budget
-    except OSError as exc:
-        raise OutputFileError(f"cannot write {name}: {exc.strerror or exc}") from None
-
-
-def check_output(name: str, what: str) -> None:
-    """Refuse an output path that cannot be written before anything is asked of the
-    firmware or the KDS: a report or key request spent for nothing is a firmware
-    message (and a sequence number) gone, and the caller still has no file."""
-    if os.path.isdir(name):
-        raise OutputFileError(f"{what} {name} is a directory; give a file name")
-    parent = os.path.dirname(name) or "."
-    if not os.path.isdir(parent):
-        raise OutputFileError(f"cannot write {what} {name}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputFileError(f"cannot write {what} {name}: directory {parent} is not "
-                              "writable")
 
 
 def read_head(name: str, what: str, size: int) -> bytes:
@@ -115,21 +87,12 @@ def read_head(name: str, what: str, size: int) -> bytes:
         raise OutputFileError(f"cannot read {what} {name}: {exc.strerror or exc}") from None
 
 
-class UsageError(SnpdError):
-    kind = "InvalidArgument"
-    exit_code = EXIT_USAGE
-
-
-class OutputFileError(InputFileError):
-    """A file snpctl was told to read or write cannot be (exit 2, one line)."""
-
-
 # -- argument helpers ------------------------------------------------------------
 
 
 def parse_time(text: str) -> datetime.datetime:
     """RFC 3339, e.g. ``2025-06-01T00:00:00Z``; a time without a zone is refused."""
-    import datetime
+    import datetime  # lazy: datetime only for --at (docs/contracts.md: 25 ms)
 
     value = text.strip()
     if value.endswith(("Z", "z")):
@@ -144,13 +107,8 @@ def parse_time(text: str) -> datetime.datetime:
     return parsed.astimezone(datetime.timezone.utc)
 
 
-def read_file(path: str, what: str, limit: int = 1 << 20) -> bytes:
-    from snpd.files import read_bounded
-
-    return read_bounded(path, what, limit)
-
-
 def load_report(path: str) -> AttestationReport:
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.report import AttestationReport
 
     return AttestationReport.from_bytes(read_file(path, "report"))
@@ -159,6 +117,7 @@ def load_report(path: str) -> AttestationReport:
 def product_arg(name: Optional[str]) -> Optional[Product]:
     if name is None:
         return None
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.product import Product
 
     return Product.parse(kds_product(name))
@@ -181,38 +140,13 @@ def trust_root_env() -> List[str]:
 
 
 def trust_roots(paths: Sequence[str]) -> List[Certificate]:
+    # lazy: the trust core and cryptography only for commands that verify
     from snpd.trust.x509 import load_certificates
 
     roots: List[Certificate] = []
     for path in list(paths) + trust_root_env():
         roots.extend(load_certificates(read_file(path, "trust root")))
     return roots
-
-
-class Output:
-    """Human lines on stdout, or one JSON document with --json; diagnostics on stderr."""
-
-    def __init__(self, as_json: bool, quiet: bool, out: TextIO, err: TextIO) -> None:
-        self.as_json, self.quiet, self.out, self.err = as_json, quiet, out, err
-
-    def line(self, text: str = "") -> None:
-        if not self.as_json and not self.quiet:
-            print(text, file=self.out)
-
-    def result(self, text: str) -> None:
-        """The one-line outcome: shown even with --quiet."""
-        if not self.as_json:
-            print(text, file=self.out)
-
-    def json(self, doc: Dict[str, Any]) -> None:
-        if self.as_json:
-            import json
-
-            json.dump(doc, self.out, indent=2, sort_keys=False)
-            self.out.write("\n")
-
-    def warn(self, text: str) -> None:
-        print(f"snpctl: {text}", file=self.err)
 
 
 # -- display -------------------------------------------------------------------------
@@ -296,6 +230,7 @@ def render_verdict(verdict: Verdict, out: Output, subject: str,
 
 
 def _verifier(args: argparse.Namespace) -> Any:
+    # lazy: the trust core and cryptography only for commands that verify
     from snpd.trust.roots import AMD_ROOTS
     from snpd.trust.verify import Verifier
 
@@ -304,6 +239,7 @@ def _verifier(args: argparse.Namespace) -> Any:
 
 
 def cmd_verify_certs(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import load_certs_dir
     from snpd.trust.result import Verdict
 
@@ -325,6 +261,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
     never reported as valid. ``-m``/``-d``/``-r``/``--id-key-digest``/
     ``--author-key-digest`` are an appraisal policy of exact values, appraised after
     the ``--policy`` file's."""
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import load_certs_dir
 
     policies: List[Any] = []
@@ -332,6 +269,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
              ("report_data", "-r/--report-data"), ("id_key_digest", "--id-key-digest"),
              ("author_key_digest", "--author-key-digest"))
     if any(getattr(args, field) is not None for field, _ in flags):
+        # lazy: policies (snpd.schema: json, re, enum) only when one is given
         from snpd.trust.appraisal import AppraisalPolicy, expected_value
 
         policies.append(AppraisalPolicy.expecting({
@@ -340,6 +278,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
     certs = load_certs_dir(args.dir)
     report = read_file(args.report, "report")
     if args.policy:
+        # lazy: policies (snpd.schema: json, re, enum) only when one is given
         from snpd.trust.appraisal import AppraisalPolicy
 
         text = read_file(args.policy, "policy").decode("utf-8", "replace")
@@ -347,6 +286,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
     skip: Sequence[str] = ()
     scope = ""
     if args.tcb or args.signature:
+        # lazy: the trust core and cryptography only for commands that verify
         from snpd.trust.verify import SIGNATURE_ONLY, TCB_ONLY
 
         skip, scope = (TCB_ONLY, "TCB only") if args.tcb else (SIGNATURE_ONLY, "signature only")
@@ -354,7 +294,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
                                      product=product_arg(args.product), skip=skip)
     doc = verdict.to_json()
     doc["report"] = args.report
-    import datetime
+    import datetime  # lazy: not at module level, where every start would pay for it
 
     doc["at"] = (args.at or datetime.datetime.now(datetime.timezone.utc)).strftime(
         "%Y-%m-%dT%H:%M:%SZ")
@@ -368,6 +308,7 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
 
 
 def _kds(args: argparse.Namespace) -> KdsClient:
+    # lazy: requests only for fetch (verify must not import it, test_snpctl)
     from snpd.kds.client import KdsClient
 
     return KdsClient(base_url=args.kds_url, deadline=args.timeout)
@@ -375,6 +316,7 @@ def _kds(args: argparse.Namespace) -> KdsClient:
 
 def _product_for_fetch(args: argparse.Namespace) -> Product:
     """The product from --report (v3+ CPUID) or the positional/--product name."""
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.product import Product
 
     name = getattr(args, "product", None) or getattr(args, "product_opt", None)
@@ -395,12 +337,14 @@ def _product_for_fetch(args: argparse.Namespace) -> Product:
 
 
 def _endorser(name: str) -> Endorser:
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.product import Endorser
 
     return Endorser(name)
 
 
 def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import write_certs_dir
     from snpd.trust.admission import check_ca_chain
     from snpd.trust.certset import CertificateSet
@@ -426,6 +370,7 @@ def cmd_fetch_ca(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.abi.tcb import TcbVersion
     from snpd.certsdir import write_certs_dir
     from snpd.trust.admission import check_vcek_binding
@@ -456,6 +401,7 @@ def cmd_fetch_vcek(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_fetch_crl(args: argparse.Namespace, out: Output) -> int:
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import CertsDirError, load_certs_dir, write_certs_dir
     from snpd.trust.admission import check_crl
     from snpd.trust.certset import CertificateSet
@@ -497,7 +443,7 @@ def _direct(args: argparse.Namespace) -> bool:
 
 def _device(args: argparse.Namespace) -> Any:
     """The backend for --direct."""
-    from snpd.device.select import open_device
+    from snpd.device.select import open_device  # lazy: the device backends only for --direct
 
     emulator_dir = _path(args.emulator_dir) if args.emulator_dir else None
     backend = args.backend or ("emulator" if emulator_dir else "auto")
@@ -513,6 +459,7 @@ def _device(args: argparse.Namespace) -> Any:
 
 def _client(args: argparse.Namespace) -> Any:
     """The daemon: varlink when its socket answers, else D-Bus (exit 3 if neither)."""
+    # lazy: offline commands (display, verify, fetch) need no client
     from snpd.client import SnpdClient
 
     return SnpdClient(socket=args.socket, bus=args.bus)
@@ -562,7 +509,7 @@ def _default_vmpl(args: argparse.Namespace, device: Any) -> Any:
     guest_vmpl = device.platform().guest_vmpl  # the emulator knows its guest's
     if guest_vmpl is not None:
         return int(guest_vmpl)
-    from snpd.status.probe import probe
+    from snpd.status.probe import probe  # lazy: the probe only for --direct without an emulator
 
     return probe(kernel_lines=[]).vmpl or 0
 
@@ -575,14 +522,13 @@ def parse_vmpl(report: bytes) -> int:
     if isinstance(report, bytes) and len(report) == 0x4A0 \
             and 2 <= int.from_bytes(report[:4], "little") <= 5:
         return int.from_bytes(report[0x30:0x34], "little")
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.report import AttestationReport
 
     return AttestationReport.from_bytes(report).vmpl
 
 
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
-    import os
-
     if getattr(args, "platform", False):
         raise UsageError(
             "--platform is for Hyper-V (Azure) guests, whose paravisor supplies the report "
@@ -610,8 +556,8 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
     finally:
         device.close()
     if args.random:
-        _write(args.request_file, data)
-    _write(args.report_file, report)
+        write_file(args.request_file, data)
+    write_file(args.report_file, report)
     out.json({"report": args.report_file, "request": args.request_file, "vmpl": vmpl,
               "backend": device.name, "size": len(report)})
     out.result(f"wrote {args.report_file} ({len(report)} bytes, VMPL {vmpl}, "
@@ -620,8 +566,7 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_certificates(args: argparse.Namespace, out: Output) -> int:
-    import os
-
+    # lazy: certs dirs (pathlib, snpd.trust) only for the commands that use one
     from snpd.certsdir import write_certs_dir
     from snpd.device.base import ReportRequest
     from snpd.trust.certset import CertificateSet
@@ -672,6 +617,7 @@ def _int(text: str) -> int:
 
 
 def cmd_key(args: argparse.Namespace, out: Output) -> int:
+    # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
     from snpd.abi.uapi import DerivedKeyRequest, RootKey
 
     if args.launch_mit_vector is not None:
@@ -691,7 +637,7 @@ def cmd_key(args: argparse.Namespace, out: Output) -> int:
         key = device.derived_key(request)
     finally:
         device.close()
-    _write(args.key_file, key, mode=0o600)
+    write_file(args.key_file, key, mode=0o600)
     out.json({"key_file": args.key_file, "root_key": args.root_key, "vmpl": vmpl,
               "via": device.name,
               "guest_field_select": args.guest_field_select, "fields": list(request.fields)})
@@ -714,6 +660,7 @@ def render_status(props: Dict[str, Any], out: Output, *, source: str = "daemon")
     (snpd.status.summary.DOCUMENT_KEYS), else one fact per line and the outcome.
     Exit 0 when the firmware channel is ready. Shared with main()'s fast path:
     it imports only snpd.status.summary, which is standard library only."""
+    # lazy: only status renders; snpd.status.summary is standard library only
     from snpd.status.summary import status_document, status_lines
 
     doc = status_document(props, source=source)
@@ -736,7 +683,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     report data, the guest's VMPL) for the product and reported TCB, as the daemon
     asks for one at start. A backend that cannot be opened, or a report that fails,
     is the state "failed" with the reason, not an error."""
-    from snpd import __version__
+    # lazy: the probe and the device layer only for status --direct
     from snpd.device.base import ReportRequest
     from snpd.status.probe import emulated, probe, status_properties
     from snpd.status.summary import ATTESTATION, MANAGER
@@ -761,6 +708,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
             elif status.cpu is not None and status.cpu.product is not None:
                 product, source = status.cpu.product, "cpuid"
             try:
+                # lazy: snpd.abi imports dataclasses and typing (25 ms budget)
                 from snpd.abi.report import AttestationReport
 
                 parsed = AttestationReport.from_bytes(device.report(ReportRequest(vmpl=vmpl)))
@@ -813,8 +761,6 @@ def cmd_cache(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
-    import os
-
     if args.nonce_file:
         nonce = read_file(args.nonce_file, "nonce file", limit=64)
     else:
@@ -824,7 +770,7 @@ def cmd_evidence(args: argparse.Namespace, out: Output) -> int:
     else:
         with _client(args) as client:
             media_type, evidence = client.get_evidence(args.format, nonce)
-    _write(args.file, evidence)
+    write_file(args.file, evidence)
     out.json({"file": args.file, "format": args.format, "media_type": media_type,
               "size": len(evidence)})
     out.result(f"wrote {args.file} ({len(evidence)} bytes, {media_type})")
@@ -837,9 +783,9 @@ def _direct_evidence(args: argparse.Namespace, out: Output, nonce: bytes) -> Any
     when that table verifies against the trusted roots (AMD's; with the emulator
     backend its own ARK too, as the daemon does). Without a verified table the
     evidence carries no certificate and the verifier fetches it."""
+    # lazy: --direct evidence only; snpd.trust imports cryptography
     from snpd.abi.report import AttestationReport
     from snpd.device.base import ReportRequest
-    from snpd.errors import CertificateFormatError, NotSupported
     from snpd.evidence import TRUSTEE_MEDIA_TYPE, trustee_evidence
     from snpd.trust.certset import CertificateSet
     from snpd.trust.roots import AMD_ROOTS
@@ -898,7 +844,7 @@ def cmd_ok(args: argparse.Namespace, out: Output) -> int:
 
 
 def _ok_daemon(props: Dict[str, Any], out: Output) -> int:
-    from snpd.status.checks import daemon_checks, render
+    from snpd.status.checks import daemon_checks, render  # lazy: snpctl ok's only
     from snpd.status.summary import status_document
 
     doc = status_document(props)
@@ -914,7 +860,7 @@ def _ok_daemon(props: Dict[str, Any], out: Output) -> int:
 
 
 def _ok_local(args: argparse.Namespace, out: Output, daemon_error: Optional[str]) -> int:
-    from snpd.status.checks import local_checks, render
+    from snpd.status.checks import local_checks, render  # lazy: snpctl ok's only
     from snpd.status.probe import DEVICE, probe
 
     root = _path(args.root)
@@ -1004,6 +950,10 @@ ENDORSERS = ("vcek", "vlek")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # lazy: status and report parse without this parser (snpd.cli.fastpath), 25 ms budget
+    from snpd.cli import generate
+    from snpd.device import BACKENDS  # a tuple: snpd/device/__init__.py imports nothing
+
     common = _Parser(add_help=False)
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print one JSON document instead of text")
@@ -1054,7 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--direct", action="store_true", default=value("direct"),
                        help="open the firmware channel yourself instead of asking the "
                             "daemon (root)")
-        p.add_argument("--backend", choices=("auto", "ioctl", "configfs", "emulator"),
+        p.add_argument("--backend", choices=BACKENDS,
                        default=value("backend"),
                        help="firmware backend for --direct (implies --direct)")
         p.add_argument("--socket", metavar="PATH", default=value("socket"),
@@ -1130,7 +1080,6 @@ def build_parser() -> argparse.ArgumentParser:
                "(through the daemon, else from what this user can read)")
     p.add_argument("--root", default="/", help=argparse.SUPPRESS)
 
-    from snpd.cli import generate
     generate.add_parsers(sub, common)
     display = group("display", "show a report or a key")
     p = add(display, "report", cmd_display_report, "decode and show an attestation report")
@@ -1199,8 +1148,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from snpd import __version__
-
     return __version__
 
 
@@ -1210,13 +1157,11 @@ def _parse(argv: Optional[Sequence[str]], stdout: TextIO, stderr: TextIO) -> Any
     snpd.cli.fastpath, which gives the same namespace without importing argparse or
     building the parser (most of these commands' start-up time); anything else,
     and every help text and error, is argparse's."""
-    from snpd.cli.fastpath import parse
-
-    args: Any = parse(sys.argv[1:] if argv is None else argv)
+    args: Any = fastpath.parse(sys.argv[1:] if argv is None else argv)
     if args is not None:
         args.func = {"status": cmd_status, "report": cmd_report}[args.command]
         return args
-    import contextlib
+    import contextlib  # lazy: argparse's path only; the fast path runs without contextlib
 
     parser = build_parser()
     try:
@@ -1248,8 +1193,6 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
         return 130
     except BrokenPipeError:
         # The reader went away (snpctl … | head): exit quietly, like any Unix filter.
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
 

@@ -65,6 +65,7 @@ from typing import (
 
 from dbus_fast import BusType, DBusError, Message, MessageType, NameFlag, RequestNameReply, Variant
 from dbus_fast import introspection as intr
+from dbus_fast._private.unmarshaller import Unmarshaller
 from dbus_fast.aio.message_bus import MessageBus
 from dbus_fast.constants import PropertyAccess
 from dbus_fast.service import ServiceInterface, dbus_property, method
@@ -153,10 +154,9 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def introspection_xml() -> str:
-    """The checked-in introspection XML, the API's contract (package data)."""
-    from importlib import resources
-
-    return resources.files(__package__).joinpath(INTROSPECTION_FILE).read_text(encoding="utf-8")
+    """The checked-in introspection XML, the API's contract, beside this module (the
+    package is installed as files; importlib.resources would import zipfile and more)."""
+    return Path(__file__).with_name(INTROSPECTION_FILE).read_text(encoding="utf-8")
 
 
 # -- values: D-Bus <-> plain Python ----------------------------------------------------------
@@ -1002,8 +1002,6 @@ class _Reader:
 def unmarshal(data: bytes) -> Any:
     """One whole message as dbus-fast's :class:`Message`, with dbus-fast's own
     unmarshaller over a stream (its constructor differs between 1.x and 5.x)."""
-    from dbus_fast._private.unmarshaller import Unmarshaller
-
     stream: Any = io.BytesIO(data)  # dbus-fast only calls its read()
     make: Any = Unmarshaller
     try:

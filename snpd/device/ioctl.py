@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as errno_mod
+import fcntl
 import os
 import threading
 from typing import Any, Callable, Dict, Optional, Protocol
@@ -83,8 +84,6 @@ class OsIoctl:
         return os.open(path, os.O_RDWR | os.O_CLOEXEC)
 
     def ioctl(self, fd: int, request: int, arg: SnpGuestRequestIoctl) -> int:
-        import fcntl
-
         return fcntl.ioctl(fd, request, arg, True)  # type: ignore[no-any-return]
 
     def close(self, fd: int) -> None:

@@ -15,6 +15,7 @@ from snpd.device import BACKENDS
 from snpd.device.base import Device, Platform
 from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
 from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
+from snpd.files import read_toml
 
 if TYPE_CHECKING:
     from snpd.emulator.kernel import EmulatedSevGuest
@@ -38,8 +39,8 @@ EMULATOR_TOML = "emulator.toml"
 def read_emulator_config(path: Path) -> EmulatorConfig:
     """The emulated guest's launch configuration: the keys of snpd.toml's ``[emulator]``
     table, from ``emulator.toml`` in the state directory; defaults when absent."""
+    # lazy: the emulator (json, datetime, schema) only for backend = emulator
     from snpd.emulator.launch import EmulatorConfig
-    from snpd.files import read_toml
 
     data = read_toml(path, missing_ok=True)
     if data is None:
@@ -54,6 +55,7 @@ def read_emulator_config(path: Path) -> EmulatorConfig:
 def open_emulator(state_dir: Optional[Path] = None,
                   config: Optional[EmulatorConfig] = None) -> IoctlDevice:
     """The emulator behind the real ioctl marshalling."""
+    # lazy: the emulator and its cryptography only for backend = emulator
     from snpd.emulator.kernel import EmulatedSevGuest
 
     state_dir = state_dir or default_emulator_dir()
@@ -99,6 +101,7 @@ def open_device(
                     f"no SEV-SNP guest interface: {ioctl_error}; and no configfs-tsm at "
                     f"{configfs_root}. Not an SEV-SNP guest? Use the emulator backend to "
                     "develop without hardware") from ioctl_error
+    # lazy: snpctl --direct on an ioctl guest skips configfs's logging, secrets, hashlib
     from snpd.device.configfs import ConfigfsDevice
 
     return ConfigfsDevice(configfs_root)

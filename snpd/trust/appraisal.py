@@ -69,6 +69,7 @@ def amd_key_digest(public_key: Union[str, bytes, EllipticCurvePublicKey]) -> byt
     ``cryptography`` public key object. ``cryptography`` is imported here, not at
     module level, so that loading a policy without keys stays cheap.
     """
+    # lazy: snpd --check-config and policies without keys load no cryptography
     from cryptography.hazmat.primitives.asymmetric import ec
 
     key = _load_public_key(public_key) if isinstance(public_key, (str, bytes)) else public_key
@@ -86,6 +87,7 @@ def amd_key_digest(public_key: Union[str, bytes, EllipticCurvePublicKey]) -> byt
 
 def _load_public_key(data: Union[str, bytes]) -> object:
     """Decode PEM or DER, public key or certificate; every failure is a format error."""
+    # lazy: see key_digest: a policy without keys loads no cryptography
     from cryptography import x509
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization

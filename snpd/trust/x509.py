@@ -150,6 +150,7 @@ def _parse_algorithm(tlv: Tlv, what: str) -> AlgorithmIdentifier:
 
 
 def _load_public_key(spki: bytes) -> PublicKeyTypes:
+    # lazy: snpctl certificates parses DER without cryptography (25 ms budget)
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_der_public_key
 
@@ -454,6 +455,7 @@ def amd_pss_algorithm() -> bytes:
 
 def sign_tbs(tbs: bytes, signing_key: Any) -> Tuple[bytes, bytes]:
     """Sign TBS bytes; return (AlgorithmIdentifier DER, signature). RSA → AMD's PSS."""
+    # lazy: signing is the emulator's; parsing needs no cryptography (see above)
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 
@@ -502,6 +504,7 @@ def build_certificate(
     signing_key: Any,
 ) -> Certificate:
     """Build and sign an X.509 v3 certificate (serial 0 allowed, as AMD issues VCEKs)."""
+    # lazy: signing is the emulator's; parsing needs no cryptography (see above)
     from cryptography.hazmat.primitives import serialization
 
     spki = public_key.public_bytes(serialization.Encoding.DER,
@@ -525,7 +528,7 @@ def build_certificate(
 
 
 def _is_rsa(key: Any) -> bool:
-    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.asymmetric import rsa  # lazy: see sign_tbs
 
     return isinstance(key, rsa.RSAPrivateKey)
 

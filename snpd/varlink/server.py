@@ -51,13 +51,13 @@ import asyncio
 import contextlib
 import dataclasses
 import errno as errno_module
-import importlib.resources
 import logging
 import os
 import socket
 import stat
 import struct
 import time
+from pathlib import Path
 from typing import (
     Any,
     Awaitable,
@@ -75,6 +75,7 @@ from typing import (
 from snpd import __version__
 from snpd.access import Caller, proc_credentials
 from snpd.errors import DeviceError, SnpdError
+from snpd.files import chmod_own
 from snpd.ratelimit import LogLimiter
 from snpd.service import (
     CERTIFICATE_OPTIONS,
@@ -300,8 +301,6 @@ def bind_socket(path: str, mode: int = 0o660) -> socket.socket:
     link (files.chmod_own): when root runs the daemon on a directory another user can
     write, that user could swap a symlink in for the socket between bind() and the
     chmod, and a plain os.chmod would change the mode of the link's target."""
-    from snpd.files import chmod_own
-
     remove_stale_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -522,9 +521,8 @@ class VarlinkServer:
         self.log = logger or logging.getLogger(__name__)
         self._log_limiter = LogLimiter(LOG_INTERVAL, clock)
         self.descriptions = {SERVICE_INTERFACE: SERVICE_DESCRIPTION}
-        package = importlib.resources.files(__package__ or "snpd.varlink")
-        for name in INTERFACES:
-            self.descriptions[name] = package.joinpath(f"{name}.varlink").read_text(
+        for name in INTERFACES:  # the package is installed as files: no importlib.resources
+            self.descriptions[name] = Path(__file__).with_name(f"{name}.varlink").read_text(
                 encoding="utf-8")
         self.methods: Dict[str, Method] = self._method_table()
         self._listeners: List[Tuple[socket.socket, asyncio.Task[None]]] = []

@@ -385,12 +385,12 @@ def test_probe_creates_only_its_own_directory(tmp_path: Path) -> None:
 def test_a_directory_the_user_names_may_be_their_symlink(tmp_path: Path, victim: Path) -> None:
     """snpctl writes as the user into the directory they chose: their own symlink there
     is followed, while a link at the file's name is still replaced."""
-    from snpd.cli.snpctl import _write
+    from snpd.cli.common import write_file
 
     (tmp_path / "real").mkdir()
     (tmp_path / "mine").symlink_to(tmp_path / "real")
     (tmp_path / "real" / "report.bin").symlink_to(victim)
-    _write(str(tmp_path / "mine" / "report.bin"), b"report")
+    write_file(str(tmp_path / "mine" / "report.bin"), b"report")
     assert (tmp_path / "real" / "report.bin").read_bytes() == b"report"
     assert not (tmp_path / "real" / "report.bin").is_symlink()
     assert_untouched(victim)

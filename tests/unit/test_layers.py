@@ -33,10 +33,7 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 CHECKED_UP_TO = "config"
 
 # Circles another change removes; each pair goes when that change is merged.
-KNOWN_CIRCLES: FrozenSet[FrozenSet[str]] = frozenset({
-    # snpctl's helpers shared with ``snpctl generate``; outside issue 13 item 3
-    frozenset({"snpd.cli.generate", "snpd.cli.snpctl"}),
-})
+KNOWN_CIRCLES: FrozenSet[FrozenSet[str]] = frozenset()
 
 
 def module_name(path: Path) -> str:
