@@ -628,6 +628,23 @@ def _dbus_containers(children: Any) -> Any:
 _DBUS_VALUES = st.recursive(_DBUS_BASIC, _dbus_containers, max_leaves=12)
 
 
+def _strings(value: Any) -> Iterator[str]:
+    """Every string in a D-Bus value: keys, items, variants' contents."""
+    from dbus_fast import Variant
+
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, Variant):
+        yield from _strings(value.value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _strings(key)
+            yield from _strings(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _strings(item)
+
+
 def _over_the_wire(options: Dict[str, Any]) -> Any:
     """``options`` as an ``a{sv}`` marshalled into a method call and read back the way
     the daemon's dbus-fast reads it: the types and values a peer can really send."""
@@ -637,6 +654,14 @@ def _over_the_wire(options: Dict[str, Any]) -> Any:
     from dbus_fast import Message
     from dbus_fast._private.unmarshaller import Unmarshaller
 
+    from snpd.dbus.service import _counts_characters
+
+    if _counts_characters() and not all(text.isascii() for text in _strings(options)):
+        # dbus-fast 1.84 (Debian 12) writes such a string's length in characters: the
+        # message is invalid, a bus refuses it, and 1.84's own unmarshaller may crash
+        # on it (SIGSEGV). A peer with a correct marshaller sends it fine, and other
+        # examples cover that.
+        raise ValueError("this dbus-fast cannot marshal non-ASCII strings")
     message = Message(destination="org.snpd.Snpd1", path="/org/snpd/Snpd1",
                       interface="org.snpd.Snpd1.Attestation", member="GetReport",
                       signature="a{sv}", body=[options])

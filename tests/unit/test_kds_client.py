@@ -211,17 +211,26 @@ def test_persistent_429_exhausts_retries(srv, make_client, sleeps):
     assert str(info.value).startswith("KDS rate limit (HTTP 429")
 
 
-def test_persistent_429_until_the_deadline(srv, make_client, sleeps):
+def test_persistent_429_until_the_deadline(srv, make_client):
+    """The deadline is on a clock only the backoff sleeps move, so a loaded machine
+    (a slow loopback answer) cannot turn the 429 into a read timeout."""
+    ticks = Ticks()
+    delays: List[float] = []
+
+    def sleep(seconds: float) -> None:
+        delays.append(seconds)
+        ticks.now += seconds
+
     srv.faults.push(Fault.status(429), count=None)
-    client = make_client(srv.url, deadline=0.5, backoff_base=0.2, backoff_max=10,
-                         max_retries=50)
+    client = make_client(srv.url, deadline=5.0, read_timeout=5.0, backoff_base=1.0,
+                         backoff_max=10, max_retries=50, clock=ticks, sleep=sleep)
     with pytest.raises(KdsError) as info:
         client.get(CHAIN_PATH)
     message = str(info.value)
     assert "KDS rate limit (HTTP 429" in message
-    assert "persisted past the 0.5 s deadline" in message and "retry later" in message
+    assert "persisted past the 5 s deadline" in message and "retry later" in message
     assert 1 <= len(srv.requests) < 50
-    assert sum(sleeps.delays) < 0.5  # never slept past the deadline
+    assert sum(delays) < 5.0  # never slept past the deadline
 
 
 def test_backoff_grows_and_is_capped(srv, make_client, sleeps):
