@@ -426,6 +426,26 @@ def system_daemon_missing() -> str:
     return ""
 
 
+def rss_rows(title: str, ready_kib: int, start_kib: int, points: Sequence[Tuple[int, int]],
+             errors: int, label: str) -> List[Tuple[str, str, str, Optional[bool]]]:
+    """Print one RSS phase (section 5 or 7) and return its rows for the final table:
+    the RSS after the last request against the budget, and the growth over the last
+    half against the noise allowance."""
+    total, end_kib = points[-1]
+    half = points[len(points) // 2 - 1]
+    growth = end_kib - half[1]
+    print(f"\n{title}" + (f", {errors} errors" if errors else ""))
+    print(f"   at READY=1 (no request yet): {mb(ready_kib):6.2f} MB")
+    print(f"   before this phase:           {mb(start_kib):6.2f} MB")
+    for done, kib in points:
+        print(f"   after {done:7d}: {mb(kib):6.2f} MB")
+    print(f"   over the last half ({half[0]} → {total}): {growth:+d} KiB")
+    return [(f"RSS after {total} requests{label}", f"{mb(end_kib):.1f} MB",
+             f"≤ {BUDGET_RSS_MB:.0f} MB", mb(end_kib) <= BUDGET_RSS_MB),
+            (f"RSS growth over the last half{label}", f"{growth:+d} KiB",
+             f"none (±{RSS_NOISE_KIB} KiB)", growth <= RSS_NOISE_KIB)]
+
+
 def system_rss(run: Run, args: argparse.Namespace, config: Path, socket_path: str
                ) -> Union[str, Tuple[str, int, int, List[Tuple[int, int]], int]]:
     """Section 5 again, the first daemon stopped, with the same configuration (D-Bus
@@ -675,23 +695,10 @@ def measure(run: Run, args: argparse.Namespace) -> int:
     start_rss, points, rss_errors = rss_run(str(socket_path), args.rss_requests,
                                             args.rss_clients, args.procs, pid,
                                             args.rss_time_cap)
-    total = points[-1][0]
-    half = points[len(points) // 2 - 1]
-    end_rss = points[-1][1]
-    growth = end_rss - half[1]
-    print(f"\n5. daemon RSS (VmRSS) while serving {total} more reports over varlink "
-          f"({args.rss_clients} clients; {served} served before this phase)"
-          + (f", {rss_errors} errors" if rss_errors else ""))
-    print(f"   at READY=1 (no request yet): {mb(ready_rss):6.2f} MB")
-    print(f"   before this phase:           {mb(start_rss):6.2f} MB")
-    for done, kib in points:
-        print(f"   after {done:7d}: {mb(kib):6.2f} MB")
-    print(f"   over the last half ({half[0]} → {total}): {growth:+d} KiB")
-    rows += [
-        (f"RSS after {total} requests", f"{mb(end_rss):.1f} MB", f"≤ {BUDGET_RSS_MB:.0f} MB",
-         mb(end_rss) <= BUDGET_RSS_MB),
-        ("RSS growth over the last half", f"{growth:+d} KiB",
-         f"none (±{RSS_NOISE_KIB} KiB)", growth <= RSS_NOISE_KIB)]
+    rows += rss_rows(
+        f"5. daemon RSS (VmRSS) while serving {points[-1][0]} more reports over varlink "
+        f"({args.rss_clients} clients; {served} served before this phase)",
+        ready_rss, start_rss, points, rss_errors, "")
 
     # 6.
     files = run.directory / "snpctl-files"
@@ -748,23 +755,10 @@ def measure(run: Run, args: argparse.Namespace) -> int:
         print(f"\n7. RSS on {SYSTEM_PYTHON}: skipped ({package_rss})")
     else:
         version, ready_kib, start_kib, package_points, package_errors = package_rss
-        p_total = package_points[-1][0]
-        p_half = package_points[len(package_points) // 2 - 1]
-        p_end = package_points[-1][1]
-        p_growth = p_end - p_half[1]
-        print(f"\n7. section 5 again on the package's interpreter ({SYSTEM_PYTHON} {version}, snpd "
-              "byte-compiled in a plain directory, the distribution's libraries)"
-              + (f", {package_errors} errors" if package_errors else ""))
-        print(f"   at READY=1 (no request yet): {mb(ready_kib):6.2f} MB")
-        print(f"   before this phase:           {mb(start_kib):6.2f} MB")
-        for done, kib in package_points:
-            print(f"   after {done:7d}: {mb(kib):6.2f} MB")
-        print(f"   over the last half ({p_half[0]} → {p_total}): {p_growth:+d} KiB")
-        rows += [
-            (f"RSS after {p_total} requests, package interpreter", f"{mb(p_end):.1f} MB",
-             f"≤ {BUDGET_RSS_MB:.0f} MB", mb(p_end) <= BUDGET_RSS_MB),
-            ("RSS growth over the last half, package interpreter", f"{p_growth:+d} KiB",
-             f"none (±{RSS_NOISE_KIB} KiB)", p_growth <= RSS_NOISE_KIB)]
+        rows += rss_rows(
+            f"7. section 5 again on the package's interpreter ({SYSTEM_PYTHON} {version}, "
+            "snpd byte-compiled in a plain directory, the distribution's libraries)",
+            ready_kib, start_kib, package_points, package_errors, ", package interpreter")
 
     if args.profile_daemon:
         show_profile(args.profile_daemon)
