@@ -28,8 +28,10 @@ from .proc import DEADLINE, REPO_ROOT, Child, readline
 Policy = Literal["shipped", "permissive", "allow-all"]
 
 SHIPPED_POLICY = REPO_ROOT / "conf" / "dbus" / "org.snpd.Snpd1.conf"
-# docs/reference/stack.md §5.1, verbatim but for the comment.
-BUS_CONF_TEMPLATE = (REPO_ROOT / "conf" / "dbus" / "private-system-bus.conf.in").read_text()
+# docs/reference/stack.md §5.1, verbatim but for the comment. Read when a bus needs
+# it: the .deb build runs the unit tests from a copy of tests/ without conf/, and
+# those use only the allow-all bus.
+BUS_CONF_TEMPLATE = REPO_ROOT / "conf" / "dbus" / "private-system-bus.conf.in"
 
 # Added beside the shipped policy: "mandatory" rules apply after every other, so
 # anyone may call anything and only the daemon's own re-check stands between a
@@ -97,7 +99,8 @@ class PrivateBus:
                 system_d.mkdir()
                 for name, xml in _system_d(policy).items():
                     (system_d / name).write_text(xml, encoding="utf-8")
-                text = BUS_CONF_TEMPLATE.replace("@SOCKET@", escape(str(self.socket)))
+                text = BUS_CONF_TEMPLATE.read_text(encoding="utf-8").replace(
+                    "@SOCKET@", escape(str(self.socket)))
             conf.write_text(text, encoding="utf-8")
             self.log_path = self.directory / "dbus-daemon.log"
             with open(self.log_path, "wb") as log:
