@@ -56,6 +56,11 @@ class CertificateFormatError(InvalidArgument):
     """A certificate or CRL could not be decoded."""
 
 
+class EvidenceFormatError(InvalidArgument):
+    """Evidence around a report is malformed: an Azure HCL report, a TPM2 quote or
+    signature, or an evidence document; the message names the field."""
+
+
 class InputFileError(InvalidArgument):
     """A file the caller named is missing, unreadable or too large."""
 
