@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple, Union
 
+from snpd.abi import strictjson
 from snpd.errors import EvidenceFormatError
 
 MAX_EVIDENCE = 256 * 1024  # the real v1 document is 7 KiB; as v0 (integer arrays) about 15 KiB
@@ -117,32 +117,10 @@ def _pcrs(value: object, field: str, decode: Any) -> Tuple[bytes, ...]:
     return tuple(pcrs)
 
 
-def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    found: Dict[str, Any] = {}
-    for key, value in pairs:
-        if key in found:
-            raise _fail(repr(key), "appears twice")
-        found[key] = value
-    return found
-
-
-def _reject_constant(name: str) -> Any:
-    raise _fail(name, "is not JSON")
-
-
 def parse_azure_evidence(document: Union[bytes, str, Mapping[str, Any]]) -> AzureEvidence:
     """Parse an ``az-snp-vtpm`` evidence document (JSON text or already decoded)."""
     if isinstance(document, (bytes, bytearray, str)):
-        if len(document) > MAX_EVIDENCE:
-            raise EvidenceFormatError(f"az-snp-vtpm evidence: {len(document)} bytes, at most "
-                                      f"{MAX_EVIDENCE} allowed")
-        try:
-            decoded = json.loads(document, object_pairs_hook=_no_duplicates,
-                                 parse_constant=_reject_constant)
-        except RecursionError as exc:
-            raise EvidenceFormatError("az-snp-vtpm evidence: JSON nested too deeply") from exc
-        except ValueError as exc:  # json.JSONDecodeError, UnicodeDecodeError
-            raise EvidenceFormatError(f"az-snp-vtpm evidence is not JSON: {exc}") from exc
+        decoded = strictjson.loads(document, what="az-snp-vtpm evidence", limit=MAX_EVIDENCE)
     else:
         decoded = document
     top = _object(decoded, "the document")

@@ -21,11 +21,11 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-import json
 import re
 import struct
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional
 
+from snpd.abi import strictjson
 from snpd.errors import EvidenceFormatError
 
 HCL_SIGNATURE = b"HCLA"
@@ -73,34 +73,9 @@ class RsaJwk:
         return self.n.bit_length()
 
 
-def _reject_constant(name: str) -> Any:
-    raise EvidenceFormatError(f"HCL runtime data: {name} is not JSON")
-
-
-def _no_duplicates(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    found: Dict[str, Any] = {}
-    for key, value in pairs:
-        if key in found:
-            raise EvidenceFormatError(f"HCL runtime data: key {key!r} appears twice")
-        found[key] = value
-    return found
-
-
 def parse_runtime_json(data: bytes) -> Dict[str, Any]:
     """The runtime data as a JSON object: UTF-8, bounded, no duplicate keys, no NaN."""
-    if len(data) > MAX_RUNTIME_DATA:
-        raise EvidenceFormatError(f"HCL runtime data: {len(data)} bytes, at most "
-                                  f"{MAX_RUNTIME_DATA} allowed")
-    try:
-        text = data.decode("utf-8")
-        value = json.loads(text, object_pairs_hook=_no_duplicates,
-                           parse_constant=_reject_constant)
-    except UnicodeDecodeError as exc:
-        raise EvidenceFormatError(f"HCL runtime data is not UTF-8: {exc}") from exc
-    except RecursionError as exc:
-        raise EvidenceFormatError("HCL runtime data: JSON nested too deeply") from exc
-    except ValueError as exc:  # json.JSONDecodeError
-        raise EvidenceFormatError(f"HCL runtime data is not JSON: {exc}") from exc
+    value = strictjson.loads(data, what="HCL runtime data", limit=MAX_RUNTIME_DATA)
     if not isinstance(value, dict):
         raise EvidenceFormatError(f"HCL runtime data is a JSON {type(value).__name__}, "
                                   "not an object")
