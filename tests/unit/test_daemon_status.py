@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional
 
 import pytest
+from inprocess import emulator_config
 
 from snpd import __version__
 from snpd.config import parse_config
@@ -48,20 +49,8 @@ def run_daemon(tmp_path: Path, device: str, *, until: Callable[[List[Record]], b
     """Start a daemon (varlink only), call ``client``, wait (bounded) until ``until``
     holds for the journal records, stop it."""
     socket_path = tmp_path / "run" / "snpd.varlink"
-    config = parse_config(f"""
-[device]
-{device}
-[emulator]
-state_dir = "{tmp_path / 'emu'}"
-{emulator}
-[kds]
-cache_dir = "{tmp_path / 'cache'}"
-offline = true
-[varlink]
-socket = "{socket_path}"
-[dbus]
-enabled = false
-""")
+    config = parse_config(emulator_config(tmp_path, socket_path, device=device,
+                                          emulator=emulator))
     sink = ListSink()
     daemon = Daemon(config, config_path=None, events=Events(sink), notifier=ListNotifier(),
                     probe_file=tmp_path / "probe.json", root=root or tmp_path)
