@@ -654,9 +654,9 @@ def _over_the_wire(options: Dict[str, Any]) -> Any:
     from dbus_fast import Message
     from dbus_fast._private.unmarshaller import Unmarshaller
 
-    from snpd.dbus.service import _counts_characters
+    from snpd.dbus.service import _ESCAPE_NON_ASCII  # computed once, at import
 
-    if _counts_characters() and not all(text.isascii() for text in _strings(options)):
+    if _ESCAPE_NON_ASCII and not all(text.isascii() for text in _strings(options)):
         # dbus-fast 1.84 (Debian 12) writes such a string's length in characters: the
         # message is invalid, a bus refuses it, and 1.84's own unmarshaller may crash
         # on it (SIGSEGV). A peer with a correct marshaller sends it fine, and other
