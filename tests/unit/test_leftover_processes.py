@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, List
 
@@ -63,6 +64,18 @@ def test_stops_its_child():
     child.terminate()
     child.wait()
 """
+
+
+def _running_sleep(seconds: str) -> bool:
+    """Whether a process's command line is exactly ``sleep SECONDS``."""
+    for pid in _alive_with(seconds):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().split(b"\0")[:2] == [b"sleep", seconds.encode()]:
+                    return True
+        except OSError:
+            continue
+    return False
 
 
 def _alive_with(argument: str) -> List[int]:
@@ -165,6 +178,12 @@ def test_a_test_only_account_without_a_marker_is_reported_not_killed(arguments):
     subprocess.run(["env", "-i", "setpriv", "--reuid", "snpd-test-outsider", "--regid",
                     "snpd-test-outsider", "--clear-groups", "setsid", "-f", "sleep", seconds],
                    check=True)
+    # setsid -f returns before its child has finished exec'ing sleep (mid-exec, the
+    # kernel shows comm "sleep" and an empty command line): wait (bounded) until
+    # the process is sleep with its argument, as the report must name it.
+    deadline = time.monotonic() + 30
+    while not _running_sleep(seconds) and time.monotonic() < deadline:
+        time.sleep(0.01)
     report = check("no-such-session", before, os.getpid(), grace=0)
     assert f"sleep {seconds}  [a test-only account's" in report, report
     assert "not killed" in report and len(_alive_with(seconds)) == 1
