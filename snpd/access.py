@@ -28,6 +28,7 @@ METHODS: Mapping[str, Permission] = {
     "GetExtendedReport": Permission.REPORT,
     "GetCertificates": Permission.REPORT,
     "VerifyReport": Permission.REPORT,
+    "VerifyEvidence": Permission.REPORT,
     "GetEvidence": Permission.REPORT,
     "DeriveKey": Permission.KEYS,
     # Bound to the caller's uid and label, so the report groups' (snpd(8)).

@@ -89,6 +89,15 @@ class _Varlink:
 
 def _varlink_ops(call: Any) -> Dict[str, Any]:
     A, K, M = "org.snpd.Attestation.", "org.snpd.Keys.", "org.snpd.Manager."
+
+    def verify_options(certs: CertificateList, at: Optional[int], policy: Optional[str],
+                       product: Optional[str]) -> Dict[str, Any]:
+        return {"certificates": [{"kind": k, "data": _b64(d)} for k, d in certs] or None,
+                "at": at, "policy": policy, "product": product}
+
+    def verdict(r: Dict[str, Any]) -> Dict[str, Any]:
+        return {"valid": r["valid"], "product": r["product"], "failures": r["failures"],
+                "checks": [(c["name"], c["status"], c["detail"]) for c in r["checks"]]}
     return {
         "get_report": lambda data, vmpl: _unb64(call(
             A + "GetReport", report_data=_b64(data), vmpl=vmpl)["report"]),
@@ -97,12 +106,12 @@ def _varlink_ops(call: Any) -> Dict[str, Any]:
                 A + "GetExtendedReport", report_data=_b64(data), vmpl=vmpl)),
         "get_certificates": lambda crl: _certs_from_varlink(call(
             A + "GetCertificates", options={"crl": True} if crl else None)["certificates"]),
-        "verify": lambda report, certs, at, policy, product: (lambda r: {
-            "valid": r["valid"], "product": r["product"], "failures": r["failures"],
-            "checks": [(c["name"], c["status"], c["detail"]) for c in r["checks"]]})(call(
-                A + "VerifyReport", report=_b64(report),
-                certificates=[{"kind": k, "data": _b64(d)} for k, d in certs] or None,
-                at=at, policy=policy, product=product)),
+        "verify": lambda report, certs, at, policy, product: verdict(call(
+            A + "VerifyReport", report=_b64(report), **verify_options(
+                certs, at, policy, product))),
+        "verify_evidence": lambda fmt, evidence, nonce, certs, at, policy, product: verdict(
+            call(A + "VerifyEvidence", format=fmt, evidence=_b64(evidence), nonce=_b64(nonce),
+                 **verify_options(certs, at, policy, product))),
         "get_evidence": lambda fmt, nonce: (lambda r: (r["media_type"], _unb64(
             r["evidence"])))(call(A + "GetEvidence", format=fmt, nonce=_b64(nonce))),
         "derive_key": lambda root, fields, vmpl, svn, tcb: _unb64(call(
@@ -250,8 +259,8 @@ def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
     def vmpl_arg(vmpl: Optional[int]) -> int:
         return DEFAULT_VMPL if vmpl is None else vmpl
 
-    def verify(report: bytes, certs: CertificateList, at: Optional[int], policy: Optional[str],
-               product: Optional[str]) -> Dict[str, Any]:
+    def verify_options(certs: CertificateList, at: Optional[int], policy: Optional[str],
+                       product: Optional[str]) -> Dict[str, Any]:
         options: Dict[str, Any] = {}
         if certs:
             options["certificates"] = Variant("a(say)", [[k, d] for k, d in certs])
@@ -261,7 +270,22 @@ def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
             options["policy"] = Variant("s", policy)
         if product is not None:
             options["product"] = Variant("s", product)
-        result = dbus.call(A, "VerifyReport", "aya{sv}", [report, options])[0]
+        return options
+
+    def verify(report: bytes, certs: CertificateList, at: Optional[int], policy: Optional[str],
+               product: Optional[str]) -> Dict[str, Any]:
+        result = dbus.call(A, "VerifyReport", "aya{sv}",
+                           [report, verify_options(certs, at, policy, product)])[0]
+        return verdict(result)
+
+    def verify_evidence(fmt: str, evidence: bytes, nonce: bytes, certs: CertificateList,
+                        at: Optional[int], policy: Optional[str], product: Optional[str]
+                        ) -> Dict[str, Any]:
+        result = dbus.call(A, "VerifyEvidence", "sayaya{sv}",
+                           [fmt, evidence, nonce, verify_options(certs, at, policy, product)])[0]
+        return verdict(result)
+
+    def verdict(result: Dict[str, Any]) -> Dict[str, Any]:
         plain = {k: v.value for k, v in result.items()}
         plain["checks"] = [tuple(c) for c in plain.get("checks", [])]
         return plain
@@ -283,6 +307,7 @@ def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
             A, "GetCertificates", "a{sv}",
             [{"crl": Variant("b", True)} if crl else {}])[0]],
         "verify": verify,
+        "verify_evidence": verify_evidence,
         "get_evidence": lambda fmt, nonce: (lambda r: (r[0], bytes(r[1])))(dbus.call(
             A, "GetEvidence", "saya{sv}", [fmt, nonce, {}])),
         "derive_key": lambda root, fields, vmpl, svn, tcb: bytes(dbus.call(
@@ -379,6 +404,16 @@ class SnpdClient:
                                                      _unix_time(at), policy, product)
         return result
 
+    def verify_evidence(self, evidence: bytes, nonce: bytes, fmt: str = "az-snp-vtpm",
+                        certificates: CertificateList = (),  # type: ignore[assignment]
+                        at: Optional[datetime.datetime] = None, policy: Optional[str] = None,
+                        product: Optional[str] = None) -> Dict[str, Any]:
+        """The daemon's verdict on evidence (Azure's az-snp-vtpm) for ``nonce``."""
+        result: Dict[str, Any] = self._ops["verify_evidence"](
+            fmt, bytes(evidence), bytes(nonce), list(certificates), _unix_time(at), policy,
+            product)
+        return result
+
     def get_evidence(self, fmt: str = "trustee", nonce: bytes = b"") -> Tuple[str, bytes]:
         result: Tuple[str, bytes] = self._ops["get_evidence"](fmt, bytes(nonce))
         return result
@@ -446,6 +481,10 @@ class AsyncSnpdClient:
 
     async def verify(self, report: bytes, **kw: Any) -> Dict[str, Any]:
         result: Dict[str, Any] = await self._run("verify", report, **kw)
+        return result
+
+    async def verify_evidence(self, evidence: bytes, nonce: bytes, **kw: Any) -> Dict[str, Any]:
+        result: Dict[str, Any] = await self._run("verify_evidence", evidence, nonce, **kw)
         return result
 
     async def get_evidence(self, fmt: str = "trustee", nonce: bytes = b"") -> Tuple[str, bytes]:

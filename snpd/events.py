@@ -329,8 +329,9 @@ class Events:
         self.emit("CERT_REJECTED", "warning", f"certificates from {source} rejected: {reason}",
                   repeat_key=source, cert_source=source)
 
-    def verification_failed(self, caller: Caller, failures: Iterable[str]) -> None:
+    def verification_failed(self, caller: Caller, failures: Iterable[str], *,
+                            what: str = "report") -> None:
         names = ",".join(failures)
-        self.emit("VERIFY_FAILED", "notice", f"report from {caller.describe()} did not "
+        self.emit("VERIFY_FAILED", "notice", f"{what} from {caller.describe()} did not "
                   f"verify: {names}", repeat_key=caller.uid, failures=names,
                   **self._caller(caller))

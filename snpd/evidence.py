@@ -18,6 +18,8 @@ from snpd.errors import InvalidArgument
 
 TRUSTEE_MEDIA_TYPE = "application/vnd.snpd.trustee-snp-evidence+json"
 FORMATS = ("trustee",)
+VERIFIABLE_FORMATS = ("az-snp-vtpm",)
+"""What VerifyEvidence reads: Trustee's Azure vTPM evidence, every version (v0-v2)."""
 
 _CERT_TYPES = {"ark": "ARK", "ask": "ASK", "asvk": "ASVK", "vcek": "VCEK", "vlek": "VLEK",
                "crl": "CRL"}

@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from snpd import __version__, schema
+from snpd.abi.azure_evidence import parse_azure_evidence
+from snpd.abi.hcl import HclReport
 from snpd.abi.product import Endorser, Product
 from snpd.abi.report import AttestationReport
 from snpd.abi.tcb import TcbVersion
@@ -49,14 +51,16 @@ from snpd.errors import (
     Busy,
     CertificateFormatError,
     CertificatesUnavailable,
+    EvidenceFormatError,
     InvalidArgument,
     NotSupported,
     PermissionDenied,
     SnpdError,
 )
-from snpd.evidence import FORMATS, TRUSTEE_MEDIA_TYPE, trustee_evidence
+from snpd.evidence import FORMATS, TRUSTEE_MEDIA_TYPE, VERIFIABLE_FORMATS, trustee_evidence
 from snpd.kds.budget import KdsBudget
 from snpd.kds.cache import CertificateCache, FetchGate, NotCached, cache_only
+from snpd.trust.azure import verify_azure_evidence
 from snpd.trust.certset import CertificateSet
 from snpd.trust.result import Verdict
 from snpd.trust.verify import Verifier
@@ -74,6 +78,8 @@ MAX_REPORT = 4096
 MAX_CERTIFICATES = 64  # a chain is ark, ask or asvk, vcek or vlek, crl
 MAX_NAME = 255  # a policy's or a product's name
 """VerifyReport takes anything up to this size: a wrong size is a verdict, not an error."""
+MAX_EVIDENCE = 64 * 1024  # Azure's az-snp-vtpm evidence is about 8 KiB
+MAX_NONCE = 1024  # a verifier's challenge; Trustee's are 32 bytes (base64: 44)
 SEALING_SALT = b"snpd sealing key v2"
 DEFAULT_SEALING_FIELDS = ("measurement", "policy")
 SEALING_VMPL = 3
@@ -292,6 +298,9 @@ class ServiceAPI(Protocol):
 
     async def verify_report(self, caller: Caller, report: bytes, options: VerifyOptions
                             ) -> Verdict: ...
+
+    async def verify_evidence(self, caller: Caller, fmt: str, evidence: bytes, nonce: bytes,
+                              options: VerifyOptions) -> Verdict: ...
 
     async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
                            options: ReportOptions) -> Evidence: ...
@@ -540,49 +549,82 @@ class Service:
         """Verify any report against the pinned roots. An invalid report is a verdict
         naming every failed check, not an error; an unknown policy name is."""
         self.access.check_call(caller, "VerifyReport")
-        if not isinstance(report, (bytes, bytearray, memoryview)):
-            raise InvalidArgument("report must be bytes")
-        data = bytes(report)
-        if len(data) > MAX_REPORT:
-            raise InvalidArgument(f"report is {len(data)} bytes; at most {MAX_REPORT}")
-        policy = None
-        if options.policy is not None:
-            policy = self.policies.get(options.policy)
-            if policy is None:
-                raise InvalidArgument(f"no policy named {options.policy!r} is configured "
-                                      f"(known: {', '.join(sorted(self.policies)) or 'none'})")
-        verdict = await self._verify(caller, data, options.certificates, options.at, policy,
-                                     options.product)
+        data = _bounded_bytes(report, "report", MAX_REPORT)
+        policy = self._policy(options)
+        certs = await self._completed(caller, "VerifyReport", data, options.certificates,
+                                      options.product)
+        verdict = await self._local(lambda: self.verifier.verify(
+            data, certs, at=options.at, policy=policy, product=options.product))
         if not verdict.valid:
             self.events.verification_failed(caller, [c.name for c in verdict.failures])
         return verdict
 
-    async def _verify(self, caller: Caller, report: bytes, certs: CertificateSet,
-                      at: Optional[datetime.datetime], policy: Optional[AppraisalPolicy],
-                      product: Optional[Product]) -> Verdict:
-        """Fill gaps in the caller's certificates from the cache (or the KDS, within the
-        caller's budget: beyond it the call fails Busy), then verify."""
+    async def verify_evidence(self, caller: Caller, fmt: str, evidence: bytes, nonce: bytes,
+                              options: VerifyOptions) -> Verdict:
+        """Verify evidence in format ``fmt`` (Azure's ``az-snp-vtpm``) for ``nonce``:
+        the SNP report and chain as VerifyReport does, then what binds the report to
+        the vTPM and the quote to the nonce (snpd.trust.azure). Invalid evidence is a
+        verdict; an unknown format or policy name is an error."""
+        self.access.check_call(caller, "VerifyEvidence")
+        if fmt not in VERIFIABLE_FORMATS:
+            raise NotSupported(f"evidence format {fmt!r} cannot be verified (supported: "
+                               f"{', '.join(VERIFIABLE_FORMATS)})")
+        document = _bounded_bytes(evidence, "evidence", MAX_EVIDENCE)
+        challenge = _bounded_bytes(nonce, "nonce", MAX_NONCE)
+        policy = self._policy(options)
+        certs = options.certificates
+        parsed: Any = document
+        try:
+            parsed = parse_azure_evidence(document)
+            report = HclReport.from_bytes(parsed.hcl_report).snp_report
+        except EvidenceFormatError:
+            pass  # the verdict says exactly what is malformed
+        else:
+            certs = await self._completed(caller, "VerifyEvidence", report, certs,
+                                          options.product, leaf=parsed.vcek is not None)
+        verdict = await self._local(lambda: verify_azure_evidence(
+            parsed, certs, challenge, verifier=self.verifier, at=options.at,
+            product=options.product, policy=policy))
+        if not verdict.valid:
+            self.events.verification_failed(caller, [c.name for c in verdict.failures],
+                                            what=f"{fmt} evidence")
+        return verdict
+
+    def _policy(self, options: VerifyOptions) -> Optional[AppraisalPolicy]:
+        if options.policy is None:
+            return None
+        policy = self.policies.get(options.policy)
+        if policy is None:
+            raise InvalidArgument(f"no policy named {options.policy!r} is configured "
+                                  f"(known: {', '.join(sorted(self.policies)) or 'none'})")
+        return policy
+
+    async def _completed(self, caller: Caller, method: str, report: bytes,
+                         certs: CertificateSet, product: Optional[Product], *,
+                         leaf: bool = False) -> CertificateSet:
+        """The caller's certificates with gaps filled from the cache (or the KDS, within
+        the caller's budget: beyond it the call fails Busy). ``leaf``: the evidence
+        carries its own VCEK, so only the chain above it is looked up."""
         cache = self.cache
-        if cache is not None and len(report) == 0x4A0:
-            try:
-                parsed = AttestationReport.from_bytes(report)
-                found = parsed.cpuid_product or product
-                if found is not None:
-                    endorser = Endorser.VLEK if parsed.signing_key == 1 else Endorser.VCEK
-                    need_leaf = certs.leaf(endorser) is None and endorser is Endorser.VCEK \
-                        and not parsed.chip_id_masked
-                    chip = parsed.chip_id if need_leaf else None
-                    tcb = TcbVersion.decode(parsed.reported_tcb, found) if need_leaf else None
-                    cached = await self._lookup(caller, "VerifyReport", lambda gate: (
-                        cache.certificates(found, endorser, chip_id=chip, tcb=tcb,
-                                           gate=gate)))
-                    certs = certs.merged(cached)
-            except Busy:
-                raise  # throttled, not invalid: the caller retries later
-            except SnpdError:
-                pass  # verification then reports exactly what is missing
-        return await self._local(lambda: self.verifier.verify(report, certs, at=at,
-                                                              policy=policy, product=product))
+        if cache is None or len(report) != 0x4A0:
+            return certs
+        try:
+            parsed = AttestationReport.from_bytes(report)
+            found = parsed.cpuid_product or product
+            if found is None:
+                return certs
+            endorser = Endorser.VLEK if parsed.signing_key == 1 else Endorser.VCEK
+            need_leaf = not leaf and certs.leaf(endorser) is None \
+                and endorser is Endorser.VCEK and not parsed.chip_id_masked
+            chip = parsed.chip_id if need_leaf else None
+            tcb = TcbVersion.decode(parsed.reported_tcb, found) if need_leaf else None
+            cached = await self._lookup(caller, method, lambda gate: cache.certificates(
+                found, endorser, chip_id=chip, tcb=tcb, gate=gate))
+            return certs.merged(cached)
+        except Busy:
+            raise  # throttled, not invalid: the caller retries later
+        except SnpdError:
+            return certs  # verification then reports exactly what is missing
 
     async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
                            options: ReportOptions) -> Evidence:
@@ -661,6 +703,15 @@ class Service:
                           reported_tcb=self.reported_tcb, state=state.state,
                           state_reason=state.reason, version=__version__,
                           sev_status=sev_status, statistics=stats)
+
+
+def _bounded_bytes(value: object, what: str, limit: int) -> bytes:
+    if not isinstance(value, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"{what} must be bytes")
+    data = bytes(value)
+    if len(data) > limit:
+        raise InvalidArgument(f"{what} is {len(data)} bytes; at most {limit}")
+    return data
 
 
 def _names(fields: object) -> List[str]:

@@ -58,6 +58,7 @@ ERRORS: Dict[str, type] = {
 _METHODS = {
     "get_report": "GetReport", "get_extended_report": "GetExtendedReport",
     "get_certificates": "GetCertificates", "verify_report": "VerifyReport",
+    "verify_evidence": "VerifyEvidence",
     "get_evidence": "GetEvidence", "derive_key": "DeriveKey",
     "derive_sealing_key": "DeriveSealingKey", "refresh_certificates": "RefreshCertificates",
 }
@@ -201,6 +202,20 @@ class FakeService:
         checks += [Check.skipped(f"option:{k}", v) for k, v in sorted(given.items())
                    if v is not None]
         return Verdict(tuple(checks), product=Product.MILAN)
+
+    async def verify_evidence(self, caller: Caller, fmt: str, evidence: bytes, nonce: bytes,
+                              options: VerifyOptions) -> Verdict:
+        """Valid when the evidence is the nonce reversed; the detail shows what arrived."""
+        await self._enter("verify_evidence", caller, fmt, evidence, nonce, options)
+        if fmt != "az-snp-vtpm":
+            raise errors.NotSupported(f"evidence format {fmt!r} cannot be verified")
+        ok = evidence == nonce[::-1]
+        detail = f"format={fmt} evidence={len(evidence)} nonce={len(nonce)} " \
+                 f"policy={options.policy}"
+        # Verdict.valid needs a passed report.signature: the double signs nothing.
+        return Verdict((Check.passed("evidence", detail), Check.passed("report.signature",
+                                                                      "the double's")) if ok
+                       else (Check.failed("evidence", detail),), product=Product.MILAN)
 
     async def get_evidence(self, caller: Caller, fmt: str, nonce: bytes,
                            options: ReportOptions) -> Evidence:

@@ -304,6 +304,41 @@ def cmd_verify_attestation(args: argparse.Namespace, out: Output) -> int:
         EXIT_CHECK_FAILED)
 
 
+def cmd_verify_evidence(args: argparse.Namespace, out: Output) -> int:
+    """Azure vTPM evidence (Trustee's az-snp-vtpm, v0-v2) for the nonce in a file: the
+    SNP report and chain as ``verify attestation`` checks them, the runtime data
+    REPORT_DATA binds, and the vTPM quote over the nonce and PCRs. The certs dir needs
+    the ARK and ASK; the VCEK may come from the evidence. Exit codes as ``verify
+    attestation``."""
+    # lazy: certs dirs, the trust core and cryptography only for commands that verify
+    from snpd.certsdir import load_certs_dir
+    from snpd.service import MAX_EVIDENCE, MAX_NONCE
+    from snpd.trust.azure import verify_azure_evidence
+
+    certs = load_certs_dir(args.dir)
+    evidence = read_file(args.evidence, "evidence", MAX_EVIDENCE)
+    nonce = read_file(args.nonce_file, "nonce", MAX_NONCE)
+    policies: List[Any] = []
+    if args.policy:
+        # lazy: policies (snpd.schema: json, re, enum) only when one is given
+        from snpd.trust.appraisal import AppraisalPolicy
+
+        text = read_file(args.policy, "policy").decode("utf-8", "replace")
+        policies.append(AppraisalPolicy.from_toml(text, name=os.path.basename(args.policy)))
+    verdict = verify_azure_evidence(evidence, certs, nonce, verifier=_verifier(args),
+                                    at=args.at, product=product_arg(args.product),
+                                    policy=policies)
+    doc = verdict.to_json()
+    doc["evidence"] = args.evidence
+    import datetime  # lazy: not at module level, where every start would pay for it
+
+    doc["at"] = (args.at or datetime.datetime.now(datetime.timezone.utc)).strftime(
+        "%Y-%m-%dT%H:%M:%SZ")
+    out.json(doc)
+    render_verdict(verdict, out, f"{args.evidence} with the chain in {args.dir}")
+    return EXIT_OK if verdict.valid else EXIT_CHECK_FAILED
+
+
 # -- fetch ------------------------------------------------------------------------------
 
 
@@ -1143,6 +1178,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"expected {name[2:].replace('-', '_')}: 0x and {2 * size} hex "
                             f"digits (or the digits alone), or exactly {size} characters "
                             "(as in snpguest); a mismatch fails the verdict")
+    trust_option(p)
+    p = add(verify, "evidence", cmd_verify_evidence,
+            "verify Azure vTPM evidence (Trustee's az-snp-vtpm) for a nonce")
+    p.add_argument("dir", help="certs dir: at least ark and ask; the evidence's VCEK is used "
+                               "when the dir has none")
+    p.add_argument("evidence", help="the evidence JSON (az-snp-vtpm v0, v1 or v2)")
+    p.add_argument("--nonce-file", required=True, metavar="FILE",
+                   help="the nonce the quote must carry, as raw bytes")
+    p.add_argument("--at", type=parse_time, metavar="TIME",
+                   help="check validity at this RFC 3339 time (default now)")
+    p.add_argument("--policy", metavar="FILE",
+                   help="appraisal policy (TOML); its [pcrs] and [vm_configuration] tables "
+                        "judge the quote and the runtime data")
+    p.add_argument("-p", "--processor-model", "--product", dest="product",
+                   type=choice(*PROCESSOR_MODELS), choices=PROCESSOR_MODELS, metavar="MODEL",
+                   help="expected processor model (v2 reports do not name it)")
     trust_option(p)
     return parser
 

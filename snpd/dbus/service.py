@@ -286,9 +286,10 @@ def _certificate_options(options: Mapping[str, Any]) -> CertificateOptions:
                                               "GetCertificates"))
 
 
-def _verify_options(options: Mapping[str, Any]) -> VerifyOptions:
+def _verify_options(options: Mapping[str, Any], method: str = "VerifyReport"
+                    ) -> VerifyOptions:
     return VerifyOptions.from_plain(**check_options(decode_options(options), VERIFY_OPTIONS,
-                                                    "VerifyReport"))
+                                                    method))
 
 
 def property_value(props: Properties, field: str) -> object:
@@ -415,6 +416,7 @@ class AttestationInterface(_Interface):
         "GetExtendedReport": ("report", "certificates"),
         "GetCertificates": ("certificates",),
         "VerifyReport": ("result",),
+        "VerifyEvidence": ("result",),
         "GetEvidence": ("media_type", "evidence"),
     }
 
@@ -449,7 +451,16 @@ class AttestationInterface(_Interface):
                             ) -> Dict[str, Variant]:
         core = self._server.core
         return await self._call("VerifyReport", lambda caller: core.verify_report(
-            caller, report, _verify_options(options)), _verdict)
+            caller, report, _verify_options(options, "VerifyReport")), _verdict)
+
+    @_dbus_method("VerifyEvidence", "a{sv}", format="s", evidence="ay", nonce="ay",
+                  options="a{sv}")
+    async def verify_evidence(self, format: str, evidence: bytes, nonce: bytes,
+                              options: Mapping[str, Any]) -> Dict[str, Variant]:
+        core = self._server.core
+        return await self._call("VerifyEvidence", lambda caller: core.verify_evidence(
+            caller, format, evidence, nonce, _verify_options(options, "VerifyEvidence")),
+            _verdict)
 
     @_dbus_method("GetEvidence", "say", format="s", nonce="ay", options="a{sv}")
     async def get_evidence(self, format: str, nonce: bytes, options: Mapping[str, Any]

@@ -204,6 +204,8 @@ TCB_COMPONENTS = ("fmc", "bootloader", "tee", "snp", "microcode")
 TCB_KINDS = ("reported", "committed", "launch", "current")
 
 _U8 = 0xFF
+MAX_PCRS = 24  # the PCRs a TPM 2.0 PC-client bank has, the ones Azure evidence quotes
+PCR_SIZE = 32  # SHA-256, the bank Azure evidence quotes
 _U32 = 0xFFFF_FFFF
 _U64 = (1 << 64) - 1
 
@@ -292,6 +294,12 @@ class AppraisalPolicy:
       certificates (a string or list), merged into the digest lists above.
       With either list set, the ID key must be trusted: its digest is listed, or the
       author key is enabled and its digest is listed.
+    Azure vTPM evidence (VerifyEvidence and ``snpctl verify evidence``; a bare report
+    has neither, so these rules fail it rather than pass unchecked):
+      ``[pcrs]``        PCR index (0-23) = SHA-256 value, hex or list: the quoted PCRs
+      ``[vm_configuration]``  key = boolean or string: the runtime JSON's
+                        ``vm-configuration`` must hold each key with that value
+                        (``secure-boot = true``, ``console-enabled = false``...)
     """
 
     # Guest POLICY
@@ -345,6 +353,9 @@ class AppraisalPolicy:
     require_id_block: Optional[bool] = None
     trusted_id_key_digests: Optional[Tuple[bytes, ...]] = None
     trusted_author_key_digests: Optional[Tuple[bytes, ...]] = None
+    # Azure vTPM evidence
+    pcrs: Optional[Tuple[Tuple[int, Tuple[bytes, ...]], ...]] = None
+    vm_configuration: Optional[Tuple[Tuple[str, Union[bool, str]], ...]] = None
 
     def __post_init__(self) -> None:
         # A bare bytes value where a tuple belongs would turn "equals" into
@@ -362,6 +373,30 @@ class AppraisalPolicy:
         if self.vmpl is not None and (not isinstance(self.vmpl, tuple) or not self.vmpl or not all(
                 type(v) is int and 0 <= v <= 3 for v in self.vmpl)):
             raise ConfigError("AppraisalPolicy.vmpl: expected a non-empty tuple of integers 0..3")
+        if self.pcrs is not None and (not isinstance(self.pcrs, tuple) or not self.pcrs or not all(
+                isinstance(item, tuple) and len(item) == 2 and type(item[0]) is int
+                and 0 <= item[0] < MAX_PCRS and isinstance(item[1], tuple) and item[1]
+                and all(isinstance(v, bytes) and len(v) == PCR_SIZE for v in item[1])
+                for item in self.pcrs)):
+            raise ConfigError("AppraisalPolicy.pcrs: expected a non-empty tuple of (index 0..23, "
+                              "non-empty tuple of 32-byte values)")
+        if self.vm_configuration is not None and (
+                not isinstance(self.vm_configuration, tuple) or not self.vm_configuration
+                or not all(isinstance(item, tuple) and len(item) == 2
+                           and isinstance(item[0], str) and isinstance(item[1], (bool, str))
+                           for item in self.vm_configuration)):
+            raise ConfigError("AppraisalPolicy.vm_configuration: expected a non-empty tuple of "
+                              "(key, boolean or string)")
+
+    @property
+    def evidence_rules(self) -> bool:
+        """Whether this policy has rules only vTPM evidence can satisfy."""
+        return self.pcrs is not None or self.vm_configuration is not None
+
+    def report_rules(self) -> AppraisalPolicy:
+        """This policy without its evidence rules: what the SNP report inside Azure
+        evidence is appraised against (trust.azure appraises the rest)."""
+        return dataclasses.replace(self, pcrs=None, vm_configuration=None)
 
     # -- loading -------------------------------------------------------------
 
@@ -496,6 +531,11 @@ class AppraisalPolicy:
                       + ("" if self.require_id_block else " (not required)")))
         if self.trusted_id_key_digests is not None or self.trusted_author_key_digests is not None:
             add(self._id_key_trust(report))
+        for rule in ("pcrs", "vm_configuration"):
+            if getattr(self, rule) is not None:  # fail closed: a bare report has no vTPM
+                add(Check.failed(f"policy.{rule}", "a bare SNP report has no vTPM quote or "
+                                 "runtime data; this rule applies to Azure vTPM evidence "
+                                 "(VerifyEvidence, snpctl verify evidence)"))
         return tuple(checks)
 
     def _provisional(self, report: AttestationReport, product: Product) -> Check:
@@ -786,6 +826,35 @@ class _Reader:
             out[f"minimum_{kind}_tcb"] = TcbMinimum(**comps)
         return out
 
+    def pcrs(self, path: str, value: object) -> Tuple[Tuple[int, Tuple[bytes, ...]], ...]:
+        table = self.table(path, value)
+        if not table:
+            raise self.error(path, "no PCR given; remove the table to leave the rule unchecked")
+        out: Dict[int, Tuple[bytes, ...]] = {}
+        for key, sub in table.items():
+            kpath = f"{path}.{key}"
+            index = str(key)
+            if not index.isdigit() or not index.isascii() or int(index) >= MAX_PCRS \
+                    or index != str(int(index)):
+                raise self.error(kpath, f"a PCR index is 0..{MAX_PCRS - 1}")
+            out[int(index)] = self.hex_list(kpath, sub, PCR_SIZE)
+        return tuple(sorted(out.items()))
+
+    def vm_configuration(self, path: str, value: object
+                         ) -> Tuple[Tuple[str, Union[bool, str]], ...]:
+        table = self.table(path, value)
+        if not table:
+            raise self.error(path, "no key given; remove the table to leave the rule unchecked")
+        out: List[Tuple[str, Union[bool, str]]] = []
+        for key, sub in table.items():
+            kpath = f"{path}.{key}"
+            if not isinstance(key, str) or not 0 < len(key) <= 64:
+                raise self.error(kpath, "a vm-configuration key is 1-64 characters")
+            if not isinstance(sub, (bool, str)):
+                raise self.error(kpath, f"expected a boolean or a string, got {_type_name(sub)}")
+            out.append((key, sub))
+        return tuple(out)
+
     def pem_keys(self, path: str, value: object) -> List[bytes]:
         out = []
         for p, v in self.items(path, value):
@@ -828,6 +897,8 @@ _KEYS: Dict[str, Callable[[_Reader, str, object], object]] = {
     "require_id_block": _bool_key,
     "trusted_id_key_digests": lambda r, p, v: r.hex_list(p, v, _DIGEST_SIZE),
     "trusted_author_key_digests": lambda r, p, v: r.hex_list(p, v, _DIGEST_SIZE),
+    "pcrs": lambda r, p, v: r.pcrs(p, v),
+    "vm_configuration": lambda r, p, v: r.vm_configuration(p, v),
 }
 
 def _bound(reader: _Reader, read: Callable[[_Reader, str, object], object]) -> Kind:

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-from typing import Any, List, Mapping, Optional, Union
+import json
+from typing import Any, List, Mapping, Optional, Sequence, Tuple, Union
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -36,6 +37,7 @@ from snpd.abi.azure_evidence import AzureEvidence, parse_azure_evidence
 from snpd.abi.hcl import HclReport, RsaJwk
 from snpd.abi.product import Product
 from snpd.errors import EvidenceFormatError, InvalidArgument
+from snpd.trust.appraisal import AppraisalPolicy
 from snpd.trust.certset import CertificateSet, load_as
 from snpd.trust.result import Check, Verdict
 from snpd.trust.verify import Verifier
@@ -110,22 +112,57 @@ def _ranges(indices: List[int]) -> str:
 
 
 def expected_pcrs_check(quote: tpm.Quote, pcrs: List[bytes],
-                        expected: Mapping[int, bytes]) -> Check:
-    """``quote.pcrs``: each expected PCR is selected and has the expected value."""
-    name = "quote.pcrs"
+                        expected: Mapping[int, Sequence[bytes]], *,
+                        name: str = "quote.pcrs") -> Check:
+    """Each expected PCR is selected and has one of its allowed values (``quote.pcrs``
+    for a library caller's values, ``policy.pcrs`` for a policy's). The values are
+    the evidence's list, which ``quote.pcr_digest`` ties to the signed quote."""
     values = {index: value for (_, index), value in zip(quote.selected, pcrs)}
     problems = []
     for index in sorted(expected):
-        want = bytes(expected[index])
+        allowed = [bytes(v) for v in expected[index]]
         got = values.get(index)
         if got is None:
             problems.append(f"PCR{index} is not in the quote")
-        elif got != want:
-            problems.append(f"PCR{index} is {got.hex()}, expected {want.hex()}")
+        elif got not in allowed:
+            want = " or ".join(v.hex() for v in allowed)
+            problems.append(f"PCR{index} is {got.hex()}, expected {want}")
     if problems:
         return Check.failed(name, "; ".join(problems))
     return Check.passed(name, f"{len(expected)} PCR value(s) as expected: "
                         f"{_ranges(sorted(expected))}")
+
+
+def vm_configuration_check(hcl: HclReport,
+                           expected: Sequence[Tuple[str, Union[bool, str]]]) -> Check:
+    """``policy.vm_configuration``: the runtime JSON's ``vm-configuration`` holds each
+    expected key with exactly the expected value (a boolean is not the string "true")."""
+    name = "policy.vm_configuration"
+    have = hcl.vm_configuration
+    problems = []
+    for key, want in expected:
+        if key not in have:
+            problems.append(f"{key} is absent")
+        elif type(have[key]) is not type(want) or have[key] != want:
+            problems.append(f"{key} is {json.dumps(have[key])[:80]}, expected "
+                            f"{json.dumps(want)}")
+    if problems:
+        return Check.failed(name, "vm-configuration: " + "; ".join(problems))
+    return Check.passed(name, "vm-configuration: " + ", ".join(
+        f"{key} = {json.dumps(want)}" for key, want in expected))
+
+
+def _evidence_rules(policies: Sequence[AppraisalPolicy], quote: Optional[tpm.Quote],
+                    pcrs: List[bytes], hcl: HclReport) -> List[Check]:
+    checks: List[Check] = []
+    for each in policies:
+        if each.pcrs is not None:
+            checks.append(
+                Check.failed("policy.pcrs", "the quote could not be parsed") if quote is None
+                else expected_pcrs_check(quote, pcrs, dict(each.pcrs), name="policy.pcrs"))
+        if each.vm_configuration is not None:
+            checks.append(vm_configuration_check(hcl, each.vm_configuration))
+    return checks
 
 
 def verify_azure_evidence(
@@ -137,6 +174,7 @@ def verify_azure_evidence(
     at: Optional[datetime.datetime] = None,
     product: Optional[Product] = None,
     expected_pcrs: Optional[Mapping[int, bytes]] = None,
+    policy: Union[None, AppraisalPolicy, Sequence[AppraisalPolicy]] = None,
 ) -> Verdict:
     """Verify ``evidence`` (parsed, or the JSON document) for ``nonce``.
 
@@ -144,7 +182,9 @@ def verify_azure_evidence(
     without one (the caller's VCEK, when given, is the one used). ``verifier`` holds
     the trust roots and clock (default: AMD's roots, now); ``at`` and ``product`` are
     :meth:`Verifier.verify`'s. ``expected_pcrs`` maps PCR index to the SHA-256 value
-    it must have. Malformed evidence is a failed check (``evidence.format``,
+    it must have. ``policy`` is one appraisal policy or several: their report rules
+    judge the SNP report, their ``pcrs`` and ``vm_configuration`` rules the quote and
+    the runtime JSON. Malformed evidence is a failed check (``evidence.format``,
     ``hcl.format``, ``quote.format``), never an exception; only a caller's wrong
     argument types raise :class:`InvalidArgument`.
     """
@@ -157,6 +197,9 @@ def verify_azure_evidence(
                     or not isinstance(value, (bytes, bytearray)) or len(value) != 32):
                 raise InvalidArgument(f"expected PCR {index!r}: the index must be 0..63 and "
                                       "the value 32 bytes (SHA-256)")
+    policies: Tuple[AppraisalPolicy, ...] = (
+        () if policy is None else (policy,) if isinstance(policy, AppraisalPolicy)
+        else tuple(policy))
     verifier = verifier or Verifier()
     checks: List[Check] = []
     if isinstance(evidence, AzureEvidence):
@@ -180,7 +223,8 @@ def verify_azure_evidence(
         vcek, defect = load_as("vcek", parsed.vcek, "the evidence's VCEK")
         certs = (certs.merged(CertificateSet(vcek=vcek)) if vcek is not None  # type: ignore[arg-type]
                  else certs.with_defects([defect or "the evidence's VCEK: unusable"]))
-    inner = verifier.verify(hcl.snp_report, certs, at=at, product=product)
+    inner = verifier.verify(hcl.snp_report, certs, at=at, product=product,
+                            policy=[p.report_rules() for p in policies])
     checks.extend(inner.checks)
     report = inner.report
     if report is not None:
@@ -221,8 +265,10 @@ def verify_azure_evidence(
     elif quote is None:
         checks.append(Check.failed("quote.pcrs", "the quote could not be parsed"))
     else:
-        checks.append(expected_pcrs_check(quote, list(parsed.pcrs), expected_pcrs))
+        checks.append(expected_pcrs_check(quote, list(parsed.pcrs), {
+            index: (value,) for index, value in expected_pcrs.items()}))
     checks.append(_user_data_check(parsed.version, hcl, nonce))
+    checks.extend(_evidence_rules(policies, quote, list(parsed.pcrs), hcl))
     return Verdict(tuple(checks), report, inner.product, inner.omitted)
 
 

@@ -90,6 +90,7 @@ from snpd.service import (
 )
 from snpd.status.summary import by_interface
 from snpd.trust.certset import CertificateSet
+from snpd.trust.result import Verdict
 from snpd.varlink.protocol import (
     INT64_MAX,
     INT64_MIN,
@@ -804,6 +805,12 @@ class VarlinkServer:
 
     def _method_table(self) -> Dict[str, Method]:
         report_fields = (Field("report_data", Kind.BYTES), _VMPL, _OPTIONS)
+        verify_options = (
+            Field("certificates", Kind.CERTIFICATES, optional=True),
+            Field("at", Kind.INT, optional=True, minimum=INT64_MIN, maximum=INT64_MAX),
+            Field("policy", Kind.STRING, optional=True),
+            Field("product", Kind.STRING, optional=True),
+        )
         return {
             "org.snpd.Attestation.GetReport": Method(report_fields, self._get_report),
             "org.snpd.Attestation.GetExtendedReport": Method(report_fields,
@@ -811,12 +818,10 @@ class VarlinkServer:
             "org.snpd.Attestation.GetCertificates": Method((_OPTIONS,),
                                                            self._get_certificates),
             "org.snpd.Attestation.VerifyReport": Method((
-                Field("report", Kind.BYTES),
-                Field("certificates", Kind.CERTIFICATES, optional=True),
-                Field("at", Kind.INT, optional=True, minimum=INT64_MIN, maximum=INT64_MAX),
-                Field("policy", Kind.STRING, optional=True),
-                Field("product", Kind.STRING, optional=True),
-            ), self._verify_report),
+                Field("report", Kind.BYTES), *verify_options), self._verify_report),
+            "org.snpd.Attestation.VerifyEvidence": Method((
+                Field("format", Kind.STRING), Field("evidence", Kind.BYTES),
+                Field("nonce", Kind.BYTES), *verify_options), self._verify_evidence),
             "org.snpd.Attestation.GetEvidence": Method((
                 Field("format", Kind.STRING), Field("nonce", Kind.BYTES), _OPTIONS,
             ), self._get_evidence),
@@ -856,16 +861,12 @@ class VarlinkServer:
             caller, options))}
 
     async def _verify_report(self, caller: Caller, p: Params) -> Params:
-        options = VerifyOptions.from_plain(certificates=p["certificates"], at=p["at"],
-                                           policy=p["policy"], product=p["product"])
-        verdict = await self.service.verify_report(caller, p["report"], options)
-        return {
-            "valid": verdict.valid,
-            "product": verdict.product.value if verdict.product else "",
-            "failures": [c.name for c in verdict.failures],
-            "checks": [{"name": c.name, "status": c.status.value, "detail": c.detail}
-                       for c in verdict.checks],
-        }
+        return _verdict(await self.service.verify_report(caller, p["report"],
+                                                         _verify_options(p)))
+
+    async def _verify_evidence(self, caller: Caller, p: Params) -> Params:
+        return _verdict(await self.service.verify_evidence(
+            caller, p["format"], p["evidence"], p["nonce"], _verify_options(p)))
 
     async def _get_evidence(self, caller: Caller, p: Params) -> Params:
         evidence = await self.service.get_evidence(caller, p["format"], p["nonce"],
@@ -897,3 +898,18 @@ class VarlinkServer:
         """The shape of varlink interface 1 (by D-Bus interface name), kept for the
         clients that read it; new clients call Describe."""
         return {"properties": to_json(by_interface(vars(self.service.properties(caller))))}
+
+
+def _verify_options(p: Params) -> VerifyOptions:
+    return VerifyOptions.from_plain(certificates=p["certificates"], at=p["at"],
+                                    policy=p["policy"], product=p["product"])
+
+
+def _verdict(verdict: Verdict) -> Params:
+    return {
+        "valid": verdict.valid,
+        "product": verdict.product.value if verdict.product else "",
+        "failures": [c.name for c in verdict.failures],
+        "checks": [{"name": c.name, "status": c.status.value, "detail": c.detail}
+                   for c in verdict.checks],
+    }

@@ -59,6 +59,8 @@ def every_method() -> Dict[str, Tuple[Any, ...]]:
                               [b"nonce", DEFAULT_VMPL, {}]),
         "GetCertificates": (ATTESTATION, "GetCertificates", "a{sv}", [{}]),
         "VerifyReport": (ATTESTATION, "VerifyReport", "aya{sv}", [bytes(1184), {}]),
+        "VerifyEvidence": (ATTESTATION, "VerifyEvidence", "sayaya{sv}",
+                           ["az-snp-vtpm", b"ecnon", b"nonce", {}]),
         "GetEvidence": (ATTESTATION, "GetEvidence", "saya{sv}", ["trustee", b"nonce", {}]),
         "DeriveKey": (KEYS, "DeriveKey", "sasuuta{sv}",
                       ["vcek", ["measurement"], DEFAULT_VMPL, 0, 0, {}]),
@@ -96,7 +98,7 @@ def variant(signature: str, value: Any) -> Any:
 
 OK, BUS, DAEMON = "ok", "bus", "daemon"
 ATTESTATION_METHODS = ("GetReport", "GetExtendedReport", "GetCertificates", "VerifyReport",
-                       "GetEvidence")
+                       "VerifyEvidence", "GetEvidence")
 STRICT = {
     "snpd-test-outsider": dict.fromkeys(every_method(), BUS),
     "snpd-test-user": {**dict.fromkeys(ATTESTATION_METHODS, OK), "DeriveSealingKey": OK,
@@ -141,18 +143,20 @@ def test_root_may_call_everything(strict: Any) -> None:
     methods = every_method()
     replies = dbus_calls(strict.address, list(methods.values()))
     assert {name: outcome(r) for name, r in zip(methods, replies)} == dict.fromkeys(methods, OK)
-    assert report_facts(replies[0].value)["uid"] == 0
-    report, certs = replies[1].value
+    reply = dict(zip(methods, replies))
+    assert report_facts(reply["GetReport"].value)["uid"] == 0
+    report, certs = reply["GetExtendedReport"].value
     assert report_facts(report)["uid"] == 0
     assert [kind for kind, _der in certs] == ["ark", "ask"]
     # structs decode as tuples or lists depending on the dbus-fast version
-    assert [tuple(c) for c in replies[2].value] == [tuple(c) for c in certs]
+    assert [tuple(c) for c in reply["GetCertificates"].value] == [tuple(c) for c in certs]
     assert all(bytes(der).startswith(b"\x30\x82") for _kind, der in certs)
-    media_type, evidence = replies[4].value
+    assert reply["VerifyEvidence"].value["valid"].value is True
+    media_type, evidence = reply["GetEvidence"].value
     assert media_type == "application/json"
     assert json.loads(evidence) == {"nonce": b"nonce".hex()}
-    assert len(replies[5].value) == 32 and len(replies[6].value) == 32
-    assert replies[7].body == []
+    assert len(reply["DeriveKey"].value) == 32 and len(reply["DeriveSealingKey"].value) == 32
+    assert reply["RefreshCertificates"].body == []
 
 
 def test_the_transport_reports_who_is_calling(strict: Any) -> None:
@@ -350,6 +354,28 @@ def test_bad_input_is_invalid_argument_and_serving_goes_on(strict: Any) -> None:
     assert "65 bytes" in replies[0].text and "vmpl 7" in replies[1].text
     assert "bogus: unknown option" in replies[2].text
     assert replies[-1].ok
+
+
+def test_verify_evidence_arguments_and_result(strict: Any) -> None:
+    options = {"policy": variant("s", "azure"), "at": variant("x", 1700000000)}
+    replies = dbus_calls(strict.address, [
+        (ATTESTATION, "VerifyEvidence", "sayaya{sv}", ["az-snp-vtpm", b"ecnon", b"nonce",
+                                                        options]),
+        (ATTESTATION, "VerifyEvidence", "sayaya{sv}", ["az-snp-vtpm", b"nonce", b"nonce", {}]),
+        (ATTESTATION, "VerifyEvidence", "sayaya{sv}", ["trustee", b"", b"", {}]),
+        (ATTESTATION, "VerifyEvidence", "sayaya{sv}",
+         ["az-snp-vtpm", b"", b"", {"bogus": variant("b", True)}]),
+    ])
+    good, bad = (r.value for r in replies[:2])
+    assert {k: v.signature for k, v in good.items()} == {
+        "valid": "b", "product": "s", "failures": "as", "checks": "a(sss)"}
+    assert good["valid"].value is True and bad["valid"].value is False
+    assert [tuple(c) for c in good["checks"].value] == [
+        ("evidence", "pass", "format=az-snp-vtpm evidence=5 nonce=5 policy=azure"),
+        ("report.signature", "pass", "the double's")]
+    assert bad["failures"].value == ["evidence"]
+    assert replies[2].error == DBUS_PREFIX + "NotSupported"
+    assert replies[3].error == INVALID_ARGUMENT and "VerifyEvidence options" in replies[3].text
 
 
 def test_calls_outside_the_contract_get_standard_errors(strict: Any) -> None:

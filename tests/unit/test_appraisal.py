@@ -614,3 +614,56 @@ def test_measurement_hex_round_trip(value: bytes, prefix: bool, upper: bool) -> 
     text = value.hex().upper() if upper else value.hex()
     p = pol(measurement=("0x" if prefix else "") + text)
     assert p.measurement == (value,)
+
+
+# -- Azure vTPM evidence rules -------------------------------------------------
+
+
+def test_evidence_rules_parse() -> None:
+    a, b, c = "aa" * 32, "bb" * 32, "CC" * 32
+    policy = AppraisalPolicy.from_toml(
+        f'[pcrs]\n0 = "{a}"\n7 = ["{b}", "0x{c}"]\n'
+        '[vm_configuration]\nsecure-boot = true\nvmUniqueId = "26F8"\n')
+    assert policy.pcrs == ((0, (b"\xaa" * 32,)), (7, (b"\xbb" * 32, b"\xcc" * 32)))
+    assert policy.vm_configuration == (("secure-boot", True), ("vmUniqueId", "26F8"))
+    assert policy.evidence_rules
+    assert not policy.report_rules().evidence_rules
+    assert policy.report_rules() == AppraisalPolicy()
+
+
+@pytest.mark.parametrize("text, match", [
+    ('[pcrs]\n24 = "%s"' % ("00" * 32), r"pcrs\.24: a PCR index is 0\.\.23"),
+    ('[pcrs]\n07 = "%s"' % ("00" * 32), r"pcrs\.07: a PCR index is 0\.\.23"),
+    ('[pcrs]\n"-1" = "%s"' % ("00" * 32), r"pcrs\.-1: a PCR index is 0\.\.23"),
+    ('[pcrs]\n0 = "%s"' % ("00" * 48), r"pcrs\.0: expected 64 hex digits, got 96"),
+    ('[pcrs]\n0 = []', r"pcrs\.0: an empty list would reject every report"),
+    ("[pcrs]", "pcrs: no PCR given"),
+    ("pcrs = 3", "pcrs: expected a table, got integer"),
+    ("[vm_configuration]", "vm_configuration: no key given"),
+    ("[vm_configuration]\nsecure-boot = 1", r"vm_configuration\.secure-boot: expected a "
+                                            "boolean or a string, got integer"),
+    ('[vm_configuration]\n"" = true', r"vm_configuration\.: a vm-configuration key is 1-64"),
+])
+def test_evidence_rules_reject(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        AppraisalPolicy.from_toml(text)
+
+
+def test_evidence_rules_checked_in_the_constructor() -> None:
+    with pytest.raises(ConfigError, match="AppraisalPolicy.pcrs"):
+        AppraisalPolicy(pcrs=((24, (bytes(32),)),))
+    with pytest.raises(ConfigError, match="AppraisalPolicy.pcrs"):
+        AppraisalPolicy(pcrs=((0, bytes(32)),))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="AppraisalPolicy.vm_configuration"):
+        AppraisalPolicy(vm_configuration=(("secure-boot", 1),))  # type: ignore[arg-type]
+
+
+@needs_vectors
+def test_evidence_rules_fail_a_bare_report() -> None:
+    """A bare report has no quote or runtime data: an evidence rule fails it rather
+    than pass unchecked, so a policy written for Azure never waves a report through."""
+    policy = pol(vm_configuration={"secure-boot": True}, pcrs={"0": "00" * 32})
+    checks = appraise(policy, sorted(PRODUCTS)[0])
+    assert {name: c.status for name, c in checks.items()} == {
+        "policy.pcrs": Status.FAIL, "policy.vm_configuration": Status.FAIL}
+    assert "Azure vTPM evidence" in checks["policy.pcrs"].detail

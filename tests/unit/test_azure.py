@@ -20,6 +20,7 @@ import snpd
 from snpd.abi import hcl, tpm
 from snpd.abi.azure_evidence import MAX_EVIDENCE, AzureEvidence, parse_azure_evidence
 from snpd.errors import EvidenceFormatError, InvalidArgument
+from snpd.trust.appraisal import AppraisalPolicy
 from snpd.trust.azure import verify_azure_evidence
 from snpd.trust.certset import CertificateSet
 from snpd.trust.result import Status
@@ -481,3 +482,28 @@ def test_real_hcl_report_facts(vectors_dir: Path,
     assert quote.selected == tuple((tpm.TPM_ALG_SHA256, i) for i in range(24))
     assert len(evidence.quote_signature) == 256
     assert not tpm.Signature.looks_like(evidence.quote_signature)
+
+
+def test_policy_evidence_rules_on_synthetic_evidence() -> None:
+    """A policy's [pcrs] (any of the listed values) and [vm_configuration] (exact value
+    and type) judge the quote's PCRs and the runtime JSON."""
+    pcrs = pcr_values()
+    good = AppraisalPolicy(pcrs=((0, (bytes(32), pcrs[0])), (23, (pcrs[23],))),
+                           vm_configuration=(("secure-boot", True), ("console-enabled", False)))
+    verdict = verify_azure_evidence(synthetic(), CertificateSet(), b"nonce", policy=good)
+    assert status(verdict, "policy.pcrs") is Status.PASS
+    assert status(verdict, "policy.vm_configuration") is Status.PASS
+    bad = AppraisalPolicy(pcrs=((7, (bytes(32),)),),
+                          vm_configuration=(("secure-boot", "true"), ("tpm-persisted", True)))
+    verdict = verify_azure_evidence(synthetic(), CertificateSet(), b"nonce", policy=[bad])
+    assert "PCR7 is" in verdict.check("policy.pcrs").detail  # type: ignore[union-attr]
+    detail = verdict.check("policy.vm_configuration").detail  # type: ignore[union-attr]
+    assert detail == ('vm-configuration: secure-boot is true, expected "true"; '
+                      "tpm-persisted is absent")
+    # A runtime JSON without vm-configuration fails the rule; so does an unparsable quote.
+    bare = synthetic(runtime=runtime_json(**{"vm-configuration": None}))
+    verdict = verify_azure_evidence(bare, CertificateSet(), b"nonce", policy=good)
+    assert status(verdict, "policy.vm_configuration") is Status.FAIL
+    broken = dataclasses.replace(synthetic(), quote_message=b"junk")
+    verdict = verify_azure_evidence(broken, CertificateSet(), b"nonce", policy=good)
+    assert verdict.check("policy.pcrs").detail == "the quote could not be parsed"  # type: ignore[union-attr]

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import datetime
 import math
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Dict, List, Mapping, Optional, Tuple, TypeVar
 
 import pytest
@@ -41,8 +42,11 @@ from snpd.service import (
     VerifyOptions,
     check_options,
 )
+from snpd.trust.appraisal import AppraisalPolicy
 from snpd.trust.certset import CertificateSet
+from snpd.trust.result import Status, Verdict
 from snpd.trust.verify import Verifier
+from snpd.trust.x509 import load_certificate
 
 REPORT_GID, KEY_GID = 4242, 4343
 ROOT = Caller(uid=0, transport="test")
@@ -60,6 +64,7 @@ WHO_MAY = {
     "GetExtendedReport": {"root", "report group"},
     "GetCertificates": {"root", "report group"},
     "VerifyReport": {"root", "report group"},
+    "VerifyEvidence": {"root", "report group"},
     "GetEvidence": {"root", "report group"},
     "DeriveKey": {"root", "key group"},
     "DeriveSealingKey": {"root", "report group"},
@@ -130,7 +135,8 @@ class Setup:
 
 
 def make(platform: Platform, *, cache: bool = False, guest_vmpl: int = 1,
-         product_hint: Optional[Product] = None) -> Setup:
+         product_hint: Optional[Product] = None, verifier: Optional[Verifier] = None,
+         policies: Optional[Mapping[str, AppraisalPolicy]] = None) -> Setup:
     broker = FakeBroker(platform.report())
     fake_cache = FakeCache(platform) if cache else None
     sink = Sink()
@@ -138,7 +144,8 @@ def make(platform: Platform, *, cache: bool = False, guest_vmpl: int = 1,
                       access=Access(report_gids=frozenset({REPORT_GID}),
                                     key_gids=frozenset({KEY_GID})),
                       events=Events(sink), cache=fake_cache,  # type: ignore[arg-type]
-                      verifier=Verifier(platform.roots), guest_vmpl=guest_vmpl,
+                      verifier=verifier or Verifier(platform.roots), guest_vmpl=guest_vmpl,
+                      policies=policies,
                       backend="test", product_hint=product_hint,
                       product_hint_source="cpuid" if product_hint else "",
                       request_timeout=30.0, clock=lambda: NOW)
@@ -160,6 +167,8 @@ def call(service: Service, method: str, caller: Caller, report: bytes) -> Any:
         "GetExtendedReport": lambda: service.get_extended_report(caller, b"n", None, none),
         "GetCertificates": lambda: service.get_certificates(caller, CertificateOptions()),
         "VerifyReport": lambda: service.verify_report(caller, report, VerifyOptions()),
+        "VerifyEvidence": lambda: service.verify_evidence(caller, "az-snp-vtpm", b"{}", b"n",
+                                                          VerifyOptions()),
         "GetEvidence": lambda: service.get_evidence(caller, "trustee", b"n", none),
         "DeriveKey": lambda: service.derive_key(caller, KeyRequest("vcek", ("measurement",)),
                                                 none),
@@ -356,6 +365,54 @@ def test_verify_report_rules(milan: Platform) -> None:
                                                          tzinfo=datetime.timezone.utc))))
     assert good.valid and good.product is Product.MILAN
     assert setup.broker.submitted == []  # verification spends no firmware request
+
+
+def test_verify_evidence_rules(milan: Platform, vectors_dir: Path) -> None:
+    """VerifyEvidence: typed errors for a wrong format, size or policy name; a verdict
+    for anything else, the real Azure evidence valid under AMD's roots, and a policy's
+    evidence rules judged on it."""
+    case = vectors_dir / "azure" / "evidence-v1"
+    document = (case / "evidence.json").read_bytes()
+    chain = CertificateSet(ark=load_certificate((case / "ark.pem").read_bytes()),
+                           ask=load_certificate((case / "ask.pem").read_bytes()))
+    policies = {
+        "azure": AppraisalPolicy.from_toml(
+            '[vm_configuration]\nsecure-boot = true\ntpm-enabled = true\n'),
+        "no-console": AppraisalPolicy.from_toml('[vm_configuration]\nconsole-enabled = false\n'),
+    }
+    setup = make(milan, verifier=Verifier(), policies=policies)
+    service = setup.service
+
+    def verify(evidence: bytes = document, nonce: bytes = b"challenge",
+               fmt: str = "az-snp-vtpm", **options: Any) -> Verdict:
+        return run(lambda: service.verify_evidence(
+            REPORTER, fmt, evidence, nonce, VerifyOptions(certificates=chain, **options)))
+
+    with pytest.raises(NotSupported, match="^evidence format 'trustee' cannot be verified "
+                                           r"\(supported: az-snp-vtpm\)$"):
+        verify(fmt="trustee")
+    with pytest.raises(InvalidArgument, match="^evidence is 65537 bytes; at most 65536$"):
+        verify(evidence=bytes(65537))
+    with pytest.raises(InvalidArgument, match="^nonce is 1025 bytes; at most 1024$"):
+        verify(nonce=bytes(1025))
+    with pytest.raises(InvalidArgument, match="^no policy named 'strict' is configured "
+                                              r"\(known: azure, no-console\)$"):
+        verify(policy="strict")
+    garbage = verify(evidence=b"[1]")
+    assert [c.name for c in garbage.failures] == ["evidence.format"]
+    good = verify()
+    assert good.valid and good.product is Product.MILAN, good.to_json()
+    assert [c.name for c in verify(nonce=b"challengf").failures] == ["quote.nonce"]
+    judged = verify(policy="azure")
+    assert judged.valid and any(c.name == "policy.vm_configuration" and c.status is Status.PASS
+                                for c in judged.checks)
+    refused = verify(policy="no-console")
+    assert [c.name for c in refused.failures] == ["policy.vm_configuration"]
+    assert "console-enabled is true, expected false" in refused.failures[0].detail
+    assert setup.broker.submitted == []  # verification spends no firmware request
+    failed = [r for r in setup.sink.records if r.get("SNPD_EVENT") == "VERIFY_FAILED"]
+    assert failed and all(r["MESSAGE"].startswith("az-snp-vtpm evidence from uid 1000 ")
+                          for r in failed), setup.sink.records
 
 
 def test_evidence_format(milan: Platform) -> None:

@@ -2,31 +2,24 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Tuple
+from typing import Any, Callable, Iterator
 
 import pytest
 from emuplatform import NOW, Platform  # type: ignore[import-not-found]
+from snpctlrun import run, run_json  # type: ignore[import-not-found]
 
 from snpd.abi.product import Endorser, Product
 from snpd.abi.report import parse_report
 from snpd.abi.tcb import TcbVersion
-from snpd.cli import snpctl
 from snpd.emulator.kds_server import Fault, KdsServer
 from snpd.emulator.pki import make_crl
 from snpd.kds import urls
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def run(*argv: str) -> Tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    code = snpctl.main([str(a) for a in argv], stdout=out, stderr=err)
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture
@@ -249,3 +242,58 @@ def test_a_daemon_answered_command_imports_only_what_its_budget_affords() -> Non
     heavy = {"typing", "shutil", "bz2", "lzma", "fnmatch", "asyncio", "socket", "ssl",
              "dataclasses", "cryptography", "dbus_fast", "requests", "pathlib", "datetime"}
     assert loaded & heavy == set()
+
+
+# -- verify evidence (Azure vTPM) ------------------------------------------------------------
+
+
+def test_verify_evidence_shared_azure_cases(vectors_dir: Path, tmp_path: Path) -> None:
+    """Every shared Azure case gives its verdict and its exit code; a certs dir with
+    only the ARK and ASK is enough (the VCEK comes from the evidence)."""
+    cases = json.loads((vectors_dir / "azure" / "cases.json").read_text(encoding="utf-8"))
+    chain = tmp_path / "chain"
+    chain.mkdir()
+    for name in ("ark.pem", "ask.pem"):
+        (chain / name).write_bytes((vectors_dir / "azure" / "evidence-v1" / name).read_bytes())
+    for case in cases:
+        d = vectors_dir / case["dir"]
+        nonce = tmp_path / f"{case['id']}.nonce"
+        nonce.write_bytes(case["nonce_utf8"].encode())
+        code, doc = run_json("verify", "evidence", chain, d / "evidence.json",
+                             "--nonce-file", nonce)
+        assert (code, doc["valid"]) == ((0, True) if case["expect"] == "valid" else
+                                        (1, False)), (case["id"], doc["failures"])
+        assert doc["product"] == case["product"]
+        code, out, _ = run("verify", "evidence", chain, d / "evidence.json",
+                           "--nonce-file", nonce)
+        last = out.splitlines()[-1]
+        assert last.startswith("VALID: " if case["expect"] == "valid" else "INVALID: "), last
+
+
+def test_verify_evidence_policy_and_bad_input(vectors_dir: Path, tmp_path: Path) -> None:
+    d = vectors_dir / "azure" / "evidence-v1"
+    nonce = tmp_path / "nonce"
+    nonce.write_bytes(b"challenge")
+    evidence = d / "evidence.json"
+    policy = tmp_path / "azure.toml"
+    policy.write_text("[vm_configuration]\nsecure-boot = true\nconsole-enabled = false\n")
+    code, doc = run_json("verify", "evidence", d, evidence, "--nonce-file", nonce,
+                         "--policy", policy)
+    assert code == 1 and doc["failures"] == ["policy.vm_configuration"]
+    policy.write_text("[vm_configuration]\nsecure-boot = true\n[pcrs]\n0 = \"%s\"\n"
+                      % ("00" * 32))
+    code, doc = run_json("verify", "evidence", d, evidence, "--nonce-file", nonce,
+                         "--policy", policy)
+    assert code == 1 and doc["failures"] == ["policy.pcrs"]
+    policy.write_text("[vm_configuraton]\nsecure-boot = true\n")  # a typo is an error
+    code, out, err = run("verify", "evidence", d, evidence, "--nonce-file", nonce,
+                         "--policy", policy)
+    assert code == 2 and "vm_configuraton" in err
+    garbage = tmp_path / "garbage.json"
+    garbage.write_bytes(b"\xff\x00")
+    code, doc = run_json("verify", "evidence", d, garbage, "--nonce-file", nonce)
+    assert code == 1 and doc["failures"] == ["evidence.format"]
+    code, out, err = run("verify", "evidence", d, evidence)
+    assert code == 2 and "--nonce-file" in err
+    code, out, err = run("verify", "evidence", d, evidence, "--nonce-file", tmp_path / "none")
+    assert code == 2 and "nonce" in err

@@ -385,6 +385,20 @@ def test_verify_report(client: VarlinkClient, h: Harness) -> None:
     assert empty == b"" and none == VerifyOptions()
 
 
+def test_verify_evidence(client: VarlinkClient, h: Harness) -> None:
+    out = client.call("org.snpd.Attestation.VerifyEvidence", {
+        "format": "az-snp-vtpm", "evidence": b64(b"ecnon"), "nonce": b64(b"nonce"),
+        "policy": "azure", "product": "Milan"})
+    assert out == {"valid": True, "product": "Milan", "failures": [], "checks": [
+        {"name": "evidence", "status": "pass",
+         "detail": "format=az-snp-vtpm evidence=5 nonce=5 policy=azure"},
+        {"name": "report.signature", "status": "pass", "detail": "the double's"}]}
+    [(name, (fmt, evidence, nonce, options))] = h.service.calls
+    assert (name, fmt, evidence, nonce) == ("verify_evidence", "az-snp-vtpm", b"ecnon",
+                                            b"nonce")
+    assert options == VerifyOptions(policy="azure", product=Product.MILAN)
+
+
 def test_get_evidence(client: VarlinkClient, h: Harness) -> None:
     out = client.call("org.snpd.Attestation.GetEvidence",
                       {"format": "trustee", "nonce": b64(b"\xab")})
