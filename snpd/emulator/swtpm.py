@@ -6,14 +6,17 @@ the next accepted when it leaves), no control channel (``not-need-init`` powers 
 TPM on without CMD_INIT). The TPM still wants TPM2_Startup from its first client.
 
 The child is always reaped: :meth:`SwtpmProcess.stop` (and leaving the ``with``) sends
-SIGTERM, waits a bounded time, then SIGKILLs; a start that fails stops what it began.
+SIGTERM, waits a bounded time, then SIGKILLs; a start that fails stops what it began;
+and the child gets SIGTERM if its parent dies first (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -26,6 +29,20 @@ from snpd.errors import DeviceUnavailable
 SWTPM = "swtpm"
 SOCKET_NAME = "swtpm.sock"
 LOG_NAME = "swtpm.log"
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _death_signal() -> Optional[Callable[[], None]]:
+    """A pre-exec hook giving the child SIGTERM when the thread that started it dies, so
+    a SIGKILLed snpd-emu or test run leaves no swtpm behind (Linux; None elsewhere).
+    Resolved in the parent: the forked child must not import or load anything."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class SwtpmProcess:
@@ -78,7 +95,7 @@ class SwtpmProcess:
         try:
             self._process = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, close_fds=True)
+                stderr=subprocess.DEVNULL, close_fds=True, preexec_fn=_death_signal())
         except OSError as exc:
             raise DeviceUnavailable(f"cannot start {self.binary}: {exc}") from exc
         try:
