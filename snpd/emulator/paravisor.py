@@ -13,7 +13,8 @@ the new report.
 Faults, for the tests' fault matrix: :meth:`Paravisor.fail_busy` answers the next N
 commands TPM_RC_RETRY; :meth:`Paravisor.remove_hcl_index` undefines 0x01400001;
 :meth:`Paravisor.serve_malformed` writes a broken HCL report (garbage, or a
-variable_data_size past the end), and keeps doing so on refreshes until cleared.
+variable_data_size past the end), and keeps doing so on refreshes;
+:meth:`Paravisor.clear_faults` undoes them all.
 
 The TPM is any channel with ``transact(command) -> response`` (swtpm through
 :class:`snpd.emulator.swtpm.SocketChannel`); commands are serialized on it, clients may
@@ -37,7 +38,7 @@ from snpd.abi import hcl
 from snpd.abi import tpm2_commands as tc
 from snpd.emulator import hcl as emuhcl
 from snpd.emulator.firmware import Firmware
-from snpd.emulator.swtpm import FrameError, read_frame
+from snpd.emulator.swtpm import FrameError, read_frame, remove_stale_socket
 from snpd.errors import SnpdError, TpmError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ class Provisioned:
 
     ak_n: int
     ak_e: int
-    vm_configuration: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    vm_configuration: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
     hcl_size: int = HCL_NV_SIZE
 
 
@@ -215,6 +216,16 @@ class Paravisor:
                          HCL_ATTRIBUTES)
             self._refresh_locked(force=True)
 
+    def clear_faults(self) -> None:
+        """Undo every fault: no more busy answers, and a good HCL report at a (re)defined
+        0x01400001 over the current user data."""
+        with self._lock:
+            self._busy = 0
+            self._malformed = None
+            define_index(self.upstream, tc.AZURE_HCL_REPORT_INDEX, self.provisioned.hcl_size,
+                         HCL_ATTRIBUTES)
+            self._refresh_locked(force=True)
+
     def refresh(self) -> bytes:
         """Rebuild the HCL report from NV 0x01400002 now; the blob written."""
         with self._lock:
@@ -273,8 +284,7 @@ class Paravisor:
     def start(self) -> Paravisor:
         if self._listener is not None:
             raise RuntimeError("the paravisor is already serving")
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        remove_stale_socket(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             old = os.umask(0o177)
@@ -350,8 +360,7 @@ class Paravisor:
                 thread.join(timeout)
         listener.close()
         self._threads = []
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        remove_stale_socket(self.socket_path)
 
     def __enter__(self) -> Paravisor:
         return self.start() if self._listener is None else self

@@ -12,12 +12,12 @@ and the child gets SIGTERM if its parent dies first (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -90,8 +90,7 @@ class SwtpmProcess:
         if self._process is not None:
             raise RuntimeError("swtpm is already running")
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()  # a dead child's socket would refuse connections
+        remove_stale_socket(self.socket_path)  # a dead child's would refuse connections
         try:
             self._process = subprocess.Popen(
                 self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -135,8 +134,7 @@ class SwtpmProcess:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        with contextlib.suppress(FileNotFoundError):
-            self.socket_path.unlink()
+        remove_stale_socket(self.socket_path)
         return process.returncode
 
     def __enter__(self) -> SwtpmProcess:
@@ -144,6 +142,16 @@ class SwtpmProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def remove_stale_socket(path: Path) -> None:
+    """Remove ``path`` if it is a socket (a server's leftover); anything else there is
+    someone's file, and binding over it fails with a clear error instead."""
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            path.unlink()
+    except FileNotFoundError:
+        pass
 
 
 MAX_FRAME = 8192  # swtpm's commands and responses are at most 4096 bytes (TPM_PT_MAX_*_SIZE)

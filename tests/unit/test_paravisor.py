@@ -238,7 +238,7 @@ def test_a_missing_hcl_index_is_a_typed_error(vtpm: Vtpm) -> None:
             with pytest.raises(DeviceUnavailable):
                 t.nv_public(tc.AZURE_HCL_REPORT_INDEX)
     finally:
-        vtpm.paravisor.serve_malformed(None)
+        vtpm.paravisor.clear_faults()
     with vtpm.tpm() as t:
         assert read_hcl(t).user_data == bytes(64)
 
@@ -255,7 +255,7 @@ def test_a_malformed_hcl_blob_is_a_format_error(vtpm: Vtpm, kind: str) -> None:
             with pytest.raises(EvidenceFormatError):
                 read_hcl(t)
     finally:
-        vtpm.paravisor.serve_malformed(None)
+        vtpm.paravisor.clear_faults()
     with vtpm.tpm() as t:
         assert read_hcl(t).user_data == b"\x01" * 64
 
@@ -290,6 +290,16 @@ def test_a_client_sending_garbage_is_dropped_and_others_are_served(vtpm: Vtpm,
     finally:
         slow.close()
         bad.close()
+
+
+@needs_swtpm
+def test_the_proxy_never_binds_over_a_file(vtpm: Vtpm, tmp_path: Path) -> None:
+    path = tmp_path / "not-a-socket"
+    path.write_text("keep me")
+    other = Paravisor(vtpm.paravisor.upstream, vtpm.paravisor.firmware, vtpm.provisioned, path)
+    with pytest.raises(OSError):
+        other.start()
+    assert path.read_text() == "keep me"
 
 
 # -- snpd-emu vtpm -----------------------------------------------------------------------
