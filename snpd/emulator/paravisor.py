@@ -287,11 +287,11 @@ class Paravisor:
         remove_stale_socket(self.socket_path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old = os.umask(0o177)
-            try:
-                listener.bind(os.fspath(self.socket_path))
-            finally:
-                os.umask(old)
+            listener.bind(os.fspath(self.socket_path))
+            # connect() needs write permission: under any umask that leaves group and
+            # others without it nobody else could connect before this; no process-wide
+            # umask change, which would race other threads creating files
+            os.chmod(self.socket_path, 0o600)
             listener.listen(16)
         except BaseException:
             listener.close()
