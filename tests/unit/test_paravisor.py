@@ -164,6 +164,7 @@ def evidence(t: Tpm, vcek: bytes, nonce: bytes, version: int = 1) -> str:
 
 @needs_swtpm
 def test_provisioned_indices_and_ak(vtpm: Vtpm) -> None:
+    assert vtpm.paravisor.socket_path.stat().st_mode & 0o777 == 0o600
     with vtpm.tpm() as t:
         public = t.nv_public(tc.AZURE_HCL_REPORT_INDEX)
         assert public.data_size == HCL_NV_SIZE
