@@ -28,13 +28,13 @@ from snpd.abi.tpm import (
     MAX_QUOTE,
     MAX_SIGNATURE,
     TPM_ALG_RSAPSS,
-    TPM_ALG_RSASSA,
     TPM_ALG_SHA1,
-    TPM_ALG_SHA256,
     TPM_ALG_SHA384,
     TPM_ALG_SHA512,
     Reader,
 )
+from snpd.abi.tpm import TPM_ALG_RSASSA as TPM_ALG_RSASSA  # re-exported: one module to use
+from snpd.abi.tpm import TPM_ALG_SHA256 as TPM_ALG_SHA256
 from snpd.errors import EvidenceFormatError, TpmCommandFormatError, TpmError
 
 T = TypeVar("T")
