@@ -154,6 +154,44 @@ class DeviceError(SnpdError):
         self.vmm_error = vmm_error
 
 
+# TPM 2.0 warnings that mean "send the same command again" (Part 2, TPM_RC): RETRY,
+# YIELDED, TESTING (self-test still running), NV_RATE (NV write rate limit).
+_TPM_RC_RETRYABLE = (0x922, 0x908, 0x90A, 0x920)
+_TPM_RC_HANDLE = 0x08B
+
+
+class TpmError(DeviceError):
+    """A TPM 2.0 command answered a response code other than TPM_RC_SUCCESS. ``rc`` is
+    the raw code and ``command`` the command's name; the message, built by
+    :func:`snpd.abi.tpm2_commands.tpm_error`, decodes the code for a human."""
+
+    def __init__(self, message: str, *, rc: int, command: str = "") -> None:
+        super().__init__(message)
+        self.rc = rc
+        self.command = command
+
+    @property
+    def code(self) -> int:
+        """The code without a format-one error's parameter, handle or session number."""
+        return 0x080 | (self.rc & 0x03F) if self.rc & 0x080 else self.rc
+
+    @property
+    def retryable(self) -> bool:
+        """A warning after which the same command may succeed (TPM_RC_RETRY and kin)."""
+        return self.rc in _TPM_RC_RETRYABLE
+
+    @property
+    def handle_missing(self) -> bool:
+        """TPM_RC_HANDLE: a handle names nothing (an undefined NV index, an empty
+        persistent handle)."""
+        return self.code == _TPM_RC_HANDLE
+
+
+class TpmCommandFormatError(InvalidArgument):
+    """A TPM command's bytes are malformed (an emulator reading what a guest sent);
+    the message names the field."""
+
+
 class VmpckBadMessage(VmpckLost, DeviceError):
     """EBADMSG: a firmware response failed authentication and the kernel wiped the
     VMPCK. Travels as ``DeviceError`` and carries errno like any device error."""

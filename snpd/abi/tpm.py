@@ -36,8 +36,9 @@ MAX_SIGNATURE = 1024  # an RSA-8192 signature; vTPM AKs are RSA-2048
 MAX_QUOTE = 1024
 
 
-class _Reader:
-    """A bounds-checked big-endian cursor over ``data``; ``what`` prefixes errors."""
+class Reader:
+    """A bounds-checked big-endian cursor over ``data``; ``what`` prefixes errors.
+    Shared with :mod:`snpd.abi.tpm2_commands`, which reads whole TPM responses."""
 
     def __init__(self, data: bytes, what: str) -> None:
         self.data = data
@@ -75,6 +76,10 @@ class _Reader:
             raise EvidenceFormatError(f"{self.what}: {field} is {size} bytes, at most {limit} "
                                       "allowed")
         return self.take(size, field)
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.offset
 
     def end(self) -> None:
         extra = len(self.data) - self.offset
@@ -117,7 +122,7 @@ class Quote:
         what = "TPM quote (TPMS_ATTEST)"
         if len(data) > MAX_QUOTE:
             raise EvidenceFormatError(f"{what}: {len(data)} bytes, at most {MAX_QUOTE} allowed")
-        r = _Reader(bytes(data), what)
+        r = Reader(bytes(data), what)
         magic = r.u32("magic")
         if magic != TPM_GENERATED_VALUE:
             raise EvidenceFormatError(f"{what}: magic is 0x{magic:08x}, not TPM_GENERATED_VALUE "
@@ -175,7 +180,7 @@ class Signature:
         if len(data) > MAX_SIGNATURE + 6:
             raise EvidenceFormatError(f"{what}: {len(data)} bytes, at most {MAX_SIGNATURE + 6} "
                                       "allowed")
-        r = _Reader(bytes(data), what)
+        r = Reader(bytes(data), what)
         alg = r.u16("sigAlg")
         if alg not in (TPM_ALG_RSASSA, TPM_ALG_RSAPSS):
             raise EvidenceFormatError(f"{what}: sigAlg is 0x{alg:04x}, not RSASSA (0x0014) or "

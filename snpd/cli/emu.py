@@ -1,8 +1,10 @@
 """snpd-emu: the emulator's tools. ``init`` creates or shows an emulator state
-directory; ``kds`` serves its certificates like AMD's KDS on 127.0.0.1.
+directory; ``kds`` serves its certificates like AMD's KDS on 127.0.0.1; ``vtpm``
+serves an Azure-style vTPM (swtpm behind the emulated paravisor) on a unix socket.
 
     snpd-emu kds --port 8080 --emulator-dir /var/lib/snpd/emulator \\
         --fault status=429,retry_after=1,count=2
+    snpd-emu vtpm --socket /run/snpd-vtpm.sock
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from pathlib import Path
 from typing import Optional, Sequence, TextIO
 
 from snpd.device.select import EMULATOR_TOML, default_emulator_dir, read_emulator_config
+from snpd.emulator.firmware import Firmware
 from snpd.emulator.kds import kds_store
 from snpd.emulator.kds_faults import parse_fault
 from snpd.emulator.kds_server import KdsServer
+from snpd.emulator.paravisor import Paravisor, provision
 from snpd.emulator.state import EmulatorState
+from snpd.emulator.swtpm import SocketChannel, SwtpmProcess
 from snpd.errors import SnpdError
 from snpd.files import atomic_write
 
@@ -64,6 +69,25 @@ def cmd_kds(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def cmd_vtpm(args: argparse.Namespace, out: TextIO) -> int:
+    """swtpm as a child, provisioned as an Azure vTPM, behind the paravisor's socket,
+    until SIGTERM or SIGINT; swtpm is stopped and reaped on every way out."""
+    state = _state(args)
+    swtpm_dir = Path(args.swtpm_state) if args.swtpm_state else state.state_dir / "vtpm"
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    firmware = Firmware(state)
+    with SwtpmProcess(swtpm_dir) as swtpm, SocketChannel(swtpm.socket_path) as upstream:
+        provisioned = provision(upstream, firmware)
+        with Paravisor(upstream, firmware, provisioned, Path(args.socket)) as paravisor:
+            print(f"emulated Azure vTPM at unix:{paravisor.socket_path} (swtpm pid "
+                  f"{swtpm.pid}, state {swtpm_dir}; emulator {state.state_dir})",
+                  file=out, flush=True)
+            stop.wait()
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
          stderr: TextIO = sys.stderr) -> int:
     parser = argparse.ArgumentParser(prog="snpd-emu", description=__doc__.splitlines()[0])
@@ -80,6 +104,13 @@ def main(argv: Optional[Sequence[str]] = None, *, stdout: TextIO = sys.stdout,
                         "hang[=S] | truncate | latency=S (count=all for every request)")
     p.add_argument("--url-file", metavar="FILE", help="write the server's URL here once up")
     p.set_defaults(func=cmd_kds)
+    p = sub.add_parser("vtpm", help="serve an Azure-style vTPM: swtpm behind the emulated "
+                                    "paravisor (HCL report at NV 0x01400001)")
+    p.add_argument("--socket", required=True, metavar="PATH",
+                   help="the unix socket to serve raw TPM commands on")
+    p.add_argument("--swtpm-state", metavar="DIR",
+                   help="swtpm's state directory (default: vtpm/ in the emulator directory)")
+    p.set_defaults(func=cmd_vtpm)
     for sp in sub.choices.values():
         sp.add_argument("--emulator-dir", metavar="DIR", default=argparse.SUPPRESS)
     try:

@@ -1,12 +1,15 @@
 """Session fixtures: one emulated platform per product (see emuplatform.py), and the
-check that no process a test started outlives the session (see tests/leftovers.py)."""
+check that no process a test started outlives the session (see tests/leftovers.py);
+``swtpm``, a private real TPM 2.0 per test (see tests/harness/swtpm.py)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+import os
+from typing import Any, Dict, Iterator
 
 import pytest
 from emuplatform import Platform, make_platform  # type: ignore[import-not-found]
+from harness import swtpm as swtpm_harness  # type: ignore[import-not-found]
 from leftovers import no_leftover_processes  # type: ignore[import-not-found]  # noqa: F401
 
 from snpd.abi.product import Product
@@ -41,3 +44,16 @@ def turin() -> Platform:
     if Product.TURIN not in _PLATFORMS:
         _PLATFORMS[Product.TURIN] = make_platform(Product.TURIN)
     return _PLATFORMS[Product.TURIN]
+
+
+@pytest.fixture
+def swtpm() -> Iterator[Any]:
+    """A fresh swtpm on a unix socket (``.spec`` for snpd.device.tpm.open_tpm), stopped
+    and reaped after the test. Without swtpm installed the test is skipped, or fails
+    under CI, where scripts/test installs it."""
+    if not swtpm_harness.available():
+        if os.environ.get("CI"):
+            pytest.fail("swtpm is not installed (scripts/test installs it)")
+        pytest.skip("swtpm is not installed (apt-get install swtpm)")
+    with swtpm_harness.Swtpm() as tpm:
+        yield tpm
