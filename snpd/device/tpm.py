@@ -211,13 +211,16 @@ class Tpm:
         """TPM2_Startup(CLEAR); a TPM that is already started is fine."""
         self._call(tc.startup(), tc.parse_startup)
 
+    def tpm_property(self, prop: int) -> Optional[int]:
+        """A TPM_PT_* value (TPM2_GetCapability), or None when the TPM does not say."""
+        return self._call(tc.get_tpm_property(prop),
+                          lambda response: tc.parse_get_tpm_property(response, prop))
+
     def nv_buffer_max(self) -> int:
         """The most bytes one NV_Read or NV_Write moves (TPM_PT_NV_BUFFER_MAX)."""
         if self._nv_buffer is None:
-            prop = tc.TPM_PT_NV_BUFFER_MAX
             try:
-                value = self._call(tc.get_tpm_property(prop),
-                                   lambda r: tc.parse_get_tpm_property(r, prop))
+                value = self.tpm_property(tc.TPM_PT_NV_BUFFER_MAX)
             except TpmError:
                 value = None
             self._nv_buffer = min(value or tc.MAX_NV_BUFFER, tc.MAX_NV_BUFFER)
