@@ -309,6 +309,21 @@ def test_v0_document_rejects(edit: Any, match: str) -> None:
         parse_azure_evidence(doc)
 
 
+def test_v0_vcek_whitespace_is_linear() -> None:
+    """Found while extending the fuzz suite: the v0 ``vcek`` PEM pattern had ``\\s*`` on
+    both sides of a body that may hold whitespace, so a BEGIN line followed by a long
+    run of spaces backtracked cubically (800 spaces took 0.15 s; the 128 KiB a field
+    may hold, hours). Such a value is now refused in one pass."""
+    doc = v0_document(dataclasses.replace(synthetic(), vcek=b"\x30\x00"))
+    for tail in ("", "\n-----END CERTIFICATE", "=\n"):
+        doc["vcek"] = "-----BEGIN CERTIFICATE-----" + " " * 120_000 + tail
+        with pytest.raises(EvidenceFormatError, match="not one PEM CERTIFICATE block"):
+            parse_azure_evidence(doc)
+    doc["vcek"] = ("  -----BEGIN CERTIFICATE-----" + " " * 60_000 + "MAA=" + "\n" * 60_000
+                   + "-----END CERTIFICATE-----  ")
+    assert parse_azure_evidence(doc).vcek == b"\x30\x00"
+
+
 def test_document_bounds_and_json() -> None:
     with pytest.raises(EvidenceFormatError, match="at most 262144"):
         parse_azure_evidence(b" " * (MAX_EVIDENCE + 1))
