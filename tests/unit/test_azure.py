@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import snpd
-from snpd.abi import hcl, tpm
+from snpd.abi import hcl, strictjson, tpm
 from snpd.abi.azure_evidence import MAX_EVIDENCE, AzureEvidence, parse_azure_evidence
 from snpd.errors import EvidenceFormatError, InvalidArgument
 from snpd.trust.azure import verify_azure_evidence
@@ -335,6 +335,21 @@ def test_document_bounds_and_json() -> None:
         parse_azure_evidence(b"[]")
     with pytest.raises(EvidenceFormatError, match="Infinity is not JSON"):
         parse_azure_evidence(b'{"version": Infinity}')
+
+
+def test_an_overflowing_number_is_not_infinity() -> None:
+    """Found by the fuzzer: 1e400 is a JSON number that float() makes Infinity, which
+    strict JSON promises never to return; it is refused like the Infinity literal."""
+    for text in (b"1e400", b"-1e400", b"[0.5, 1E+999]"):
+        with pytest.raises(EvidenceFormatError, match="is out of range"):
+            strictjson.loads(text, what="t", limit=100)
+    with pytest.raises(EvidenceFormatError, match="the number 1e400 is out of range"):
+        parse_azure_evidence(b'{"version": 1e400}')
+    with pytest.raises(EvidenceFormatError, match="HCL runtime data: the number -1e999"):
+        hcl.HclReport.from_bytes(hcl_blob(runtime_json(**{"vm-configuration": 0.0})
+                                          .replace(b"0.0", b"-1e999")))
+    assert strictjson.loads(b"[1e308, -0.0, 5e-324, 1e-400]", what="t", limit=100) == [
+        1e308, -0.0, 5e-324, 0.0]
 
 
 # -- verification on synthetic evidence (the quote checks; the SNP report is zeros) ----
