@@ -9,6 +9,7 @@ starts with what was being read.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, Dict, List, NoReturn, Tuple, Union
 
 from snpd.errors import EvidenceFormatError
@@ -31,10 +32,16 @@ def loads(data: Union[bytes, bytearray, str], *, what: str, limit: int) -> Any:
     def reject_constant(name: str) -> NoReturn:
         raise EvidenceFormatError(f"{what}: {name} is not JSON")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):  # 1e400: Infinity by another name
+            raise EvidenceFormatError(f"{what}: the number {number[:40]} is out of range")
+        return value
+
     try:
         text = data if isinstance(data, str) else bytes(data).decode("utf-8")
         return json.loads(text, object_pairs_hook=no_duplicates,
-                          parse_constant=reject_constant)
+                          parse_constant=reject_constant, parse_float=finite)
     except UnicodeDecodeError as exc:
         raise EvidenceFormatError(f"{what} is not UTF-8: {exc}") from exc
     except RecursionError as exc:

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import snpd
-from snpd.abi import hcl, tpm
+from snpd.abi import hcl, strictjson, tpm
 from snpd.abi.azure_evidence import MAX_EVIDENCE, AzureEvidence, parse_azure_evidence
 from snpd.errors import EvidenceFormatError, InvalidArgument
 from snpd.trust.appraisal import AppraisalPolicy
@@ -310,6 +310,21 @@ def test_v0_document_rejects(edit: Any, match: str) -> None:
         parse_azure_evidence(doc)
 
 
+def test_v0_vcek_whitespace_is_linear() -> None:
+    """Found while extending the fuzz suite: the v0 ``vcek`` PEM pattern had ``\\s*`` on
+    both sides of a body that may hold whitespace, so a BEGIN line followed by a long
+    run of spaces backtracked cubically (800 spaces took 0.15 s; the 128 KiB a field
+    may hold, hours). Such a value is now refused in one pass."""
+    doc = v0_document(dataclasses.replace(synthetic(), vcek=b"\x30\x00"))
+    for tail in ("", "\n-----END CERTIFICATE", "=\n"):
+        doc["vcek"] = "-----BEGIN CERTIFICATE-----" + " " * 120_000 + tail
+        with pytest.raises(EvidenceFormatError, match="not one PEM CERTIFICATE block"):
+            parse_azure_evidence(doc)
+    doc["vcek"] = ("  -----BEGIN CERTIFICATE-----" + " " * 60_000 + "MAA=" + "\n" * 60_000
+                   + "-----END CERTIFICATE-----  ")
+    assert parse_azure_evidence(doc).vcek == b"\x30\x00"
+
+
 def test_document_bounds_and_json() -> None:
     with pytest.raises(EvidenceFormatError, match="at most 262144"):
         parse_azure_evidence(b" " * (MAX_EVIDENCE + 1))
@@ -321,6 +336,21 @@ def test_document_bounds_and_json() -> None:
         parse_azure_evidence(b"[]")
     with pytest.raises(EvidenceFormatError, match="Infinity is not JSON"):
         parse_azure_evidence(b'{"version": Infinity}')
+
+
+def test_an_overflowing_number_is_not_infinity() -> None:
+    """Found by the fuzzer: 1e400 is a JSON number that float() makes Infinity, which
+    strict JSON promises never to return; it is refused like the Infinity literal."""
+    for text in (b"1e400", b"-1e400", b"[0.5, 1E+999]"):
+        with pytest.raises(EvidenceFormatError, match="is out of range"):
+            strictjson.loads(text, what="t", limit=100)
+    with pytest.raises(EvidenceFormatError, match="the number 1e400 is out of range"):
+        parse_azure_evidence(b'{"version": 1e400}')
+    with pytest.raises(EvidenceFormatError, match="HCL runtime data: the number -1e999"):
+        hcl.HclReport.from_bytes(hcl_blob(runtime_json(**{"vm-configuration": 0.0})
+                                          .replace(b"0.0", b"-1e999")))
+    assert strictjson.loads(b"[1e308, -0.0, 5e-324, 1e-400]", what="t", limit=100) == [
+        1e308, -0.0, 5e-324, 0.0]
 
 
 # -- verification on synthetic evidence (the quote checks; the SNP report is zeros) ----

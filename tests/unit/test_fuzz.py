@@ -14,18 +14,29 @@ Profiles (registered here, applied per test so other modules keep their settings
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
+import struct
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from emuplatform import NOW, Platform  # type: ignore[import-not-found]
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from vectors import vectors_path  # type: ignore[import-not-found]
 
+import snpd
+from snpd.abi import hcl, strictjson, tpm
+from snpd.abi.azure_evidence import AzureEvidence, parse_azure_evidence
 from snpd.abi.certtable import (
     ARK_GUID,
     ASK_GUID,
@@ -49,6 +60,7 @@ from snpd.errors import (
     CertificateFormatError,
     CertTableError,
     ConfigError,
+    EvidenceFormatError,
     InvalidArgument,
     ReportFormatError,
     SnpdError,
@@ -68,8 +80,11 @@ from snpd.service import (
 )
 from snpd.status.kernel_log import parse_kernel_log
 from snpd.trust.appraisal import AppraisalPolicy
+from snpd.trust.azure import quote_signature_check, verify_azure_evidence
 from snpd.trust.certset import CertificateSet
+from snpd.trust.result import Status, Verdict
 from snpd.trust.vek import VekExtensions
+from snpd.trust.verify import Verifier
 from snpd.trust.x509 import (
     Certificate,
     Crl,
@@ -866,10 +881,570 @@ def test_fuzz_appraisal_from_toml(text: str) -> None:
     _only((ConfigError,), AppraisalPolicy.from_toml, text, name="fuzz")
 
 
+# -- Azure vTPM evidence: HCL report, TPM quote and signature, evidence documents ----------
+
+AK_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+AK_NUMBERS = AK_KEY.public_key().public_numbers()
+AZURE_NONCE = b"fuzz-nonce"
+_PCRS = tuple(hashlib.sha256(bytes([i])).digest() for i in range(24))
+
+
+def _b64url_int(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def _runtime_doc() -> Dict[str, Any]:
+    """The runtime JSON as the HCL writes it; user-data starts with the nonce (v2)."""
+    return {"keys": [{"kid": "HCLAkPub", "key_ops": ["sign"], "kty": "RSA",
+                      "e": _b64url_int(AK_NUMBERS.e), "n": _b64url_int(AK_NUMBERS.n)}],
+            "vm-configuration": {"console-enabled": False, "secure-boot": True,
+                                 "tpm-enabled": True},
+            "user-data": AZURE_NONCE.ljust(64, b"\0").hex()}
+
+
+def _hcl_blob(runtime: bytes, snp: Optional[bytes] = None, *, var_size: Optional[int] = None,
+              report_type: int = hcl.REPORT_TYPE_SNP, hash_type: int = hcl.HASH_TYPE_SHA256,
+              pad: int = 16) -> bytes:
+    """An HCL report around ``snp`` (default: zeros binding ``runtime``)."""
+    if snp is None:
+        snp = bytes(0x50) + hashlib.sha256(runtime).digest() + bytes(1184 - 0x70)
+    size = len(runtime) if var_size is None else var_size
+    header = b"HCLA" + struct.pack("<7I", 1, hcl.RUNTIME_DATA_OFFSET + len(runtime), 2, 0, 0,
+                                   0, 0)
+    request = struct.pack("<5I", 20 + len(runtime), 1, report_type, hash_type, size)
+    return header + snp + request + runtime + bytes(pad)
+
+
+def _tpm2b(data: bytes) -> bytes:
+    return struct.pack(">H", len(data)) + data
+
+
+def _marshal_quote(signer: bytes, extra: bytes, clock: Tuple[int, int, int, int],
+                   firmware: int, count: int, selections: Sequence[Tuple[int, bytes]],
+                   digest: bytes) -> bytes:
+    """A TPMS_ATTEST quote from its fields (``count`` may disagree with ``selections``)."""
+    return (struct.pack(">IH", tpm.TPM_GENERATED_VALUE, tpm.TPM_ST_ATTEST_QUOTE)
+            + _tpm2b(signer) + _tpm2b(extra) + struct.pack(">QIIB", *clock)
+            + struct.pack(">QI", firmware, count)
+            + b"".join(struct.pack(">HB", alg, len(bitmap)) + bitmap
+                       for alg, bitmap in selections)
+            + _tpm2b(digest))
+
+
+def _remarshal(quote: tpm.Quote) -> bytes:
+    """A parsed quote marshalled again from its fields (the parser's inverse)."""
+    selections = []
+    for s in quote.pcr_selections:
+        bitmap = bytearray(s.size_of_select)
+        for pcr in s.pcrs:
+            bitmap[pcr // 8] |= 1 << (pcr % 8)
+        selections.append((s.hash_alg, bytes(bitmap)))
+    return _marshal_quote(quote.qualified_signer, quote.extra_data,
+                          (quote.clock, quote.reset_count, quote.restart_count,
+                           int(quote.safe)), quote.firmware_version,
+                          len(quote.pcr_selections), selections, quote.pcr_digest)
+
+
+def _synthetic_quote(nonce: bytes = AZURE_NONCE) -> bytes:
+    return _marshal_quote(b"\x00\x0b" + bytes(32), nonce, (123456, 2, 3, 1), 0x2021, 1,
+                          [(tpm.TPM_ALG_SHA256, b"\xff\xff\xff")],
+                          hashlib.sha256(b"".join(_PCRS)).digest())
+
+
+def _sign(message: bytes) -> bytes:
+    return AK_KEY.sign(message, padding.PKCS1v15(), hashes.SHA256())
+
+
+RUNTIME = json.dumps(_runtime_doc()).encode()
+QUOTE = _synthetic_quote()
+QUOTE_SIGNATURE = _sign(QUOTE)
+SYNTHETIC = AzureEvidence(version=1, hcl_report=_hcl_blob(RUNTIME), quote_message=QUOTE,
+                          quote_signature=QUOTE_SIGNATURE, pcrs=_PCRS, vcek=b"\x30\x00")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode()
+
+
+def _pem_text(der: bytes) -> str:
+    body = base64.encodebytes(der).decode()
+    return f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n"
+
+
+def evidence_document(evidence: AzureEvidence, version: int) -> Dict[str, Any]:
+    """Trustee's document for ``evidence`` in form v0, v1 or v2."""
+    if version == 0:
+        doc: Dict[str, Any] = {"quote": {"signature": list(evidence.quote_signature),
+                                         "message": list(evidence.quote_message),
+                                         "pcrs": [list(p) for p in evidence.pcrs]},
+                               "report": list(evidence.hcl_report)}
+        if evidence.vcek is not None:
+            doc["vcek"] = _pem_text(evidence.vcek)
+        return doc
+    doc = {"version": version, "hcl_report": _b64(evidence.hcl_report),
+           "tpm_quote": {"signature": evidence.quote_signature.hex(),
+                         "message": evidence.quote_message.hex(),
+                         "pcrs": [p.hex() for p in evidence.pcrs]}}
+    if evidence.vcek is not None:
+        doc["vcek"] = _b64(evidence.vcek)
+    return doc
+
+
+# The real Azure evidence, when the vectors are there: extra seeds only. Every Azure
+# target runs on the synthetic material above without them.
+AZURE_REAL: List[Tuple[bytes, Path, bytes]] = []  # (evidence.json, its folder, nonce)
+if VECTORS is not None and (VECTORS / "azure" / "cases.json").is_file():
+    for case in json.loads((VECTORS / "azure" / "cases.json").read_text()):
+        if case["expect"] == "valid":
+            folder = VECTORS / case["dir"]
+            AZURE_REAL.append(((folder / "evidence.json").read_bytes(), folder,
+                               case["nonce_utf8"].encode()))
+AZURE_REAL_PARSED = [parse_azure_evidence(doc) for doc, _, _ in AZURE_REAL]
+HCL_SEEDS = [SYNTHETIC.hcl_report, *(e.hcl_report for e in AZURE_REAL_PARSED)]
+QUOTE_SEEDS = [QUOTE, *(e.quote_message for e in AZURE_REAL_PARSED)]
+_FRAMED = struct.pack(">HHH", tpm.TPM_ALG_RSASSA, tpm.TPM_ALG_SHA256, len(QUOTE_SIGNATURE))
+SIGNATURE_SEEDS = [QUOTE_SIGNATURE, _FRAMED + QUOTE_SIGNATURE,
+                   *(e.quote_signature for e in AZURE_REAL_PARSED)]
+EVIDENCE_SEEDS = [json.dumps(evidence_document(SYNTHETIC, v)).encode() for v in (0, 1, 2)]
+EVIDENCE_SEEDS += [doc for doc, _, _ in AZURE_REAL]
+
+# Strict JSON values (no NaN, no Infinity, integers JSON round-trips everywhere).
+STRICT_JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
+              st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=20)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12)
+_B64URL_TEXT = st.text("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/ ",
+                       max_size=40)
+_JWK_VALUES = st.one_of(
+    STRICT_JSON, _B64URL_TEXT,
+    st.sampled_from(["AQAB", "", "A", "AQ+B", "AQAB=", "HCLAkPub", "RSA", "EC",
+                     _b64url_int(AK_NUMBERS.n), _b64url_int(AK_NUMBERS.n ^ 1),  # even
+                     _b64url_int(AK_NUMBERS.n >> 1), _b64url_int((1 << 16385) - 1),
+                     _b64url_int(1 << 16383), _b64url_int(65536), _b64url_int(3),
+                     _b64url_int(AK_NUMBERS.n + 2)]),
+    st.integers(0, 1 << 2100).map(_b64url_int),
+    st.binary(max_size=300).map(lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()))
+_JWKS = st.dictionaries(st.sampled_from(["kid", "kty", "n", "e", "key_ops", "x"]), _JWK_VALUES,
+                        max_size=5).map(lambda d: {"kid": "HCLAkPub", **d})
+
+
+@st.composite
+def runtime_data(draw: st.DrawFn) -> bytes:
+    """Runtime JSON: valid, with keys and members replaced by random values, any JSON
+    value, random text, or mutated bytes."""
+    kind = draw(st.sampled_from(["valid", "edited", "edited", "json", "text", "mutated"]))
+    doc: Dict[str, Any] = _runtime_doc()
+    if kind == "edited":
+        for _ in range(draw(st.integers(1, 4))):
+            where = draw(st.sampled_from(["top", "ak", "keys"]))
+            if where == "top":
+                member = draw(st.sampled_from(["keys", "vm-configuration", "user-data", "x"]))
+                if draw(st.booleans()):
+                    doc[member] = draw(_JWK_VALUES)
+                else:
+                    doc.pop(member, None)
+            elif where == "ak" and isinstance(doc.get("keys"), list) and doc["keys"]:
+                ak = doc["keys"][0]
+                if isinstance(ak, dict):
+                    ak[draw(st.sampled_from(["kid", "kty", "n", "e", "x"]))] = draw(_JWK_VALUES)
+            else:
+                doc["keys"] = draw(st.lists(st.one_of(_JWKS, _JWK_VALUES), max_size=3))
+    elif kind == "json":
+        return json.dumps(draw(STRICT_JSON)).encode()
+    elif kind == "text":
+        return draw(st.text(max_size=200)).encode("utf-8", "surrogatepass")
+    elif kind == "mutated":
+        return draw(mutated([RUNTIME]))
+    return json.dumps(doc).encode()
+
+
+@st.composite
+def hcl_blobs(draw: st.DrawFn) -> bytes:
+    """An HCL report around random runtime data, with random variable_data_size,
+    report and hash types and padding; sometimes mutated further."""
+    runtime = draw(runtime_data())
+    var_size = draw(st.one_of(
+        st.just(len(runtime)), st.integers(0, len(runtime) + 8),
+        st.sampled_from([0, hcl.MAX_RUNTIME_DATA, hcl.MAX_RUNTIME_DATA + 1, 0xFFFFFFFF]),
+        st.integers(0, 0xFFFFFFFF)))
+    blob = _hcl_blob(runtime, var_size=var_size,
+                     report_type=draw(st.sampled_from([2, 2, 2, 4, 0, 0xFFFFFFFF])),
+                     hash_type=draw(st.sampled_from([1, 1, 1, 2, 0])),
+                     pad=draw(st.integers(0, 64)))
+    return draw(mutated([blob])) if draw(st.booleans()) else blob
+
+
+@fuzz
+@given(data=st.one_of(st.binary(max_size=2048), mutated(HCL_SEEDS), hcl_blobs()))
+def test_fuzz_hcl_report(data: bytes) -> None:
+    """HclReport.from_bytes: EvidenceFormatError only; what parses has the SNP report's
+    1184 bytes, exactly variable_data_size bytes of runtime data (a JSON object), and
+    an AK of 2048..16384 bits with a usable exponent."""
+    _count("hcl_report")
+    report = _only((EvidenceFormatError,), hcl.HclReport.from_bytes, data)
+    event("refused" if report is None else "parsed")
+    if report is None:
+        return
+    (var_size,) = struct.unpack_from("<I", data, hcl.RUNTIME_DATA_OFFSET - 4)
+    assert data[:4] == hcl.HCL_SIGNATURE
+    assert report.snp_report == data[hcl.SNP_REPORT_OFFSET:hcl.SNP_REPORT_OFFSET + 1184]
+    assert len(report.snp_report) == hcl.SNP_REPORT_SIZE
+    assert len(report.runtime_data) == var_size
+    assert report.runtime_data == data[hcl.RUNTIME_DATA_OFFSET:hcl.RUNTIME_DATA_OFFSET
+                                       + var_size]
+    assert (report.report_type, report.hash_type) == (hcl.REPORT_TYPE_SNP,
+                                                      hcl.HASH_TYPE_SHA256)
+    assert isinstance(report.runtime, dict)
+    assert hcl.MIN_RSA_BITS <= report.ak.bits <= hcl.MAX_RSA_BITS
+    assert 3 <= report.ak.e < report.ak.n and report.ak.e % 2 == 1
+    assert isinstance(report.vm_configuration, dict)
+    _only((EvidenceFormatError,), lambda: report.user_data)
+
+
+@fuzz
+@given(data=st.one_of(runtime_data(), st.binary(max_size=300)),
+       runtime=st.one_of(st.dictionaries(st.sampled_from(["keys", "x"]), st.one_of(
+           st.lists(st.one_of(_JWKS, _JWK_VALUES), max_size=3), _JWK_VALUES), max_size=2),
+           st.dictionaries(st.one_of(st.text(max_size=4), st.integers()), STRICT_JSON,
+                           max_size=3)))
+def test_fuzz_hcl_runtime(data: bytes, runtime: Dict[Any, Any]) -> None:
+    """parse_runtime_json on any bytes and find_ak on any mapping: EvidenceFormatError
+    only; parse_runtime_json gives an object, find_ak a key of 2048..16384 bits."""
+    _count("hcl_runtime")
+    parsed = _only((EvidenceFormatError,), hcl.parse_runtime_json, data)
+    for value in (parsed, runtime):
+        if value is None:
+            continue
+        assert isinstance(value, dict)
+        ak = _only((EvidenceFormatError,), hcl.find_ak, value)
+        if ak is not None:
+            assert ak.kid == hcl.AK_KID and hcl.MIN_RSA_BITS <= ak.bits <= hcl.MAX_RSA_BITS
+
+
+_HASH_ALGS = st.sampled_from([tpm.TPM_ALG_SHA1, tpm.TPM_ALG_SHA256, tpm.TPM_ALG_SHA384,
+                              tpm.TPM_ALG_SHA512, 0x0000, 0x9999])
+
+
+@st.composite
+def tpm_quotes(draw: st.DrawFn) -> bytes:
+    """A TPMS_ATTEST quote field by field, sizes and counts at and past their bounds."""
+    selections = draw(st.lists(st.tuples(_HASH_ALGS, st.binary(max_size=6)), max_size=17))
+    count = draw(st.one_of(st.just(len(selections)), st.sampled_from([0, 16, 17, 0xFFFFFFFF])))
+    message = _marshal_quote(
+        draw(st.binary(max_size=70)), draw(st.binary(max_size=70)),
+        (draw(st.integers(0, (1 << 64) - 1)), draw(st.integers(0, 0xFFFFFFFF)),
+         draw(st.integers(0, 0xFFFFFFFF)), draw(st.sampled_from([0, 1, 2, 255]))),
+        draw(st.integers(0, (1 << 64) - 1)), count, selections, draw(st.binary(max_size=70)))
+    return draw(mutated([message])) if draw(st.booleans()) else message
+
+
+@fuzz
+@given(data=st.one_of(st.binary(max_size=1100), mutated(QUOTE_SEEDS), tpm_quotes()))
+def test_fuzz_tpm_quote(data: bytes) -> None:
+    """Quote.from_bytes: EvidenceFormatError only; a quote that parses marshals back
+    to exactly its bytes, within every bound."""
+    _count("tpm_quote")
+    quote = _only((EvidenceFormatError,), tpm.Quote.from_bytes, data)
+    event("refused" if quote is None else "parsed")
+    if quote is None:
+        return
+    assert quote.raw == data and _remarshal(quote) == data
+    assert len(data) <= tpm.MAX_QUOTE and len(quote.extra_data) <= tpm.MAX_EXTRA_DATA
+    assert len(quote.pcr_selections) <= tpm.MAX_SELECTIONS
+    for s in quote.pcr_selections:
+        assert s.size_of_select <= tpm.MAX_PCR_SELECT and all(p < 8 * s.size_of_select
+                                                              for p in s.pcrs)
+
+
+@st.composite
+def tpm_signatures(draw: st.DrawFn) -> bytes:
+    """A TPMT_SIGNATURE with any scheme, hash and size field around a value."""
+    value = draw(st.one_of(st.binary(max_size=300), st.sampled_from([QUOTE_SIGNATURE,
+                                                                     bytes(1025)])))
+    size = draw(st.one_of(st.just(len(value)), st.integers(0, 0xFFFF)))
+    return struct.pack(">HHH", draw(st.one_of(st.sampled_from(
+        [tpm.TPM_ALG_RSASSA, tpm.TPM_ALG_RSAPSS, 0x0018]), st.integers(0, 0xFFFF))),
+        draw(_HASH_ALGS), size) + value
+
+
+@fuzz
+@given(data=st.one_of(st.binary(max_size=1100), mutated(SIGNATURE_SEEDS), tpm_signatures()))
+def test_fuzz_tpm_signature(data: bytes) -> None:
+    """Signature.looks_like never raises; Signature.from_bytes: EvidenceFormatError only,
+    and it accepts what looks_like says is framed unless the value is empty or too
+    long; quote.signature is a Check, a pass only for the AK's signature."""
+    _count("tpm_signature")
+    looks = tpm.Signature.looks_like(data)
+    sig = _only((EvidenceFormatError,), tpm.Signature.from_bytes, data)
+    event("refused" if sig is None else "parsed")
+    if sig is not None:
+        assert looks and sig.signature and sig.scheme in ("RSASSA", "RSAPSS")
+        assert struct.pack(">HHH", sig.sig_alg, sig.hash_alg, len(sig.signature)) \
+            + sig.signature == data
+    elif looks:
+        assert len(data) == 6 or len(data) - 6 > tpm.MAX_SIGNATURE
+    ak = hcl.RsaJwk(hcl.AK_KID, AK_NUMBERS.n, AK_NUMBERS.e)
+    check = quote_signature_check(QUOTE, data, ak)
+    assert check.status in (Status.PASS, Status.FAIL)
+    if check.status is Status.PASS:
+        assert data[-len(QUOTE_SIGNATURE):] == QUOTE_SIGNATURE
+
+
+# Where each member of a document sits, and how its bytes are written there.
+_V1_FIELDS = {("version",): None, ("hcl_report",): "b64", ("vcek",): "b64",
+              ("tpm_quote",): None, ("tpm_quote", "signature"): "hex",
+              ("tpm_quote", "message"): "hex", ("tpm_quote", "pcrs"): None,
+              ("tpm_quote", "pcrs", 0): "hex", ("tpm_quote", "pcrs", 23): "hex",
+              ("x",): None}
+_V0_FIELDS = {("report",): "ints", ("vcek",): "pem", ("quote",): None,
+              ("quote", "signature"): "ints", ("quote", "message"): "ints",
+              ("quote", "pcrs"): None, ("quote", "pcrs", 0): "ints",
+              ("quote", "pcrs", 23): "ints", ("version",): None, ("tpm_quote",): None}
+_DOC_VALUES = st.one_of(
+    STRICT_JSON, _B64URL_TEXT, st.text("0123456789abcdefABCDEFx", max_size=70),
+    st.lists(st.integers(-1, 256), max_size=40),
+    st.lists(st.one_of(st.integers(0, 255), st.booleans(), st.floats(0, 255)), max_size=8),
+    st.lists(st.sampled_from(["00" * 32, "00" * 31, "zz" * 32, "0" * 64]), max_size=70),
+    st.sampled_from([0, 1, 2, 3, -1, True, 1.0, "1", "", "=", "A", "AA==", "AAA=", "MA=x",
+                     "-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----",
+                     "-----BEGIN CERTIFICATE-----" + " " * 3000,
+                     "-----BEGIN CERTIFICATE-----\nMAA=\n-----END CERTIFICATE-----\n" * 2,
+                     "-----BEGIN CERTIFICATE-----\n\u00a0MAA=\n-----END CERTIFICATE-----"]))
+
+
+def _encode(data: bytes, how: str, draw: st.DrawFn) -> Any:
+    if how == "hex":
+        return data.hex()
+    if how == "ints":
+        return list(data)
+    if how == "pem":
+        return _pem_text(data)
+    text = _b64(data)
+    return text.rstrip("=") if draw(st.booleans()) else text
+
+
+def _decode(value: Any, how: str) -> Optional[bytes]:
+    """The bytes an unedited member holds (None when it is no longer of its form)."""
+    try:
+        if how == "hex":
+            return bytes.fromhex(value)
+        if how == "ints":
+            return bytes(value)
+        if how == "pem":
+            return base64.b64decode("".join(value.splitlines()[1:-1]))
+        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (AttributeError, TypeError, ValueError, binascii.Error):
+        return None
+
+
+def _child(parent: Any, step: Any) -> Any:
+    """``parent[step]`` when it is there, else None."""
+    if isinstance(parent, dict):
+        return parent.get(step)
+    if isinstance(parent, list) and isinstance(step, int) and step < len(parent):
+        return parent[step]
+    return None
+
+
+# The valid evidence evidence_edits starts from, by name (a short repr in reports).
+EVIDENCE_BASES: Dict[str, AzureEvidence] = {"synthetic": SYNTHETIC}
+
+
+@st.composite
+def evidence_edits(draw: st.DrawFn, base: str) -> Dict[str, Any]:
+    """EVIDENCE_BASES[base] as a v0, v1 or v2 document, then a few members replaced by
+    random values, deleted, or their bytes mutated and written back in the member's form."""
+    version = draw(st.sampled_from([0, 1, 2]))
+    doc = evidence_document(EVIDENCE_BASES[base], version)
+    fields = _V0_FIELDS if version == 0 else _V1_FIELDS
+    for _ in range(draw(st.integers(0, 3))):
+        path, how = draw(st.sampled_from(sorted(fields.items(), key=repr)))
+        parent: Any = doc
+        for step in path[:-1]:
+            parent = _child(parent, step)
+        last = path[-1]
+        if not (isinstance(parent, dict) or _child(parent, last) is not None):
+            continue
+        action = draw(st.sampled_from(["replace", "delete", "mutate"] if how else
+                                      ["replace", "delete"]))
+        if action == "delete":
+            if isinstance(parent, dict):
+                parent.pop(last, None)
+            else:
+                del parent[last]
+            continue
+        raw = _decode(_child(parent, last), how) if how and action == "mutate" else None
+        parent[last] = (_encode(draw(mutated([raw])), how, draw) if raw is not None
+                        else draw(_DOC_VALUES))
+    return doc
+
+
+def _strict_text(doc: Any) -> Optional[str]:
+    try:
+        return json.dumps(doc, allow_nan=False)
+    except ValueError:
+        return None
+
+
+@fuzz
+@given(doc=st.one_of(evidence_edits("synthetic"), STRICT_JSON,
+                     st.dictionaries(st.sampled_from(["version", "quote", "tpm_quote", "report",
+                                                      "hcl_report", "vcek"]), _DOC_VALUES,
+                                     max_size=5)),
+       as_bytes=st.booleans())
+def test_fuzz_azure_evidence_documents(doc: Any, as_bytes: bool) -> None:
+    """parse_azure_evidence on v0/v1/v2-shaped documents with random members, decoded and
+    as JSON text: EvidenceFormatError only, both forms agree, and what parses is a
+    version 0..2 with at most 64 SHA-256-sized PCRs."""
+    _count("azure_evidence")
+    parsed = _only((EvidenceFormatError,), parse_azure_evidence, doc)
+    event("refused" if parsed is None else f"parsed v{parsed.version}")
+    text = _strict_text(doc)
+    if text is not None:
+        again = _only((EvidenceFormatError,), parse_azure_evidence,
+                      text.encode() if as_bytes else text)
+        assert again == parsed
+    if parsed is not None:
+        assert parsed.version == doc.get("version", 0)
+        assert parsed.version in (0, 1, 2)
+        assert len(parsed.pcrs) <= 64 and all(len(p) == 32 for p in parsed.pcrs)
+        assert all(isinstance(b, bytes) for b in (parsed.hcl_report, parsed.quote_message,
+                                                  parsed.quote_signature))
+
+
+@fuzz
+@given(data=st.one_of(st.binary(max_size=600), mutated(EVIDENCE_SEEDS),
+                      st.text(max_size=200)))
+def test_fuzz_azure_evidence_bytes(data: Any) -> None:
+    """parse_azure_evidence on arbitrary and mutated JSON bytes and text:
+    EvidenceFormatError only."""
+    _count("azure_evidence")
+    _only((EvidenceFormatError,), parse_azure_evidence, data)
+
+
+_OPENERS = st.sampled_from([("[", "]"), ('{"a":', "}"), ('{"version":[', "]}"),
+                            ('{"quote":{"message":', "}}"), ('{"keys":[{"n":', "}]}")])
+
+
+@st.composite
+def duplicate_keys(draw: st.DrawFn) -> str:
+    """An object, possibly nested in arrays and objects, with one key twice."""
+    key = json.dumps(draw(st.text(max_size=6)))
+    members = [f"{key}:{json.dumps(draw(STRICT_JSON))}" for _ in range(2)]
+    members += [f"{json.dumps('o' + str(i))}:1" for i in range(draw(st.integers(0, 3)))]
+    body = "{" + ",".join(draw(st.permutations(members))) + "}"
+    for _ in range(draw(st.integers(0, 3))):
+        body = draw(st.sampled_from(["[{}]", '{{"k":{}}}', "[1,{}]"])).format(body)
+    return body
+
+
+@fuzz
+@given(data=st.one_of(st.binary(max_size=300), st.text(max_size=200),
+                      mutated([RUNTIME, *EVIDENCE_SEEDS[:3]]),
+                      st.sampled_from([b"NaN", b"-Infinity", b"[1e999]", b'"\\ud800"',
+                                       b"\xef\xbb\xbf{}", b"9" * 5000, b'{"a":1,"a":1}',
+                                       b"\xed\xa0\x80", b"\xc0\xaf", b"[" * 3000])),
+       nest=st.integers(0, 5000), opener=_OPENERS, dup=duplicate_keys())
+def test_fuzz_strict_json(data: Any, nest: int, opener: Tuple[str, str], dup: str) -> None:
+    """strictjson.loads on any bytes and text, nesting bombs and duplicate keys:
+    EvidenceFormatError only; a duplicate key is always refused, and what parses is
+    JSON with no NaN or Infinity. The evidence and runtime parsers on the bombs too."""
+    _count("strict_json")
+    value = _only((EvidenceFormatError,), strictjson.loads, data, what="fuzz", limit=8192)
+    if value is not None:
+        json.dumps(value, allow_nan=False)  # ValueError for a NaN or Infinity inside
+    with pytest.raises(EvidenceFormatError, match="appears twice"):
+        strictjson.loads(dup.encode(), what="fuzz", limit=1 << 16)
+    head, tail = opener
+    bomb = head * nest + "0" + tail * nest
+    for parse in (lambda: strictjson.loads(bomb, what="fuzz", limit=1 << 20),
+                  lambda: parse_azure_evidence(bomb.encode()),
+                  lambda: hcl.parse_runtime_json(bomb.encode()),
+                  lambda: hcl.HclReport.from_bytes(_hcl_blob(bomb.encode()))):
+        _only((EvidenceFormatError,), parse)
+
+
+# -- the Azure verifier end to end --------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _AzureCase:
+    name: str
+    evidence: AzureEvidence  # valid for nonce under certificates and verifier
+    certificates: CertificateSet
+    verifier: Verifier
+    nonce: bytes
+
+
+_AZURE_CASES: List[_AzureCase] = []
+
+
+def _azure_cases(milan: Platform) -> List[_AzureCase]:
+    """Valid evidence: an emulator-signed SNP report binding the runtime JSON in an HCL
+    report, a quote by AK_KEY over the nonce, the emulator's VCEK in the document;
+    and the real Azure evidence when the vectors are there."""
+    if not _AZURE_CASES:
+        snp = milan.report(report_data=hashlib.sha256(RUNTIME).digest() + bytes(32))
+        evidence = dataclasses.replace(SYNTHETIC, hcl_report=_hcl_blob(RUNTIME, snp),
+                                       vcek=milan.vcek.der)
+        certs = CertificateSet(ark=milan.chain.ark, ask=milan.chain.ask)
+        _AZURE_CASES.append(_AzureCase("emulated", evidence, certs,
+                                       Verifier(milan.roots, clock=lambda: NOW), AZURE_NONCE))
+        for (_, folder, nonce), parsed in zip(AZURE_REAL, AZURE_REAL_PARSED):
+            full = snpd.certificate_set(folder)
+            _AZURE_CASES.append(_AzureCase(f"real {folder.name}", parsed,
+                                           CertificateSet(ark=full.ark, ask=full.ask),
+                                           Verifier(), nonce))
+        EVIDENCE_BASES.update((case.name, case.evidence) for case in _AZURE_CASES)
+        for case in _AZURE_CASES:  # else the property below would hold vacuously
+            for version in (0, 1, 2):
+                document = evidence_document(case.evidence, version)
+                verdict = verify_azure_evidence(document, case.certificates, case.nonce,
+                                                verifier=case.verifier)
+                assert verdict.valid or (version == 2 and case.nonce != AZURE_NONCE), \
+                    verdict.to_json()
+    return _AZURE_CASES
+
+
+def _signed_content(evidence: AzureEvidence) -> Tuple[bytes, ...]:
+    """What the signatures and bindings cover: the SNP report up to its signature, the
+    runtime JSON, the quote and the PCR values."""
+    report = hcl.HclReport.from_bytes(evidence.hcl_report)
+    return (report.snp_report[:0x2A0], report.runtime_data, evidence.quote_message,
+            *evidence.pcrs)
+
+
+@fuzz
+@given(data=st.data())
+def test_fuzz_verify_azure_evidence(milan: Platform, data: st.DataObject) -> None:
+    """verify_azure_evidence on edited and mutated valid evidence: never an exception,
+    only a Verdict; one that is not valid names a failed check; and one that is valid
+    has every signed or bound byte of the original (the edit changed only what no
+    signature covers: encoding, padding, unsigned HCL header fields, the form)."""
+    case = data.draw(st.sampled_from(_azure_cases(milan)), label="case")
+    document = data.draw(st.one_of(
+        evidence_edits(case.name),
+        st.sampled_from([0, 1, 2]).flatmap(lambda v: mutated(
+            [json.dumps(evidence_document(case.evidence, v)).encode()]))), label="document")
+    _count("azure_verify")  # after the draws: a draw hypothesis rejects is no input
+    verdict = verify_azure_evidence(document, case.certificates, case.nonce,
+                                    verifier=case.verifier)
+    assert isinstance(verdict, Verdict)
+    if not verdict.valid:
+        event("not valid")
+        assert verdict.failures, verdict.to_json()
+        return
+    event("still valid")
+    assert _signed_content(parse_azure_evidence(document)) == _signed_content(case.evidence)
+
+
 def test_fuzz_allowed_errors_are_typed() -> None:
     """The errors the properties allow are all snpd.errors.SnpdError subclasses mapped to
     InvalidArgument or CertificatesUnavailable (ProtocolError is the varlink wire's own)."""
-    for cls in (ReportFormatError, CertificateFormatError, ConfigError):
+    for cls in (ReportFormatError, CertificateFormatError, ConfigError, EvidenceFormatError):
         assert issubclass(cls, InvalidArgument)
     assert CertTableError.kind == "CertificatesUnavailable"
 
