@@ -61,7 +61,9 @@ from snpd.device.base import (
     ExtendedReport,
     ExtendedReportRequest,
     FirmwareRequest,
+    QuoteRequest,
     ReportRequest,
+    VtpmQuote,
 )
 from snpd.errors import (
     Busy,
@@ -79,7 +81,7 @@ __all__ = ["OPS", "Broker", "BrokerState", "StateName", "operation"]
 
 log = logging.getLogger(__name__)
 
-OPS: Tuple[str, ...] = ("report", "extended_report", "derived_key")
+OPS: Tuple[str, ...] = ("report", "extended_report", "derived_key", "quote")
 """The operation names, one per request type (the :class:`Device` method each runs);
 they name the ``<op>.<outcome>`` statistics."""
 
@@ -94,6 +96,8 @@ def operation(request: FirmwareRequest) -> str:
         return "report"
     if isinstance(request, DerivedKeyRequest):
         return "derived_key"
+    if isinstance(request, QuoteRequest):
+        return "quote"
     raise Internal(f"broker: not a firmware request: {type(request).__name__}")
 
 
@@ -103,6 +107,8 @@ def _perform(device: Device, request: FirmwareRequest) -> object:
         return device.extended_report(request)
     if isinstance(request, ReportRequest):
         return device.report(request)
+    if isinstance(request, QuoteRequest):
+        return device.quote(request)
     return device.derived_key(request)
 
 
@@ -242,6 +248,11 @@ class Broker:
     async def submit(self, request: Union[ReportRequest, DerivedKeyRequest], *,
                      client: Hashable, deadline: Optional[float] = None,
                      user: Hashable = None, reserved: bool = False) -> bytes: ...
+
+    @overload
+    async def submit(self, request: QuoteRequest, *, client: Hashable,
+                     deadline: Optional[float] = None, user: Hashable = None,
+                     reserved: bool = False) -> VtpmQuote: ...
 
     async def submit(self, request: FirmwareRequest, *, client: Hashable,
                      deadline: Optional[float] = None, user: Hashable = None,

@@ -125,6 +125,13 @@ def _abs_path(path: str, value: object) -> Path:
     return Path(value)
 
 
+def _tpm_spec(path: str, value: object) -> str:
+    """A TPM: a character device's absolute path, or ``unix:`` and a socket's."""
+    text = value if isinstance(value, str) else ""
+    _abs_path(path, text[len("unix:"):] if text.startswith("unix:") else value)
+    return text
+
+
 def _url(path: str, value: object) -> str:
     """http(s)://host[:port][/prefix]: the same rule as KdsClient, checked at load
     time so that a bad mirror is a config error, not a failure on first fetch."""
@@ -251,6 +258,9 @@ class DeviceSection(_Section):
     path: Path = field(default=Path("/dev/sev-guest"), metadata=_kind(_abs_path))
     configfs_root: Path = field(
         default=Path("/sys/kernel/config/tsm/report"), metadata=_kind(_abs_path))
+    # backend azure: the vTPM, through the kernel's resource manager, or "unix:PATH"
+    # for a TPM speaking raw commands on a socket (the emulated paravisor, swtpm).
+    tpm: str = field(default="/dev/tpmrm0", metadata=_kind(_tpm_spec))
     # Kernels before 6.3 (without the throttling backport) wipe the VMPCK when the
     # host answers BUSY; a minimum gap between requests keeps the host from
     # throttling. 0 turns it off, which is right on 6.3 and later.

@@ -182,10 +182,17 @@ class Daemon:
             return open_device(cfg.device.backend, path=str(cfg.device.path),
                                configfs_root=str(cfg.device.configfs_root),
                                emulator_dir=cfg.emulator.state_dir,
-                               emulator_config=cfg.emulator.emulator_config())
+                               emulator_config=cfg.emulator.emulator_config(),
+                               tpm=cfg.device.tpm, kernel_log=self._kernel_log_lines)
         except DeviceUnavailable as exc:
             self.events.log("err", f"no firmware channel: {exc}")
             return UnavailableDevice(exc)
+
+    def _kernel_log_lines(self) -> List[str]:
+        """For backend auto on a guest whose CPUID leaves are unreadable: the boot
+        line Hyper-V's isolation is logged in (empty without CAP_SYSLOG)."""
+        lines, _source, _why = read_kernel_log_from(self.root)
+        return lines
 
     def _roots(self, device: Device) -> TrustRoots:
         # The emulator's root is trusted only with its backend.

@@ -8,6 +8,7 @@ test against Trustee's own e2e evidence file.
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -17,6 +18,7 @@ from snpd.abi.tcb import TcbVersion
 from snpd.errors import InvalidArgument
 
 TRUSTEE_MEDIA_TYPE = "application/vnd.snpd.trustee-snp-evidence+json"
+AZ_SNP_VTPM_MEDIA_TYPE = "application/vnd.snpd.trustee-az-snp-vtpm-evidence+json"
 FORMATS = ("trustee",)
 VERIFIABLE_FORMATS = ("az-snp-vtpm",)
 """What VerifyEvidence reads: Trustee's Azure vTPM evidence, every version (v0-v2)."""
@@ -88,3 +90,22 @@ def trustee_evidence(report: AttestationReport, product: Product,
             chain.append({"cert_type": _CERT_TYPES[kind], "data": list(der)})
     doc = {"attestation_report": trustee_report(report, product), "cert_chain": chain}
     return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def az_snp_vtpm_evidence(hcl_report: bytes, attest: bytes, signature: bytes,
+                         pcrs: Sequence[bytes], vcek: bytes) -> bytes:
+    """Trustee's ``az-snp-vtpm`` evidence, version 1 (the version Trustee's attester
+    makes and its test data holds): the quote's TPMS_ATTEST and bare RSA signature and
+    the SHA-256 PCRs as hex, the HCL report and the VCEK (DER) as unpadded base64url.
+    snpd.abi.azure_evidence parses it back."""
+    return json.dumps({
+        "version": 1,
+        "tpm_quote": {"signature": signature.hex(), "message": attest.hex(),
+                      "pcrs": [p.hex() for p in pcrs]},
+        "hcl_report": _b64url(hcl_report),
+        "vcek": _b64url(vcek),
+    }).encode()

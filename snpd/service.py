@@ -46,18 +46,32 @@ from snpd.abi.tcb import TcbVersion
 from snpd.abi.uapi import GUEST_FIELDS, DerivedKeyRequest
 from snpd.access import Access, Caller
 from snpd.broker import operation
-from snpd.device.base import ExtendedReportRequest, FirmwareRequest, ReportRequest
+from snpd.device.base import (
+    ExtendedReportRequest,
+    FirmwareRequest,
+    QuoteRequest,
+    ReportRequest,
+    VtpmQuote,
+)
 from snpd.errors import (
     Busy,
     CertificateFormatError,
     CertificatesUnavailable,
+    DeviceError,
     EvidenceFormatError,
     InvalidArgument,
     NotSupported,
     PermissionDenied,
     SnpdError,
 )
-from snpd.evidence import FORMATS, TRUSTEE_MEDIA_TYPE, VERIFIABLE_FORMATS, trustee_evidence
+from snpd.evidence import (
+    AZ_SNP_VTPM_MEDIA_TYPE,
+    FORMATS,
+    TRUSTEE_MEDIA_TYPE,
+    VERIFIABLE_FORMATS,
+    az_snp_vtpm_evidence,
+    trustee_evidence,
+)
 from snpd.kds.budget import KdsBudget
 from snpd.kds.cache import CertificateCache, FetchGate, NotCached, cache_only
 from snpd.trust.azure import verify_azure_evidence
@@ -80,6 +94,7 @@ MAX_NAME = 255  # a policy's or a product's name
 """VerifyReport takes anything up to this size: a wrong size is a verdict, not an error."""
 MAX_EVIDENCE = 64 * 1024  # Azure's az-snp-vtpm evidence is about 8 KiB
 MAX_NONCE = 1024  # a verifier's challenge; Trustee's are 32 bytes (base64: 44)
+AZURE_BACKEND = "azure"  # snpd.device.azure.AzureVtpmDevice.name
 SEALING_SALT = b"snpd sealing key v2"
 DEFAULT_SEALING_FIELDS = ("measurement", "policy")
 SEALING_VMPL = 3
@@ -633,6 +648,8 @@ class Service:
         if fmt not in FORMATS:
             raise NotSupported(f"evidence format {fmt!r} is not supported "
                                f"(supported: {', '.join(FORMATS)})")
+        if self.backend == AZURE_BACKEND:
+            return await self._azure_evidence(caller, nonce, options)
         extended = await self.get_extended_report(caller, nonce, None, options)
         parsed = AttestationReport.from_bytes(extended.report)
         product = parsed.cpuid_product or self.product
@@ -640,6 +657,26 @@ class Service:
             raise NotSupported("Trustee evidence needs a v3+ report naming its CPU")
         leaf = [(k, c.der) for k, c in extended.certificates.items() if k in ("vcek", "vlek")]
         return Evidence(TRUSTEE_MEDIA_TYPE, trustee_evidence(parsed, product, leaf))
+
+    async def _azure_evidence(self, caller: Caller, nonce: bytes, options: ReportOptions
+                              ) -> Evidence:
+        """Trustee's az-snp-vtpm evidence (v1, as Trustee's attester makes it): the HCL
+        report, a quote over ``nonce`` and all 24 SHA-256 PCRs, and the VCEK, which
+        Trustee requires and Azure keeps out of the report (the cache or KDS has it)."""
+        quote: VtpmQuote = await self._firmware(caller, QuoteRequest(nonce),
+                                                deadline=self._deadline(options))
+        try:
+            snp_report = HclReport.from_bytes(quote.hcl_report).snp_report
+        except EvidenceFormatError as exc:
+            raise DeviceError(f"the vTPM's HCL report is malformed: {exc}") from None
+        self._learn(snp_report)
+        certs = await self._completed(caller, "GetEvidence", snp_report, CertificateSet(),
+                                      self.product)
+        if certs.vcek is None:
+            raise CertificatesUnavailable("az-snp-vtpm evidence needs the VCEK, and neither "
+                                          "the cache nor the KDS gave it")
+        return Evidence(AZ_SNP_VTPM_MEDIA_TYPE, az_snp_vtpm_evidence(
+            quote.hcl_report, quote.attest, quote.signature, quote.pcrs, certs.vcek.der))
 
     # -- Keys -----------------------------------------------------------------------------------
 

@@ -53,8 +53,50 @@ class ExtendedReportRequest(ReportRequest):
     """A report request that also asks for the host's certificate table."""
 
 
-FirmwareRequest = Union[ReportRequest, ExtendedReportRequest, DerivedKeyRequest]
-"""Everything a caller can ask the firmware for: the broker's unit of work."""
+NO_VTPM = ("vTPM quotes come from an Azure confidential VM's paravisor (backend azure); "
+           "this backend has none")
+MAX_QUOTE_NONCE = 64  # TPM2B_DATA: at most the largest digest a vTPM knows (SHA-512)
+ALL_PCRS = tuple(range(24))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuoteRequest:
+    """A vTPM quote over ``nonce`` (the TPM's qualifyingData, 0-64 bytes) and the
+    SHA-256 ``pcrs`` (default: all 24), with the HCL report beside it (Azure only).
+    The repr leaves the nonce out, as ReportRequest leaves report_data out."""
+
+    nonce: bytes = dataclasses.field(default=b"", repr=False)
+    pcrs: Tuple[int, ...] = ALL_PCRS
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.nonce, (bytes, bytearray, memoryview)):
+            raise InvalidArgument("the quote's nonce must be bytes")
+        nonce = bytes(self.nonce)
+        if len(nonce) > MAX_QUOTE_NONCE:
+            raise InvalidArgument(f"the quote's nonce is {len(nonce)} bytes; at most "
+                                  f"{MAX_QUOTE_NONCE}")
+        object.__setattr__(self, "nonce", nonce)
+        pcrs = tuple(self.pcrs)
+        if not pcrs or len(set(pcrs)) != len(pcrs) or not all(
+                type(p) is int and 0 <= p < 24 for p in pcrs):
+            raise InvalidArgument(f"PCRs {list(pcrs)!r}: distinct indices 0-23, at least one")
+        object.__setattr__(self, "pcrs", tuple(sorted(pcrs)))
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpmQuote:
+    """What an Azure vTPM gives a verifier: the HCL report, the quote (TPMS_ATTEST),
+    its bare RSA signature value and the quoted SHA-256 PCR values, in index order."""
+
+    hcl_report: bytes = dataclasses.field(repr=False)
+    attest: bytes = dataclasses.field(repr=False)
+    signature: bytes = dataclasses.field(repr=False)
+    pcrs: Tuple[bytes, ...] = dataclasses.field(repr=False)
+
+
+FirmwareRequest = Union[ReportRequest, ExtendedReportRequest, DerivedKeyRequest, QuoteRequest]
+"""Everything a caller can ask the firmware (or Azure's vTPM) for: the broker's unit
+of work."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +115,10 @@ class Platform:
     extra_roots: Tuple[Certificate, ...] = ()
     driver_log: Tuple[str, ...] = ()  # kernel log lines of an emulated driver
     device_node: bool = True  # an emulated /dev/sev-guest exists
+    # What REPORT_DATA binds: "caller" (the caller's bytes, as the firmware signs them)
+    # or "runtime-data" (Azure: SHA-256 of the paravisor's runtime JSON, which holds
+    # the caller's bytes as user-data).
+    report_data: str = "caller"
 
 
 class Device(Protocol):
@@ -90,6 +136,10 @@ class Device(Protocol):
 
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
         """The firmware's 32-byte derived key."""
+        ...
+
+    def quote(self, request: QuoteRequest) -> VtpmQuote:
+        """A vTPM quote and the HCL report (Azure); NotSupported elsewhere."""
         ...
 
     def describe(self) -> Dict[str, object]:

@@ -24,7 +24,14 @@ from typing import Dict, Optional, Protocol, Tuple
 from snpd.abi.certtable import CertTableEntry, parse_cert_table
 from snpd.abi.report import REPORT_SIZE
 from snpd.abi.uapi import DerivedKeyRequest
-from snpd.device.base import ExtendedReport, Platform, ReportRequest
+from snpd.device.base import (
+    NO_VTPM,
+    ExtendedReport,
+    Platform,
+    QuoteRequest,
+    ReportRequest,
+    VtpmQuote,
+)
 from snpd.errors import (
     Busy,
     DeviceError,
@@ -144,6 +151,9 @@ class ConfigfsDevice:
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
         raise NotSupported("derived keys are not available through configfs-tsm; "
                            "use the ioctl backend (/dev/sev-guest)")
+
+    def quote(self, request: QuoteRequest) -> VtpmQuote:
+        raise NotSupported(NO_VTPM)
 
     def platform(self) -> Platform:
         return Platform()

@@ -42,12 +42,20 @@ from snpd.abi.uapi import (
     parse_key_response,
     parse_report_response,
 )
-from snpd.device.base import ExtendedReport, Platform, ReportRequest
+from snpd.device.base import (
+    NO_VTPM,
+    ExtendedReport,
+    Platform,
+    QuoteRequest,
+    ReportRequest,
+    VtpmQuote,
+)
 from snpd.errors import (
     Busy,
     DeviceError,
     DeviceUnavailable,
     InvalidArgument,
+    NotSupported,
     SnpdError,
     VmpckBadMessage,
     VmpckDisabled,
@@ -221,6 +229,9 @@ class IoctlDevice:
                 return ExtendedReport(report, table)
         raise DeviceError("the host kept asking for a larger certificate buffer",
                           errno=errno_mod.EIO, vmm_error=SNP_GUEST_VMM_ERR_INVALID_LEN)
+
+    def quote(self, request: QuoteRequest) -> VtpmQuote:
+        raise NotSupported(NO_VTPM)
 
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
         req = request.to_struct()

@@ -1,7 +1,9 @@
-"""Choose and open a backend: ``auto | ioctl | configfs | emulator``.
+"""Choose and open a backend: ``auto | ioctl | configfs | azure | emulator``.
 
-``auto`` takes the ioctl when ``/dev/sev-guest`` opens (it is the only path to
-derived keys and works for an unprivileged daemon with a udev group), else
+``auto`` takes azure on a Hyper-V SNP-isolated guest (an Azure CVM, where the
+paravisor owns the firmware and the guest has no sev-guest device; see
+snpd.device.hyperv), else the ioctl when ``/dev/sev-guest`` opens (it is the only
+path to derived keys and works for an unprivileged daemon with a udev group), else
 configfs-tsm when its report directory exists.
 """
 
@@ -9,10 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Iterable, Optional
 
 from snpd.device import BACKENDS
+from snpd.device.azure import AzureVtpmDevice
 from snpd.device.base import Device, Platform
+from snpd.device.hyperv import CpuidReader, read_cpuid_device, snp_isolated
 from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
 from snpd.errors import ConfigError, DeviceUnavailable, InvalidArgument
 from snpd.files import read_toml
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from snpd.emulator.launch import EmulatorConfig
 
 DEFAULT_CONFIGFS_ROOT = "/sys/kernel/config/tsm/report"
+DEFAULT_TPM = "/dev/tpmrm0"
 
 
 def default_emulator_dir() -> Path:
@@ -53,18 +58,35 @@ def read_emulator_config(path: Path) -> EmulatorConfig:
 
 
 def open_emulator(state_dir: Optional[Path] = None,
-                  config: Optional[EmulatorConfig] = None) -> IoctlDevice:
-    """The emulator behind the real ioctl marshalling."""
+                  config: Optional[EmulatorConfig] = None) -> Device:
+    """The emulator behind the real ioctl marshalling; with ``vtpm`` set, an emulated
+    Azure CVM behind the real vTPM path (its paravisor is ``snpd-emu vtpm``)."""
     # lazy: the emulator and its cryptography only for backend = emulator
     from snpd.emulator.kernel import EmulatedSevGuest
 
     state_dir = state_dir or default_emulator_dir()
     if config is None:
         config = read_emulator_config(state_dir / EMULATOR_TOML)
+    if config.vtpm is not None:
+        return _emulated_azure(state_dir, config, config.vtpm)
     kernel = EmulatedSevGuest.for_state_dir(state_dir, config)
     device = IoctlDevice(DEFAULT_PATH, ops=kernel, platform=lambda: emulated_platform(kernel))
     device.name = "emulator"
     return device
+
+
+def _emulated_azure(state_dir: Path, config: EmulatorConfig, spec: str) -> Device:
+    # lazy: the emulator's state (cryptography) only for backend = emulator
+    import datetime
+
+    from snpd.emulator.state import EmulatorState
+
+    state = EmulatorState.load_or_create(
+        state_dir, config, now=lambda: datetime.datetime.now(datetime.timezone.utc))
+    platform = Platform(emulated=True, guest_vmpl=config.guest_vmpl, product=config.product,
+                        extra_roots=(state.ark,), device_node=False,
+                        report_data="runtime-data")
+    return AzureVtpmDevice(spec, platform=platform)
 
 
 def emulated_platform(kernel: EmulatedSevGuest) -> Platform:
@@ -83,11 +105,19 @@ def open_device(
     configfs_root: str = DEFAULT_CONFIGFS_ROOT,
     emulator_dir: Optional[Path] = None,
     emulator_config: Optional[EmulatorConfig] = None,
+    tpm: str = DEFAULT_TPM,
+    cpuid: Optional[CpuidReader] = None,
+    kernel_log: Callable[[], Iterable[str]] = tuple,
 ) -> Device:
+    """``cpuid`` and ``kernel_log`` tell ``auto`` whether this is an Azure CVM (default:
+    the kernel's cpuid device, no log)."""
     if backend not in BACKENDS:
         raise InvalidArgument(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "emulator":
         return open_emulator(emulator_dir, emulator_config)
+    if backend == "azure" or (backend == "auto" and snp_isolated(
+            cpuid or read_cpuid_device(), kernel_log)):
+        return AzureVtpmDevice(tpm)
     if backend in ("ioctl", "auto"):
         device = IoctlDevice(path)
         if backend == "ioctl":

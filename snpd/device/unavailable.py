@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Dict
 
 from snpd.abi.uapi import DerivedKeyRequest
-from snpd.device.base import ExtendedReport, Platform, ReportRequest
+from snpd.device.base import ExtendedReport, Platform, QuoteRequest, ReportRequest, VtpmQuote
 from snpd.errors import DeviceUnavailable
 
 
@@ -25,6 +25,9 @@ class UnavailableDevice:
         raise self.error
 
     def derived_key(self, request: DerivedKeyRequest) -> bytes:
+        raise self.error
+
+    def quote(self, request: QuoteRequest) -> VtpmQuote:
         raise self.error
 
     def describe(self) -> Dict[str, object]:

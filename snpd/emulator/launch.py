@@ -92,7 +92,9 @@ class EmulatorConfig:
     VMPCK at once) or "6.0" (5.19-6.0: errors do not wipe and INVALID_LEN does not
     consume the sequence number). ``host_certs`` "table" makes extended reports
     carry the chain and CRL, "empty" is upstream KVM's 24-byte terminator.
-    ``device`` "absent"/"denied" makes opening ``/dev/sev-guest`` fail.
+    ``device`` "absent"/"denied" makes opening ``/dev/sev-guest`` fail. ``vtpm``
+    ("unix:PATH", the socket ``snpd-emu vtpm`` serves) makes the guest an Azure CVM:
+    no sev-guest device, the SNP report through the emulated paravisor's vTPM.
     """
 
     product: Product = Product.GENOA
@@ -125,6 +127,7 @@ class EmulatorConfig:
     chip_id: Optional[bytes] = None
     latency: float = 0.0
     faults: Tuple[FaultSpec, ...] = ()
+    vtpm: Optional[str] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.product, Product):
@@ -133,6 +136,10 @@ class EmulatorConfig:
         _choice("signer", self.signer, SIGNERS)
         _choice("host_certs", self.host_certs, HOST_CERTS)
         _choice("kernel", self.kernel, KERNELS)
+        if self.vtpm is not None and not (self.vtpm.startswith("unix:/")
+                                          and "\0" not in self.vtpm):
+            raise _error("vtpm", f"expected \"unix:\" and an absolute socket path, got "
+                                 f"{self.vtpm!r}")
         _choice("device", self.device, DEVICES)
         _uint("guest_vmpl", self.guest_vmpl, 3)
         if self.vmpck_id is not None:
@@ -406,4 +413,5 @@ _READERS: Dict[str, Callable[[str, object, Product], object]] = {
     "chip_id": _read_chip_id,
     "latency": _read_float,
     "faults": _read_faults,
+    "vtpm": _read_str,
 }

@@ -319,7 +319,10 @@ class Launcher:
         self.started: List[Tuple[SnpdDaemon, PrivateBus]] = []
 
     def start(self, config: Optional[Mapping[str, Mapping[str, Any]]] = None,
-              env: Optional[Mapping[str, str]] = None) -> SnpdDaemon:
+              env: Optional[Mapping[str, str]] = None,
+              before: Optional[Callable[[SnpdDaemon], None]] = None) -> SnpdDaemon:
+        """``before(daemon)`` runs once its directories exist, before it starts (to
+        start what it connects to: the emulated Azure paravisor, say)."""
         bus = PrivateBus.shipped()
         try:
             daemon = SnpdDaemon(bus.address, self.template, self.kds.url, config=config,
@@ -328,6 +331,8 @@ class Launcher:
             bus.close()
             raise
         self.started.append((daemon, bus))
+        if before is not None:
+            before(daemon)
         return daemon.start()
 
     def close(self, secrets_of: Optional[Callable[[SnpdDaemon], Mapping[str, bytes]]] = None,

@@ -46,6 +46,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
         "backend": "auto",
         "path": Path("/dev/sev-guest"),
         "configfs_root": Path("/sys/kernel/config/tsm/report"),
+        "tpm": "/dev/tpmrm0",
         "min_interval_ms": 0,
         "request_timeout_s": 30.0,
         "busy_retries": 3,
@@ -366,7 +367,7 @@ SECTIONS = "access, dbus, device, emulator, kds, log, policy, queue, varlink"
      "snpd.toml: device.request_timeout_s: 3601 is more than the maximum 3600"),
     # choices
     ("[device]\nbackend = \"sev\"\n", "snpd.toml: device.backend: expected one of auto, ioctl, "
-                                      "configfs, emulator, got \"sev\""),
+                                      "configfs, azure, emulator, got \"sev\""),
     ("[log]\nlevel = \"INFO\"\n", "snpd.toml: log.level: expected one of debug, info, notice, "
                                   "warning, error, got \"INFO\""),
     ("[emulator]\nproduct = \"milan\"\n",

@@ -1,0 +1,159 @@
+"""The daemon on an emulated Azure confidential VM (issue 14, items 2 and 4).
+
+``snpd-emu vtpm`` runs swtpm as the vTPM and plays the paravisor in front of it: the
+AK at 0x81000003, the HCL report at NV 0x01400001 around an emulator-signed SNP
+report, refreshed on a write to 0x01400002. The daemon (user snpd, real bus, real
+socket) takes the real Azure path (snpd.device.azure, snpd.device.tpm) to it, and
+both transports are driven through SnpdClient in a child process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import select
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+import pytest
+from daemonproc import (  # type: ignore[import-not-found]
+    DEADLINE,
+    EmulatedKds,
+    EmulatorTemplate,
+    Launcher,
+    SnpdDaemon,
+    snpd_client_call,
+)
+from dbusbus import REPO_ROOT  # type: ignore[import-not-found]
+from harness.proc import stop_process
+
+from snpd.abi.azure_evidence import parse_azure_evidence
+from snpd.abi.hcl import HclReport
+from snpd.abi.report import AttestationReport
+from snpd.evidence import AZ_SNP_VTPM_MEDIA_TYPE
+
+pytestmark = pytest.mark.integration
+
+TRANSPORTS = ("varlink", "dbus")
+
+
+class Vtpm:
+    """``snpd-emu vtpm`` as the daemon's user, on the daemon's emulator directory."""
+
+    def __init__(self, daemon: SnpdDaemon) -> None:
+        self.socket = daemon.runtime_dir / "vtpm.sock"
+        self.proc: Optional[subprocess.Popen[bytes]] = subprocess.Popen(
+            ["setpriv", f"--reuid={daemon.uid}", f"--regid={daemon.gid}", "--clear-groups",
+             sys.executable, "-m", "snpd.cli.emu", "--emulator-dir", str(daemon.emulator_dir),
+             "vtpm", "--socket", str(self.socket)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            cwd=str(REPO_ROOT))
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], DEADLINE)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not re.search(r" at unix:", line):
+            self.close()
+            raise RuntimeError(f"snpd-emu vtpm did not start: {line!r}")
+
+    def close(self) -> int:
+        proc, self.proc = self.proc, None
+        return 0 if proc is None else stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def azure(template: EmulatorTemplate, kds: EmulatedKds) -> Iterator[SnpdDaemon]:
+    launcher = Launcher(template, kds)
+    started: Dict[str, Vtpm] = {}
+
+    def paravisor(daemon: SnpdDaemon) -> None:
+        started["vtpm"] = Vtpm(daemon)
+
+    try:
+        yield _start(launcher, paravisor)
+    finally:
+        launcher.close()
+        if "vtpm" in started:
+            assert started["vtpm"].close() == 0, "snpd-emu vtpm did not exit cleanly"
+
+
+def _start(launcher: Launcher, paravisor: Any) -> SnpdDaemon:
+    """The daemon's config names the socket in its own runtime directory, which only
+    exists once the daemon object does: rewrite it in ``before``."""
+    def before(daemon: SnpdDaemon) -> None:
+        paravisor(daemon)
+        config = dict(daemon.config)
+        config["emulator"] = {**config["emulator"],
+                              "vtpm": f"unix:{daemon.runtime_dir / 'vtpm.sock'}"}
+        daemon.config = config
+        daemon.write_config(config)
+
+    return launcher.start(before=before)
+
+
+def call(daemon: SnpdDaemon, transport: str, op: str, *args: Any) -> Any:
+    where = ({"socket_path": str(daemon.socket_path)} if transport == "varlink"
+             else {"bus": daemon.bus_address})
+    return snpd_client_call(op, *args, **where)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_report_carries_the_callers_data_as_user_data(azure: SnpdDaemon,
+                                                      transport: str) -> None:
+    """GetReport: the caller's bytes become the runtime JSON's user-data (the paravisor
+    refreshes the report), and REPORT_DATA binds that JSON, not the bytes."""
+    data = hashlib.sha256(f"azure {transport}".encode()).digest()
+    report = AttestationReport.from_bytes(call(azure, transport, "get_report", data))
+    assert report.vmpl == 0 and report.report_data[:32] != data
+    media_type, evidence = call(azure, transport, "get_evidence", "trustee", b"n" * 32)
+    assert media_type == AZ_SNP_VTPM_MEDIA_TYPE
+    hcl = HclReport.from_bytes(parse_azure_evidence(evidence).hcl_report)
+    assert hcl.user_data == data.ljust(64, b"\0")
+    assert hcl.snp_report == report.raw
+    assert report.report_data[:32] == hashlib.sha256(hcl.runtime_data).digest()
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_evidence_round_trip(azure: SnpdDaemon, transport: str, tmp_path: Path) -> None:
+    """GetEvidence("trustee") is az-snp-vtpm v1 with the nonce in the quote: the daemon
+    (which trusts the emulator's root on this backend) and snpctl with --trust-root
+    accept it; under AMD's roots alone it fails on the root."""
+    nonce = hashlib.sha256(f"nonce {transport}".encode()).digest()
+    _, evidence = call(azure, transport, "get_evidence", "trustee", nonce)
+    parsed = parse_azure_evidence(evidence)
+    assert parsed.version == 1 and len(parsed.pcrs) == 24 and parsed.vcek
+    verdict = call(azure, transport, "verify_evidence", evidence, nonce)
+    assert verdict["valid"] is True, verdict
+    wrong = call(azure, transport, "verify_evidence", evidence, bytes(32))
+    assert wrong["failures"] == ["quote.nonce"]
+    (tmp_path / "evidence.json").write_bytes(evidence)
+    (tmp_path / "nonce").write_bytes(nonce)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    for kind in ("ark", "ask"):
+        (certs / f"{kind}.pem").write_bytes(
+            (azure.emulator_dir / "certs" / f"{kind}.pem").read_bytes())
+    argv = [sys.executable, "-m", "snpd.cli.snpctl", "verify", "evidence", str(certs),
+            str(tmp_path / "evidence.json"), "--nonce-file", str(tmp_path / "nonce"),
+            "--json"]
+    trusted = subprocess.run([*argv, "--trust-root", str(certs / "ark.pem")],
+                             capture_output=True, cwd=str(REPO_ROOT), timeout=DEADLINE)
+    assert trusted.returncode == 0, trusted.stdout + trusted.stderr
+    amd = subprocess.run(argv, capture_output=True, cwd=str(REPO_ROOT), timeout=DEADLINE)
+    assert amd.returncode == 1
+    assert "chain.ark_trusted" in json.loads(amd.stdout)["failures"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_key_derivation_is_refused(azure: SnpdDaemon, transport: str) -> None:
+    for op, args in (("derive_key", ("vcek", ["measurement"])),
+                     ("derive_sealing_key", ("app", []))):
+        with pytest.raises(AssertionError, match="NotSupported.*Azure confidential VM"):
+            call(azure, transport, op, *args)
+
+
+def test_the_daemon_names_its_backend(azure: SnpdDaemon) -> None:
+    props = call(azure, "varlink", "properties")
+    assert props["org.snpd.Snpd1.Attestation"]["Backend"] == "azure"
