@@ -10,7 +10,6 @@ import datetime
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
 import struct
@@ -40,9 +39,8 @@ from snpd.trust.roots import AMD_ROOTS
 from snpd.trust.verify import Verifier
 
 REPO = Path(__file__).resolve().parents[2]
-# Skipped without swtpm, except under CI (scripts/test installs it): there they fail.
-NO_SWTPM = shutil.which("swtpm") is None and not os.environ.get("CI")
-needs_swtpm = pytest.mark.skipif(NO_SWTPM, reason="swtpm is not installed (apt-get install swtpm)")
+# Without swtpm these fail (conftest.swtpm_installed): scripts/test installs it.
+needs_swtpm = pytest.mark.usefixtures("swtpm_installed")
 
 
 def _now() -> datetime.datetime:
@@ -132,9 +130,8 @@ class Vtpm:
 
 
 @pytest.fixture(scope="module")
-def vtpm(state: EmulatorState, tmp_path_factory: Any) -> Iterator[Vtpm]:
-    if NO_SWTPM:
-        pytest.skip("swtpm is not installed (apt-get install swtpm)")
+def vtpm(state: EmulatorState, tmp_path_factory: Any, swtpm_installed: None
+         ) -> Iterator[Vtpm]:
     base = tmp_path_factory.mktemp("vtpm")
     firmware = Firmware(state)
     with SwtpmProcess(base / "swtpm") as swtpm, SocketChannel(swtpm.socket_path) as upstream:
