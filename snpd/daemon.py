@@ -183,16 +183,11 @@ class Daemon:
                                configfs_root=str(cfg.device.configfs_root),
                                emulator_dir=cfg.emulator.state_dir,
                                emulator_config=cfg.emulator.emulator_config(),
-                               tpm=cfg.device.tpm, kernel_log=self._kernel_log_lines)
+                               tpm=cfg.device.tpm, hyperv_snp=(
+                                   self.status.kernel.hyperv_snp if self.status else None))
         except DeviceUnavailable as exc:
             self.events.log("err", f"no firmware channel: {exc}")
             return UnavailableDevice(exc)
-
-    def _kernel_log_lines(self) -> List[str]:
-        """For backend auto on a guest whose CPUID leaves are unreadable: the boot
-        line Hyper-V's isolation is logged in (empty without CAP_SYSLOG)."""
-        lines, _source, _why = read_kernel_log_from(self.root)
-        return lines
 
     def _roots(self, device: Device) -> TrustRoots:
         # The emulator's root is trusted only with its backend.
@@ -526,7 +521,7 @@ def write_probe(path: Path = PROBE_FILE, root: Path = Path("/")) -> Dict[str, ob
     lines, source, why = read_kernel_log_from(root)
     keep = [line for line in lines if any(
         word in line for word in ("SEV", "sev-guest", "VMPCK", "vmpck", "Memory Encryption",
-                                  "ASP"))]
+                                  "ASP", "Hyper-V: Isolation"))]
     # The MSR only when the msr driver is already there: the probe loads no modules.
     msr, _msr_error = read_sev_status_msr(root)
     facts = parse_kernel_log(keep).to_json()

@@ -6,7 +6,9 @@ and 0x4000000C EBX's isolation type (bits 0-3) is 2, SEV-SNP. Python cannot run
 CPUID itself; the leaves come from the kernel's ``/dev/cpu/0/cpuid`` (module
 ``cpuid``, root) or, failing that, from the line the kernel logs from the same
 leaves at boot: ``Hyper-V: Isolation Config: Group A 0x1, Group B 0xba2`` (printed
-only when the isolation bit is set; Group B is 0x4000000C EBX).
+only when the isolation bit is set; Group B is 0x4000000C EBX). The daemon reads
+that line with the rest of the kernel log (snpd.status: snpd-probe as root, for the
+unprivileged daemon) and passes its verdict in.
 """
 
 from __future__ import annotations
@@ -77,9 +79,8 @@ def read_cpuid_device(path: str = CPUID_DEVICE) -> CpuidReader:
     return read
 
 
-def snp_isolated(cpuid: CpuidReader, log_lines: Callable[[], Iterable[str]]) -> bool:
-    """CPUID where it can be read, else the kernel log; False when neither says."""
+def snp_isolated(cpuid: CpuidReader, logged: Optional[bool] = None) -> bool:
+    """CPUID where it can be read, else what the kernel log said
+    (:func:`snp_isolated_by_log`); False when neither says."""
     found = snp_isolated_by_cpuid(cpuid)
-    if found is None:
-        found = snp_isolated_by_log(log_lines())
-    return bool(found)
+    return bool(logged if found is None else found)

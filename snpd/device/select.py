@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from snpd.device import BACKENDS
-from snpd.device.azure import AzureVtpmDevice
 from snpd.device.base import Device, Platform
 from snpd.device.hyperv import CpuidReader, read_cpuid_device, snp_isolated
 from snpd.device.ioctl import DEFAULT_PATH, IoctlDevice
@@ -79,6 +78,7 @@ def _emulated_azure(state_dir: Path, config: EmulatorConfig, spec: str) -> Devic
     # lazy: the emulator's state (cryptography) only for backend = emulator
     import datetime
 
+    from snpd.device.azure import AzureVtpmDevice
     from snpd.emulator.state import EmulatorState
 
     state = EmulatorState.load_or_create(
@@ -107,16 +107,20 @@ def open_device(
     emulator_config: Optional[EmulatorConfig] = None,
     tpm: str = DEFAULT_TPM,
     cpuid: Optional[CpuidReader] = None,
-    kernel_log: Callable[[], Iterable[str]] = tuple,
+    hyperv_snp: Optional[bool] = None,
 ) -> Device:
-    """``cpuid`` and ``kernel_log`` tell ``auto`` whether this is an Azure CVM (default:
-    the kernel's cpuid device, no log)."""
+    """``cpuid`` (default: the kernel's cpuid device) and, where it cannot be read,
+    ``hyperv_snp`` (the kernel log's verdict, KernelFacts.hyperv_snp) tell ``auto``
+    whether this is an Azure CVM."""
     if backend not in BACKENDS:
         raise InvalidArgument(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "emulator":
         return open_emulator(emulator_dir, emulator_config)
     if backend == "azure" or (backend == "auto" and snp_isolated(
-            cpuid or read_cpuid_device(), kernel_log)):
+            cpuid or read_cpuid_device(), hyperv_snp)):
+        # lazy: the TPM marshaller and HCL parser only on an Azure CVM
+        from snpd.device.azure import AzureVtpmDevice
+
         return AzureVtpmDevice(tpm)
     if backend in ("ioctl", "auto"):
         device = IoctlDevice(path)

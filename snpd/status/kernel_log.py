@@ -10,6 +10,8 @@ import dataclasses
 import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from snpd.device.hyperv import snp_isolated_by_log
+
 SEV_STATUS_BITS: Dict[int, str] = {
     0: "SEV", 1: "SEV-ES", 2: "SEV-SNP", 3: "vTom", 4: "ReflectVC", 5: "RI", 6: "AI",
     7: "DebugSwap", 8: "NoHostIBS", 9: "BTBIsol", 10: "VmplSSS", 11: "SecureTSC",
@@ -47,6 +49,7 @@ class KernelFacts:
     vmpck_disabled: Optional[int] = None
     driver_probe_error: Optional[str] = None
     asp_errors: Tuple[str, ...] = ()
+    hyperv_snp: Optional[bool] = None  # Hyper-V's isolation line: an SNP-isolated VM?
     lines: int = 0
 
     @property
@@ -65,6 +68,7 @@ class KernelFacts:
             "vmpck_disabled": self.vmpck_disabled,
             "driver_probe_error": self.driver_probe_error,
             "asp_errors": list(self.asp_errors),
+            "hyperv_snp": self.hyperv_snp,
         }
 
 
@@ -117,6 +121,10 @@ def parse_kernel_log(lines: Iterable[str]) -> KernelFacts:
         m = _PROBE_FAIL.search(line)
         if m:
             facts["driver_probe_error"] = m.group(1)
+            continue
+        isolated = snp_isolated_by_log((line,))
+        if isolated is not None:
+            facts["hyperv_snp"] = isolated
             continue
         m = _ASP_ERROR.search(line)
         if m and len(asp) < 16:

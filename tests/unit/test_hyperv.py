@@ -13,6 +13,7 @@ from snpd.device import hyperv
 from snpd.device.azure import AzureVtpmDevice
 from snpd.device.select import open_device
 from snpd.errors import DeviceUnavailable
+from snpd.status.kernel_log import parse_kernel_log
 
 SIG = struct.unpack("<III", b"Microsoft Hv")
 
@@ -46,9 +47,15 @@ def test_kernel_log_line() -> None:
     assert hyperv.snp_isolated_by_log(tdx) is False
     assert hyperv.snp_isolated_by_log(["Hyper-V: privilege flags low 0x2e7f"]) is None
     # CPUID first; the log only when the leaves cannot be read.
-    assert hyperv.snp_isolated(reader(leaves(features_ebx=0)), lambda: snp) is False
-    assert hyperv.snp_isolated(reader(None), lambda: snp) is True
-    assert hyperv.snp_isolated(reader(None), lambda: ()) is False
+    logged = hyperv.snp_isolated_by_log(snp)
+    assert hyperv.snp_isolated(reader(leaves(features_ebx=0)), logged) is False
+    assert hyperv.snp_isolated(reader(None), logged) is True
+    assert hyperv.snp_isolated(reader(None), hyperv.snp_isolated_by_log(())) is False
+    # The daemon gets the verdict from the kernel facts snpd-probe (root) recorded.
+    facts = parse_kernel_log(["SEV: Status: SEV SEV-ES SEV-SNP", *tdx, *snp])
+    assert facts.hyperv_snp is True and facts.to_json()["hyperv_snp"] is True
+    assert parse_kernel_log(tdx).hyperv_snp is False
+    assert parse_kernel_log(["SEV: Status: SEV"]).hyperv_snp is None
 
 
 def test_cpuid_device_reader(tmp_path: Path) -> None:
