@@ -205,6 +205,17 @@ class Tpm:
         raise Busy(f"the TPM stayed busy ({code}) after {self.tries} tries of "
                    f"TPM2_{last.command}") from last
 
+    def _handle_call(self, command: bytes, parse: Callable[[bytes], T], missing: str,
+                     hint: Optional[str]) -> T:
+        """:meth:`_call` for a command naming one handle: a handle the TPM does not have
+        raises :class:`DeviceUnavailable` saying ``missing`` (and why, when known)."""
+        try:
+            return self._call(command, parse)
+        except TpmError as exc:
+            if exc.handle_missing:
+                raise DeviceUnavailable(missing + (f": {hint}" if hint else "")) from exc
+            raise
+
     # -------------------------------------------------------------- NV
 
     def startup(self) -> None:
@@ -228,14 +239,9 @@ class Tpm:
 
     def nv_public(self, index: int) -> tc.NvPublic:
         """The index's public area; a missing index raises :class:`DeviceUnavailable`."""
-        try:
-            return self._call(tc.nv_read_public(index), tc.parse_nv_read_public)
-        except TpmError as exc:
-            if exc.handle_missing:
-                hint = _MISSING_INDEX.get(index)
-                raise DeviceUnavailable(f"NV index 0x{index:08x} is not defined"
-                                        + (f": {hint}" if hint else "")) from exc
-            raise
+        return self._handle_call(tc.nv_read_public(index), tc.parse_nv_read_public,
+                                 f"NV index 0x{index:08x} is not defined",
+                                 _MISSING_INDEX.get(index))
 
     def nv_read(self, index: int) -> bytes:
         """The whole index, read in chunks of the TPM's NV buffer."""
@@ -282,14 +288,8 @@ class Tpm:
 
     def read_public(self, handle: int) -> tc.TpmPublic:
         """The key's public area; no key at ``handle`` raises :class:`DeviceUnavailable`."""
-        try:
-            return self._call(tc.read_public(handle), tc.parse_read_public)
-        except TpmError as exc:
-            if exc.handle_missing:
-                hint = _MISSING_KEY.get(handle)
-                raise DeviceUnavailable(f"no key at handle 0x{handle:08x}"
-                                        + (f": {hint}" if hint else "")) from exc
-            raise
+        return self._handle_call(tc.read_public(handle), tc.parse_read_public,
+                                 f"no key at handle 0x{handle:08x}", _MISSING_KEY.get(handle))
 
     # -------------------------------------------------------------- quote and PCRs
 
