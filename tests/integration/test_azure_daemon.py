@@ -27,7 +27,7 @@ from daemonproc import (  # type: ignore[import-not-found]
     SnpdDaemon,
     snpd_client_call,
 )
-from dbusbus import REPO_ROOT  # type: ignore[import-not-found]
+from dbusbus import ATTESTATION, REPO_ROOT, calls_as  # type: ignore[import-not-found]
 from harness.proc import stop_process
 
 from snpd.abi.azure_evidence import parse_azure_evidence
@@ -157,3 +157,42 @@ def test_key_derivation_is_refused(azure: SnpdDaemon, transport: str) -> None:
 def test_the_daemon_names_its_backend(azure: SnpdDaemon) -> None:
     props = call(azure, "varlink", "properties")
     assert props["org.snpd.Snpd1.Attestation"]["Backend"] == "azure"
+
+
+HOSTILE = (b"\xff\xfe garbage", b"[" * 60_000, b'{"version": 1, "version": 2}')
+MEMBER = "snpd-test-user"
+
+
+def test_hostile_evidence_from_a_member_leaves_the_daemon_serving(azure: SnpdDaemon) -> None:
+    """What a report-group member can send VerifyEvidence, on both transports: garbage
+    and a nesting bomb are verdicts naming evidence.format, an oversize document is
+    InvalidArgument, an unknown format NotSupported; the daemon then still serves."""
+    where = {"socket_path": str(azure.socket_path)}
+
+    def verify(evidence: bytes, fmt: str = "az-snp-vtpm") -> Any:
+        return snpd_client_call("verify_evidence", evidence, b"n", fmt, user=MEMBER, **where)
+
+    for evidence in HOSTILE:
+        verdict = verify(evidence)
+        assert verdict["valid"] is False and verdict["failures"] == ["evidence.format"]
+    with pytest.raises(AssertionError, match="InvalidArgument.*65537 bytes"):
+        verify(b" " * 65537)
+    with pytest.raises(AssertionError, match="NotSupported"):
+        verify(b"{}", fmt="trustee")
+
+    method = (ATTESTATION, "VerifyEvidence", "sayaya{sv}")
+    replies = calls_as(MEMBER, azure.bus_address, [
+        *((*method, ["az-snp-vtpm", e, b"n", {}]) for e in HOSTILE),
+        (*method, ["az-snp-vtpm", b" " * 65537, b"n", {}]),
+        (*method, ["trustee", b"{}", b"n", {}]),
+        (ATTESTATION, "GetReport", "ayua{sv}", [b"still serving", 0xFFFFFFFF, {}]),
+    ])
+    for reply in replies[:len(HOSTILE)]:
+        result = reply.body[0]
+        assert result["valid"].value is False
+        assert result["failures"].value == ["evidence.format"]
+    # The bus transport's message bound (64 KiB) answers before the method's own.
+    assert replies[-3].error.endswith("InvalidArgument") and "65536" in replies[-3].text
+    assert replies[-2].error.endswith("NotSupported")
+    assert replies[-1].ok and len(replies[-1].body[0]) == 1184
+    assert len(snpd_client_call("get_report", b"still serving", user=MEMBER, **where)) == 1184
