@@ -13,7 +13,7 @@ derived keys: those calls are refused, never faked.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, TypeVar
 
 from snpd.abi import tpm
 from snpd.abi import tpm2_commands as tc
@@ -29,6 +29,7 @@ from snpd.device.base import (
 from snpd.device.tpm import DEFAULT_SPEC, Tpm, TpmChannel, open_tpm
 from snpd.errors import DeviceError, NotSupported, Timeout
 
+T = TypeVar("T")
 USER_DATA_SIZE = 64
 NO_DERIVED_KEYS = (
     "derived keys are not available on an Azure confidential VM: the paravisor owns the "
@@ -55,7 +56,7 @@ class AzureVtpmDevice:
             self._tpm = Tpm(self._opener(self.spec))
         return self._tpm
 
-    def _run(self, work: Callable[[Tpm], object]) -> object:
+    def _run(self, work: Callable[[Tpm], T]) -> T:
         """Run ``work``; a channel that failed is closed so the next call reopens it."""
         tpm_ = self._open()
         try:
@@ -70,9 +71,7 @@ class AzureVtpmDevice:
             if user_data is not None:
                 t.nv_write(tc.AZURE_USER_DATA_INDEX, user_data.ljust(USER_DATA_SIZE, b"\0"))
             return t.nv_read(tc.AZURE_HCL_REPORT_INDEX)
-        blob = self._run(work)
-        assert isinstance(blob, bytes)
-        return blob
+        return self._run(work)
 
     def report(self, request: ReportRequest) -> bytes:
         """The SNP report. Non-zero report_data becomes the runtime JSON's user-data
@@ -97,9 +96,7 @@ class AzureVtpmDevice:
             values = t.pcr_values(request.pcrs)
             bare = tpm.Signature.from_bytes(signature).signature
             return VtpmQuote(blob, attest, bare, tuple(values))
-        result = self._run(work)
-        assert isinstance(result, VtpmQuote)
-        return result
+        return self._run(work)
 
     def describe(self) -> Dict[str, object]:
         return {"backend": "azure", "tpm": self.spec,
