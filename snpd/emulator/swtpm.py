@@ -85,8 +85,9 @@ class SwtpmProcess:
                 "--flags", "not-need-init"]
 
     def start(self) -> SwtpmProcess:
-        """Start swtpm and return once its socket accepts a connection (bounded by
-        ``start_timeout``). Raises :class:`DeviceUnavailable` if it cannot start."""
+        """Start swtpm and return once its socket exists (bounded by ``start_timeout``);
+        swtpm may bind before it listens, so connect with :func:`connect`, which retries
+        a refusal. Raises :class:`DeviceUnavailable` if it cannot start."""
         if self._process is not None:
             raise RuntimeError("swtpm is already running")
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

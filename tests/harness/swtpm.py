@@ -20,8 +20,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Optional, Type
 
-from snpd.device.tpm import Tpm, open_tpm
-from snpd.emulator.swtpm import SWTPM, SwtpmProcess
+from snpd.device.tpm import SocketChannel, Tpm
+from snpd.emulator.swtpm import SWTPM, SwtpmProcess, connect
 
 from .proc import DEADLINE
 
@@ -45,7 +45,11 @@ class Swtpm:
                                     start_timeout=timeout)
         try:
             self.process.start()
-            with Tpm(open_tpm(self.spec, timeout=timeout)) as tpm:
+            # The socket exists once swtpm has bound it, which may be before it
+            # listens: the first connection retries a refusal.
+            sock = connect(self.process.socket_path, timeout=timeout)
+            sock.settimeout(timeout)
+            with Tpm(SocketChannel(str(self.process.socket_path), sock)) as tpm:
                 tpm.startup()
         except BaseException:
             self.close()
