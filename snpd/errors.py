@@ -69,6 +69,11 @@ class ConfigError(InvalidArgument):
     """A configuration or policy file is invalid; the message names the key."""
 
 
+class CanonicalizationError(InvalidArgument):
+    """A value has no RFC 8785 (JCS) canonical form: a non-string key, an integer beyond
+    2**53, NaN or Infinity, a lone surrogate, or nesting too deep."""
+
+
 class PermissionDenied(SnpdError):
     kind = "PermissionDenied"
     exit_code = EXIT_UNAVAILABLE
@@ -239,6 +244,29 @@ class UntrustedCertificate(CertificatesUnavailable):
     """Certificates arrived but did not verify against the trusted roots."""
 
 
+class KbsError(SnpdError):
+    """A Trustee Key Broker Service refused, failed, or answered something snpd cannot
+    use; ``status`` is the HTTP status when one was answered. Its own kind, because the
+    reaction (check the KBS, its policy or the network) differs from every local failure."""
+
+    kind = "KbsError"
+    exit_code = EXIT_UNAVAILABLE
+
+    def __init__(self, message: str, *, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class KbsProtocolError(KbsError):
+    """A KBS message is malformed: not the JSON, JWT or JWE the protocol names, or out
+    of bounds; the message names the field, never a secret."""
+
+
+class SecretDecryptionError(KbsProtocolError):
+    """A KBS resource (JWE) does not decrypt with the daemon's TEE key: a wrong key, a
+    tampered header, key or ciphertext. Says nothing about which step failed."""
+
+
 ALL_KINDS = (
     "InvalidArgument",
     "PermissionDenied",
@@ -248,5 +276,6 @@ ALL_KINDS = (
     "VmpckDisabled",
     "NotSupported",
     "CertificatesUnavailable",
+    "KbsError",
     "Internal",
 )

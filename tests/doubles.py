@@ -52,6 +52,7 @@ ERRORS: Dict[str, type] = {
     "VmpckDisabled": errors.VmpckDisabled,
     "NotSupported": errors.NotSupported,
     "CertificatesUnavailable": errors.CertificatesUnavailable,
+    "KbsError": errors.KbsError,
     "Internal": errors.Internal,
 }
 # The name each FakeService method records, and the access-table name it checks.

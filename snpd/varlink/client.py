@@ -35,6 +35,7 @@ from snpd.errors import (
     DeviceError,
     Internal,
     InvalidArgument,
+    KbsError,
     NotSupported,
     PermissionDenied,
     SnpdError,
@@ -55,7 +56,7 @@ _RECV = 1 << 16
 _KINDS: Dict[str, Type[SnpdError]] = {
     cls.kind: cls
     for cls in (InvalidArgument, PermissionDenied, Busy, Timeout, DeviceError, VmpckDisabled,
-                NotSupported, CertificatesUnavailable, Internal)
+                NotSupported, CertificatesUnavailable, KbsError, Internal)
 }
 _NOT_FOUND = ("org.varlink.service.InterfaceNotFound", "org.varlink.service.MethodNotFound",
               "org.varlink.service.MethodNotImplemented")

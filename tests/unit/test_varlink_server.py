@@ -516,7 +516,7 @@ def test_invalid_parameters_are_named(h: Harness, client: VarlinkClient,
 KIND_CLASSES = {cls.kind: cls for cls in (
     errors.InvalidArgument, errors.PermissionDenied, errors.Busy, errors.Timeout,
     errors.DeviceError, errors.VmpckDisabled, errors.NotSupported,
-    errors.CertificatesUnavailable, errors.Internal)}
+    errors.CertificatesUnavailable, errors.KbsError, errors.Internal)}
 
 
 @pytest.mark.parametrize("interface", SNPD_INTERFACES)
