@@ -361,6 +361,24 @@ def test_authed_but_not_attested_gets_no_resource(kbs: KbsServer, connect: Conne
     assert client.get("/kbs/v0/resource/default/key/disk").status_code == 401
 
 
+def test_session_ttl(kbs: KbsServer, connect: Connect, milan: Platform,
+                     keys: Dict[str, jwk.JWK]) -> None:
+    """A session made under a negative TTL is expired when the evidence arrives."""
+    pub = public(keys["P-256"], "ECDH-ES+A256KW")
+    kbs.session_ttl = -1.0
+    client = connect()
+    auth = client.post("/kbs/v0/auth", {"version": "0.4.0", "tee": "snp", "extra-params": ""})
+    nonce = auth.json()["nonce"]
+    assert not client.http.cookies  # requests drops a cookie that expired: send it anyway
+    answer = client.http.post(
+        kbs.url + "/kbs/v0/attest", verify=client.ca, timeout=30,
+        headers={"Cookie": auth.headers["Set-Cookie"].split(";")[0]},
+        json={"runtime-data": {"nonce": nonce, "tee-pubkey": pub},
+              "tee-evidence": {"primary_evidence": snp_evidence(milan, binding(nonce, pub)),
+                               "additional_evidence": ""}})
+    assert answer.status_code == 401 and answer.json()["detail"] == "session expired"
+
+
 def test_second_attest_returns_the_same_token(kbs: KbsServer, connect: Connect, milan: Platform,
                                               keys: Dict[str, jwk.JWK]) -> None:
     pub = public(keys["P-256"], "ECDH-ES+A256KW")
@@ -411,6 +429,18 @@ def test_tls_with_another_ca_fails(kbs: KbsServer, connect: Connect, tmp_path: P
     with pytest.raises(requests.exceptions.SSLError):
         client.auth()
     assert connect().auth()
+
+
+def test_certificate_names_127_0_0_1_and_localhost(kbs: KbsServer) -> None:
+    port = int(kbs.url.rsplit(":", 1)[1])
+    context = ssl.create_default_context(cafile=str(kbs.ca_pem))
+    for name in ("127.0.0.1", "localhost"):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+                context.wrap_socket(raw, server_hostname=name) as tls:
+            assert tls.version()
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as raw, \
+            pytest.raises(ssl.SSLCertVerificationError):
+        context.wrap_socket(raw, server_hostname="kbs.example")
 
 
 def _in_thread(call: Callable[[], Any]) -> Tuple[threading.Thread, List[Any]]:
