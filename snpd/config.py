@@ -53,6 +53,7 @@ from snpd.device import BACKENDS
 from snpd.emulator.launch import EmulatorConfig
 from snpd.errors import ConfigError
 from snpd.files import read_toml
+from snpd.kbs.access import AllowRule, pattern_ok
 from snpd.schema import (
     MAX_TOML_SIZE,
     Kind,
@@ -77,6 +78,7 @@ __all__ = [
     "DbusSection",
     "DeviceSection",
     "EmulatorSection",
+    "KbsEndpoint",
     "KdsSection",
     "LogSection",
     "QueueSection",
@@ -492,6 +494,122 @@ class LogSection(_Section):
         return LOG_LEVELS[self.level]
 
 
+# ---------------------------------------------------------------------------
+# [kbs.NAME]: Trustee Key Broker Services the daemon fetches secrets from
+
+KBS_SECTION = "kbs"
+TEE_KEYS = ("ec-p256", "ec-p521", "rsa")
+_KBS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+_MAX_RULES = 64
+_RULE_KEYS = ("groups", "uids", "resources", "token")
+
+
+def _https_url(path: str, value: object) -> str:
+    url = _url(path, value)
+    if urlsplit(url).scheme != "https":
+        raise _error(path, f"{show(value)} is not https: the KBS protocol relies on TLS to "
+                           "authenticate the KBS")
+    return url
+
+
+def _uid(path: str, value: object) -> int:
+    uid: int = integer(0, 2**32 - 2)(path, value)
+    return uid
+
+
+def _rule(path: str, value: object) -> AllowRule:
+    if not isinstance(value, Mapping):
+        raise _error(path, f"expected a table such as {{ groups = [\"app\"], resources = "
+                           f"[\"default/*/*\"] }}, got {show(value)}")
+    for key in value:
+        if key not in _RULE_KEYS:
+            raise unknown_key(path, key, _RULE_KEYS)
+    resources = list_of(_pattern)(f"{path}.resources", value.get("resources", ()))
+    rule = AllowRule(
+        groups=list_of(_group)(f"{path}.groups", value.get("groups", ())),
+        uids=list_of(_uid)(f"{path}.uids", value.get("uids", ())),
+        resources=resources,
+        token=boolean(f"{path}.token", value.get("token", False)))
+    if not rule.groups and not rule.uids:
+        raise _error(path, "names nobody: give groups or uids")
+    if not rule.resources and not rule.token:
+        raise _error(path, "grants nothing: give resources (or token = true)")
+    return rule
+
+
+def _pattern(path: str, value: object) -> str:
+    if not pattern_ok(value):
+        raise _error(path, f"expected REPOSITORY/TYPE/TAG, each a name or *, got {show(value)}")
+    assert isinstance(value, str)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class KbsEndpoint:
+    """``[kbs.NAME]``: one Trustee KBS. Callers name it; they never pass a URL, so a
+    local user cannot point the daemon's attestation at a server of their own."""
+
+    name: str
+    url: str
+    # The CA that signed the KBS's certificate; None: the system's trust store.
+    ca_cert: Optional[Path] = None
+    # The ephemeral key the KBS encrypts resources to: EC (ECDH-ES+A256KW) or
+    # RSA (RSA-OAEP-256). It is made in the daemon and never leaves it.
+    tee_key: str = "ec-p256"
+    timeout_s: float = 30.0
+    allow: Tuple[AllowRule, ...] = ()
+
+    KEYS: ClassVar[Tuple[str, ...]] = ("url", "ca_cert", "tee_key", "timeout_s", "allow")
+
+    def __post_init__(self) -> None:
+        path = f"{KBS_SECTION}.{key_text(self.name)}"
+        if not isinstance(self.name, str) or not _KBS_NAME.fullmatch(self.name):
+            raise _error(path, "a KBS name is 1-64 letters, digits, '_' or '-'")
+        object.__setattr__(self, "url", _https_url(f"{path}.url", self.url))
+        if self.ca_cert is not None:
+            object.__setattr__(self, "ca_cert", _abs_path(f"{path}.ca_cert", self.ca_cert))
+        choice(*TEE_KEYS)(f"{path}.tee_key", self.tee_key)
+        object.__setattr__(self, "timeout_s",
+                           seconds(600)(f"{path}.timeout_s", self.timeout_s))
+        rules = self.allow
+        if not isinstance(rules, (list, tuple)) or len(rules) > _MAX_RULES:
+            raise _error(f"{path}.allow", f"expected an array of at most {_MAX_RULES} rules")
+        object.__setattr__(self, "allow", tuple(
+            r if isinstance(r, AllowRule) else _rule(f"{path}.allow[{i}]", r)
+            for i, r in enumerate(rules)))
+
+    @classmethod
+    def from_mapping(cls, name: object, table: object) -> KbsEndpoint:
+        path = f"{KBS_SECTION}.{key_text(name)}"
+        if not isinstance(table, Mapping):
+            raise _error(path, f"expected a [{path}] table, got {show(table)}")
+        for key in table:
+            if key not in cls.KEYS:
+                raise unknown_key(path, key, cls.KEYS)
+        if "url" not in table:
+            raise _error(f"{path}.url", "missing: the KBS's https:// URL")
+        kwargs: Dict[str, Any] = dict(table)
+        return cls(name=name, **kwargs)  # type: ignore[arg-type]
+
+    def to_dict(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"url": self.url, "tee_key": self.tee_key,
+                               "timeout_s": self.timeout_s,
+                               "allow": [dataclasses.asdict(r) for r in self.allow]}
+        if self.ca_cert is not None:
+            out["ca_cert"] = str(self.ca_cert)
+        for rule in out["allow"]:
+            for key in ("groups", "uids", "resources"):
+                rule[key] = list(rule[key])
+        return out
+
+
+def _kbs_endpoints(value: object) -> Mapping[str, KbsEndpoint]:
+    if not isinstance(value, Mapping):
+        raise _error(KBS_SECTION, f"expected [kbs.NAME] tables, got {show(value)}")
+    return types.MappingProxyType(
+        {str(name): KbsEndpoint.from_mapping(name, table) for name, table in value.items()})
+
+
 _SECTIONS: Dict[str, Type[_Section]] = {
     cls.NAME: cls
     for cls in (DeviceSection, QueueSection, KdsSection, AccessSection, DbusSection,
@@ -565,6 +683,8 @@ class Config:
     # [policy.NAME] tables, by name.
     policies: Mapping[str, AppraisalPolicy] = field(
         default_factory=lambda: types.MappingProxyType({}))
+    # [kbs.NAME] tables, by name.
+    kbs: Mapping[str, KbsEndpoint] = field(default_factory=lambda: types.MappingProxyType({}))
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -576,6 +696,10 @@ class Config:
             if not isinstance(name, str) or not isinstance(policy, AppraisalPolicy):
                 raise _error(f"{POLICY_SECTION}.{key_text(name)}", "expected an AppraisalPolicy")
         object.__setattr__(self, "policies", types.MappingProxyType(dict(self.policies)))
+        if not isinstance(self.kbs, Mapping) or not all(
+                isinstance(e, KbsEndpoint) and e.name == n for n, e in self.kbs.items()):
+            raise _error(KBS_SECTION, "expected a mapping of names to KbsEndpoint")
+        object.__setattr__(self, "kbs", types.MappingProxyType(dict(self.kbs)))
         if not self.dbus.enabled and not self.varlink.enabled:
             raise _error("varlink.enabled", "false together with dbus.enabled = false "
                                             "leaves the daemon no transport to serve")
@@ -603,10 +727,12 @@ class Config:
             if key == POLICY_SECTION:
                 table: Any = value  # policies_from_mapping checks that it is a table
                 kwargs["policies"] = policies_from_mapping(table, name=POLICY_SECTION)
+            elif key == KBS_SECTION:
+                kwargs["kbs"] = _kbs_endpoints(value)
             elif isinstance(key, str) and key in _SECTIONS:
                 kwargs[key] = _SECTIONS[key].from_mapping(value)
             else:
-                known = ", ".join(sorted([*_SECTIONS, POLICY_SECTION]))
+                known = ", ".join(sorted([*_SECTIONS, POLICY_SECTION, KBS_SECTION]))
                 raise _error(key_text(key), f"unknown section (known: {known})")
         return cls(**kwargs)
 
@@ -614,6 +740,7 @@ class Config:
         """JSON-ready values under the TOML names; :meth:`from_mapping` reads it back."""
         out: Dict[str, Any] = {name: getattr(self, name).to_dict() for name in _SECTIONS}
         out[POLICY_SECTION] = {name: _policy_to_dict(p) for name, p in self.policies.items()}
+        out[KBS_SECTION] = {name: e.to_dict() for name, e in self.kbs.items()}
         return out
 
     def to_json(self, *, indent: Optional[int] = 2) -> str:

@@ -25,6 +25,7 @@ from snpd.config import (
     DbusSection,
     DeviceSection,
     EmulatorSection,
+    KbsEndpoint,
     KdsSection,
     LogSection,
     QueueSection,
@@ -284,7 +285,7 @@ def test_config_is_immutable_all_the_way_down() -> None:
 
 # -- errors ----------------------------------------------------------------------
 
-SECTIONS = "access, dbus, device, emulator, kds, log, policy, queue, varlink"
+SECTIONS = "access, dbus, device, emulator, kbs, kds, log, policy, queue, varlink"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -563,7 +564,15 @@ def test_shipped_policy_example_parses() -> None:
     cfg = parse_config(text)
     assert set(cfg.policies) == {"production"}
     assert cfg.policies["production"].allow_debug is False
-    assert dataclasses.replace(cfg, policies={}) == Config()
+    assert dataclasses.replace(cfg, policies={}, kbs={}) == Config()
+
+
+def test_shipped_kbs_example_parses() -> None:
+    text, keys = _uncomment(SHIPPED.read_text(encoding="utf-8"), examples=True)
+    assert keys["kbs.fleet"] == list(KbsEndpoint.KEYS)
+    fleet = parse_config(text).kbs["fleet"]
+    assert fleet.url.startswith("https://") and len(fleet.allow) == 2
+    assert fleet.allow[1].token and not fleet.allow[0].token
 
 
 # -- property: the mapping-level parser raises ConfigError and nothing else ------------

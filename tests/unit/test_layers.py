@@ -23,11 +23,13 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("base", ("snpd", "snpd.errors", "snpd.schema", "snpd.abi")),
     ("trust", ("snpd.trust",)),  # the pure core: parsing and verification, no I/O
     ("io", ("snpd.files", "snpd.kds.urls")),
+    # The KBS protocol: pure messages, JCS and JWE, the allow rules, and its HTTP client.
+    ("kbs", ("snpd.kbs",)),
     ("emulator", ("snpd.emulator",)),  # the software platform under the device layer
     ("device", ("snpd.device",)),
     ("config", ("snpd.config",)),
     ("service", ("snpd.access", "snpd.scheduler", "snpd.vmpck", "snpd.broker",
-                 "snpd.events", "snpd.service")),
+                 "snpd.events", "snpd.secrets", "snpd.service")),
     ("daemon", ("snpd.daemon",)),
 )
 CHECKED_UP_TO = "config"
