@@ -252,9 +252,12 @@ class KbsError(SnpdError):
     kind = "KbsError"
     exit_code = EXIT_UNAVAILABLE
 
-    def __init__(self, message: str, *, status: Optional[int] = None) -> None:
+    def __init__(self, message: str, *, status: Optional[int] = None,
+                 error_type: str = "") -> None:
         super().__init__(message)
         self.status = status
+        # The name in Trustee's ErrorInformation ("PolicyDeny"), when the KBS sent one.
+        self.error_type = error_type
 
 
 class KbsProtocolError(KbsError):
