@@ -38,6 +38,10 @@ METHODS: Mapping[str, Permission] = {
     # no use for them and each read costs the daemon: root and either group, as the
     # shipped bus policy already says for D-Bus.
     "GetProperties": Permission.MEMBER,
+    # Anyone may ask; the [kbs.NAME] allow rules decide per resource (snpd.secrets),
+    # and nothing is allowed by default.
+    "GetResource": Permission.PUBLIC,
+    "GetToken": Permission.PUBLIC,
 }
 """Every method of the service (transport-neutral names) and who may call it."""
 

@@ -89,6 +89,7 @@ class _Varlink:
 
 def _varlink_ops(call: Any) -> Dict[str, Any]:
     A, K, M = "org.snpd.Attestation.", "org.snpd.Keys.", "org.snpd.Manager."
+    S = "org.snpd.Secrets."
 
     def verify_options(certs: CertificateList, at: Optional[int], policy: Optional[str],
                        product: Optional[str]) -> Dict[str, Any]:
@@ -119,6 +120,9 @@ def _varlink_ops(call: Any) -> Dict[str, Any]:
             tcb_version=tcb)["key"]),
         "derive_sealing_key": lambda label, fields: _unb64(call(
             K + "DeriveSealingKey", label=label, fields=list(fields) or None)["key"]),
+        "get_resource": lambda kbs, path: _unb64(call(
+            S + "GetResource", kbs=kbs, path=path)["resource"]),
+        "get_token": lambda kbs: call(S + "GetToken", kbs=kbs)["token"],
         "refresh_certificates": lambda: call(M + "RefreshCertificates") and None,
         "properties": lambda: _by_interface(call(M + "Describe")["properties"]),
     }
@@ -255,6 +259,7 @@ def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
     from dbus_fast import Variant  # lazy: optional, D-Bus only (see _DBus._connect)
 
     A, K, M = "org.snpd.Snpd1.Attestation", "org.snpd.Snpd1.Keys", "org.snpd.Snpd1.Manager"
+    S = "org.snpd.Snpd1.Secrets"
 
     def vmpl_arg(vmpl: Optional[int]) -> int:
         return DEFAULT_VMPL if vmpl is None else vmpl
@@ -315,6 +320,9 @@ def _dbus_ops(dbus: _DBus) -> Dict[str, Any]:
             [root, list(fields), vmpl_arg(vmpl), svn or 0, tcb or 0, {}])[0]),
         "derive_sealing_key": lambda label, fields: bytes(dbus.call(
             K, "DeriveSealingKey", "sasa{sv}", [label, list(fields), {}])[0]),
+        "get_resource": lambda kbs, path: bytes(dbus.call(
+            S, "GetResource", "ssa{sv}", [kbs, path, {}])[0]),
+        "get_token": lambda kbs: dbus.call(S, "GetToken", "sa{sv}", [kbs, {}])[0],
         "refresh_certificates": lambda: dbus.call(M, "RefreshCertificates", "", []) and None,
         "properties": properties,
     }
@@ -428,6 +436,17 @@ class SnpdClient:
         result: bytes = self._ops["derive_sealing_key"](label, fields)
         return result
 
+    # Secrets
+    def get_resource(self, kbs: str, path: str) -> bytes:
+        """Resource ``path`` (REPOSITORY/TYPE/TAG) from the configured KBS ``kbs``."""
+        result: bytes = self._ops["get_resource"](kbs, path)
+        return result
+
+    def get_token(self, kbs: str) -> str:
+        """The attestation token of the daemon's session with KBS ``kbs``."""
+        result: str = self._ops["get_token"](kbs)
+        return result
+
     # Manager
     def refresh_certificates(self) -> None:
         self._ops["refresh_certificates"]()
@@ -493,6 +512,14 @@ class AsyncSnpdClient:
 
     async def derive_sealing_key(self, label: str, fields: Sequence[str] = ()) -> bytes:
         result: bytes = await self._run("derive_sealing_key", label, fields)
+        return result
+
+    async def get_resource(self, kbs: str, path: str) -> bytes:
+        result: bytes = await self._run("get_resource", kbs, path)
+        return result
+
+    async def get_token(self, kbs: str) -> str:
+        result: str = await self._run("get_token", kbs)
         return result
 
     async def derive_key(self, root_key: str = "vcek", fields: Sequence[str] = (),

@@ -33,6 +33,7 @@ from snpd.kds.cache import CertificateCache
 from snpd.kds.negative import NegativeCache
 from snpd.notify import Notifier
 from snpd.ratelimit import Rate
+from snpd.secrets import Secrets
 from snpd.service import ReportOptions, Service
 from snpd.status.kernel_log import parse_kernel_log
 from snpd.status.probe import (
@@ -98,6 +99,13 @@ class LazyKdsClient:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def group_id(name: str) -> Optional[int]:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
 
 
 def resolve_groups(names: Sequence[str], events: Events) -> FrozenSet[int]:
@@ -256,6 +264,9 @@ class Daemon:
             product_hint_source=hint_source,
             request_timeout=cfg.device.request_timeout_s,
             kds_budget=kds_budget(cfg), kds_workers=cfg.kds.workers)
+        self.service.secrets = Secrets(cfg.kbs, tee=self.service.kbs_tee,
+                                       evidence=self.service.kbs_evidence, events=self.events,
+                                       gid_lookup=group_id)
         await self._start_transports()
         self.notifier.ready(self.status_line())
         self._log_status()
@@ -451,12 +462,15 @@ class Daemon:
             self.service.access = Access(resolve_groups(new.access.report_groups, self.events),
                                          resolve_groups(new.access.key_groups, self.events))
             self.service.policies = dict(new.policies)
+            if self.service.secrets is not None:
+                self.service.secrets.configure(new.kbs)
         self.events.max_priority = new.log.max_priority
         self._repeat_limit()
         restart = [name for name in ("device", "queue", "kds", "dbus", "varlink", "emulator")
                    if getattr(old, name).to_dict() != getattr(new, name).to_dict()]
         note = f"; restart snpd to apply [{'], ['.join(restart)}]" if restart else ""
-        self.events.log("notice", f"configuration reloaded (access, policies, log level){note}")
+        self.events.log("notice", "configuration reloaded (access, policies, KBSes, log level)"
+                                  f"{note}")
         self.notifier.ready(self.status_line())
 
     async def shutdown(self) -> None:

@@ -63,6 +63,9 @@ MESSAGE_IDS: Dict[str, str] = {
     "CLIENT_THROTTLED": "1f3b5d7f9a2c4e6b8d0f2a4c6e8b0d91",
     "VMPCK_DISABLED": "e9b1d3f5a7c94e2b6d8f0a2c4e6b8da3",
     "CERT_REJECTED": "7a9c1e3b5d7f4a2c8e0b2d4f6a8c0eb5",
+    # A KBS released a resource or token to a caller, or did not (never the secret).
+    "SECRET_RELEASED": "7633dea84841487c997cde42a2c6b3c8",
+    "SECRET_FAILED": "91794e37f47d46f3b30b0de78ccbf9ff",
 }
 
 PRIORITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
@@ -314,6 +317,16 @@ class Events:
                       operation=op, errno=getattr(exc, "errno", None),
                       fw_error=getattr(exc, "fw_error", None),
                       vmm_error=getattr(exc, "vmm_error", None), **self._caller(caller))
+
+    def secret_released(self, caller: Caller, kbs: str, what: str) -> None:
+        """``what``: ``resource REPO/TYPE/TAG`` or ``token``; never the secret itself."""
+        self.emit("SECRET_RELEASED", "info", f"KBS {kbs} released {what} to "
+                  f"{caller.describe()}", kbs=kbs, secret=what, **self._caller(caller))
+
+    def secret_failed(self, caller: Caller, kbs: str, what: str, exc: Exception) -> None:
+        self.emit("SECRET_FAILED", "warning", f"KBS {kbs}: {what} for {caller.describe()} "
+                  f"failed: {exc}", repeat_key=(kbs, caller.uid), kbs=kbs, secret=what,
+                  error=type(exc).__name__, **self._caller(caller))
 
     def vmpck_disabled(self, reason: str) -> None:
         self.emit("VMPCK_DISABLED", "crit", reason)

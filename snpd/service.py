@@ -80,6 +80,9 @@ from snpd.trust.result import Verdict
 from snpd.trust.verify import Verifier
 
 if TYPE_CHECKING:
+    from snpd.secrets import Secrets
+
+if TYPE_CHECKING:
     from snpd.broker import Broker
     from snpd.events import Events
     from snpd.trust.appraisal import AppraisalPolicy
@@ -328,6 +331,10 @@ class ServiceAPI(Protocol):
 
     async def refresh_certificates(self, caller: Caller) -> None: ...
 
+    async def get_resource(self, caller: Caller, kbs: str, path: str) -> bytes: ...
+
+    async def get_token(self, caller: Caller, kbs: str) -> str: ...
+
     def properties(self, caller: Optional[Caller] = None) -> Properties: ...
 
     def subscribe(self, listener: Listener) -> None: ...
@@ -381,6 +388,8 @@ class Service:
         self.kds_budget = kds_budget or KdsBudget()
         self._kds_pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=kds_workers, thread_name_prefix="snpd-kds")
+        # GetResource and GetToken; the daemon sets it from [kbs.NAME] (None: none).
+        self.secrets: Optional[Secrets] = None
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -456,6 +465,10 @@ class Service:
         """GetReport plus the certificates that verify it: the host's table when it
         verifies, else the verified cache / KDS; empty when none could be had."""
         self.access.check_call(caller, "GetExtendedReport")
+        return await self._extended_report(caller, report_data, vmpl, options)
+
+    async def _extended_report(self, caller: Caller, report_data: bytes,
+                               vmpl: Optional[int], options: ReportOptions) -> ExtendedReport:
         request = ExtendedReportRequest(report_data, self._vmpl(vmpl))
         extended = await self._firmware(caller, request, deadline=self._deadline(options))
         report: bytes = extended.report
@@ -501,6 +514,8 @@ class Service:
         """Stop the KDS pool: queued lookups are cancelled, running ones end by the KDS
         client's deadline without being waited for."""
         self._kds_pool.shutdown(wait=False, cancel_futures=True)
+        if self.secrets is not None:
+            self.secrets.close()
 
     async def _certificates_for(self, caller: Caller, report: AttestationReport,
                                 table: Sequence[object]) -> CertificateSet:
@@ -648,9 +663,14 @@ class Service:
         if fmt not in FORMATS:
             raise NotSupported(f"evidence format {fmt!r} is not supported "
                                f"(supported: {', '.join(FORMATS)})")
+        return await self._evidence(caller, nonce, options)
+
+    async def _evidence(self, caller: Caller, nonce: bytes, options: ReportOptions
+                        ) -> Evidence:
+        """Trustee's evidence for this platform: az-snp-vtpm on Azure, else snp."""
         if self.backend == AZURE_BACKEND:
             return await self._azure_evidence(caller, nonce, options)
-        extended = await self.get_extended_report(caller, nonce, None, options)
+        extended = await self._extended_report(caller, nonce, None, options)
         parsed = AttestationReport.from_bytes(extended.report)
         product = parsed.cpuid_product or self.product
         if product is None:
@@ -712,6 +732,33 @@ class Service:
                    info=info).derive(raw)
         self.events.key_derived(caller, "sealing", firmware.fields)
         return key
+
+    # -- Secrets: the [kbs.NAME] allow rules decide, per resource -----------------------------
+
+    @property
+    def kbs_tee(self) -> str:
+        """The KBS protocol's name for this platform's evidence."""
+        return "az-snp-vtpm" if self.backend == AZURE_BACKEND else "snp"
+
+    async def kbs_evidence(self, caller: Caller, binding: bytes) -> bytes:
+        """The primary evidence a KBS attests, binding ``binding``, on the caller's
+        account at the broker (the caller was admitted by an allow rule, not a group)."""
+        evidence = await self._evidence(caller, binding, ReportOptions())
+        return evidence.data
+
+    def _secrets(self, caller: Caller, method: str) -> Secrets:
+        self.access.check_call(caller, method)
+        if self.secrets is None:
+            raise NotSupported("no KBS is configured ([kbs.NAME] in snpd.toml)")
+        return self.secrets
+
+    async def get_resource(self, caller: Caller, kbs: str, path: str) -> bytes:
+        """Resource ``path`` (REPOSITORY/TYPE/TAG) from KBS ``kbs``, decrypted."""
+        return await self._secrets(caller, "GetResource").get_resource(caller, kbs, path)
+
+    async def get_token(self, caller: Caller, kbs: str) -> str:
+        """The attestation token of the daemon's session with KBS ``kbs``."""
+        return await self._secrets(caller, "GetToken").get_token(caller, kbs)
 
     # -- Manager --------------------------------------------------------------------------------
 

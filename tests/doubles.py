@@ -62,6 +62,7 @@ _METHODS = {
     "verify_evidence": "VerifyEvidence",
     "get_evidence": "GetEvidence", "derive_key": "DeriveKey",
     "derive_sealing_key": "DeriveSealingKey", "refresh_certificates": "RefreshCertificates",
+    "get_resource": "GetResource", "get_token": "GetToken",
 }
 
 
@@ -237,4 +238,12 @@ class FakeService:
 
     async def refresh_certificates(self, caller: Caller) -> None:
         await self._enter("refresh_certificates", caller)
+
+    async def get_resource(self, caller: Caller, kbs: str, path: str) -> bytes:
+        await self._enter("get_resource", caller, kbs, path)
+        return f"resource {kbs} {path}".encode()
+
+    async def get_token(self, caller: Caller, kbs: str) -> str:
+        await self._enter("get_token", caller, kbs)
+        return f"token.{kbs}.fake"
 

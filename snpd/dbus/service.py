@@ -103,7 +103,8 @@ OBJECT_PATH = "/org/snpd/Snpd1"
 ATTESTATION = "org.snpd.Snpd1.Attestation"
 KEYS = "org.snpd.Snpd1.Keys"
 MANAGER = "org.snpd.Snpd1.Manager"
-INTERFACES = (ATTESTATION, KEYS, MANAGER)
+SECRETS = "org.snpd.Snpd1.Secrets"
+INTERFACES = (ATTESTATION, KEYS, SECRETS, MANAGER)
 INTROSPECTION_FILE = "org.snpd.Snpd1.xml"
 INTERNAL_ERROR = DBUS_PREFIX + "Internal"
 DEFAULT_SYSTEM_BUS = "unix:path=/var/run/dbus/system_bus_socket"  # the D-Bus spec default
@@ -520,6 +521,26 @@ class KeysInterface(_Interface):
             _timeout(options, "DeriveSealingKey")), _ay)
 
 
+class SecretsInterface(_Interface):
+    OUT_ARGS = {"GetResource": ("resource",), "GetToken": ("token",)}
+
+    def __init__(self, server: _Server) -> None:
+        super().__init__(SECRETS, server)
+
+    @_dbus_method("GetResource", "ay", kbs="s", path="s", options="a{sv}")
+    async def get_resource(self, kbs: str, path: str, options: Mapping[str, Any]) -> bytes:
+        core = self._server.core
+        check_options(decode_options(options), {}, "GetResource")
+        return await self._call("GetResource", lambda caller: core.get_resource(
+            caller, kbs, path), _ay)
+
+    @_dbus_method("GetToken", "s", kbs="s", options="a{sv}")
+    async def get_token(self, kbs: str, options: Mapping[str, Any]) -> str:
+        core = self._server.core
+        check_options(decode_options(options), {}, "GetToken")
+        return await self._call("GetToken", lambda caller: core.get_token(caller, kbs), text)
+
+
 class ManagerInterface(_Interface):
     def __init__(self, server: _Server) -> None:
         super().__init__(MANAGER, server)
@@ -656,6 +677,7 @@ class _Server:
         self.interfaces: Dict[str, _Interface] = {
             ATTESTATION: AttestationInterface(self),
             KEYS: KeysInterface(self),
+            SECRETS: SecretsInterface(self),
             MANAGER: ManagerInterface(self),
         }
         methods = {(iface.name, m.name): m.in_signature

@@ -115,7 +115,7 @@ from snpd.varlink.protocol import (
     to_json,
 )
 
-INTERFACES = ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Manager")
+INTERFACES = ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Secrets", "org.snpd.Manager")
 TRANSPORT = "varlink"
 READ_CHUNK = 1 << 16  # the most one recv() takes in; the budgets may allow less
 ROOT_UID = 0
@@ -838,6 +838,11 @@ class VarlinkServer:
                 Field("fields", Kind.STRINGS, optional=True),
                 _OPTIONS,
             ), self._derive_sealing_key),
+            "org.snpd.Secrets.GetResource": Method((
+                Field("kbs", Kind.STRING), Field("path", Kind.STRING), _OPTIONS,
+            ), self._get_resource),
+            "org.snpd.Secrets.GetToken": Method((Field("kbs", Kind.STRING), _OPTIONS),
+                                                self._get_token),
             "org.snpd.Manager.RefreshCertificates": Method((), self._refresh_certificates),
             "org.snpd.Manager.GetProperties": Method((), self._get_properties),
             "org.snpd.Manager.Describe": Method((), self._describe),
@@ -885,6 +890,15 @@ class VarlinkServer:
         key = await self.service.derive_sealing_key(caller, request,
                                                     _timeout(p["options"], "DeriveSealingKey"))
         return {"key": encode_bytes(key)}
+
+    async def _get_resource(self, caller: Caller, p: Params) -> Params:
+        check_options(p["options"] or {}, {}, "GetResource")
+        resource = await self.service.get_resource(caller, p["kbs"], p["path"])
+        return {"resource": encode_bytes(resource)}
+
+    async def _get_token(self, caller: Caller, p: Params) -> Params:
+        check_options(p["options"] or {}, {}, "GetToken")
+        return {"token": await self.service.get_token(caller, p["kbs"])}
 
     async def _refresh_certificates(self, caller: Caller, p: Params) -> Params:
         await self.service.refresh_certificates(caller)

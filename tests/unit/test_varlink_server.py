@@ -51,10 +51,12 @@ from snpd.varlink.server import ListenFd, VarlinkServer
 
 REPO = Path(__file__).resolve().parents[2]
 IDL_DIR = REPO / "snpd" / "varlink"
-SNPD_INTERFACES = ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Manager")
+SNPD_INTERFACES = ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Secrets",
+                   "org.snpd.Manager")
 ONE_METHOD = {  # a cheap method of each interface, to raise errors from
     "org.snpd.Attestation": ("org.snpd.Attestation.GetCertificates", {}),
     "org.snpd.Keys": ("org.snpd.Keys.DeriveSealingKey", {"label": "x"}),
+    "org.snpd.Secrets": ("org.snpd.Secrets.GetToken", {"kbs": "fleet"}),
     "org.snpd.Manager": ("org.snpd.Manager.RefreshCertificates", {}),
 }
 WAIT = 30.0  # only a guard against hangs; no test asserts on time
