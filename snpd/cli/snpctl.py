@@ -859,6 +859,80 @@ def _direct_evidence(args: argparse.Namespace, out: Output, nonce: bytes) -> Any
     return TRUSTEE_MEDIA_TYPE, trustee_evidence(report, product, leaf)
 
 
+# -- kbs: secrets from a Trustee KBS -----------------------------------------------------------
+
+
+class _DirectAttester:
+    """--direct: evidence from the firmware in this process, as GetEvidence --direct
+    makes it (the KBS protocol's ``snp`` TEE)."""
+
+    tee = "snp"
+
+    def __init__(self, args: argparse.Namespace, out: Output) -> None:
+        self._args, self._out = args, out
+
+    def evidence(self, binding: bytes) -> object:
+        import json  # lazy: snpctl's fast path imports no more than it needs
+
+        _, evidence = _direct_evidence(self._args, self._out, binding)
+        return json.loads(evidence)
+
+
+def _direct_kbs(args: argparse.Namespace) -> Any:
+    """The KBS ``args.name`` of the configuration file, and a client for it: the daemon's
+    own client, run in this process (root; the allow rules are the daemon's)."""
+    # lazy: --direct kbs only (snpd.config imports most of snpd)
+    from snpd.config import load_config
+    from snpd.kbs.client import KbsClient
+
+    if (args.backend or "") == "azure":
+        raise NotSupported("snpctl kbs --direct has no Azure vTPM attester; ask the daemon")
+    cfg = load_config(_path(args.config) if args.config else None)
+    endpoint = cfg.kbs.get(args.name)
+    if endpoint is None:
+        known = ", ".join(sorted(cfg.kbs)) or "none"
+        raise UsageError(f"no [kbs.{args.name}] in the configuration (configured: {known})")
+    return KbsClient(endpoint.name, endpoint.url, ca_cert=endpoint.ca_cert,
+                     tee_key=endpoint.tee_key, timeout=endpoint.timeout_s)
+
+
+def cmd_kbs_resource(args: argparse.Namespace, out: Output) -> int:
+    check_output(args.outfile, "resource file")
+    if _direct(args):
+        client = _direct_kbs(args)
+        try:
+            data = client.resource(args.path, _DirectAttester(args, out))
+        finally:
+            client.close()
+        via = "direct"
+    else:
+        with _client(args) as daemon:
+            data = daemon.get_resource(args.name, args.path)
+            via = f"daemon ({daemon.transport})"
+    # A secret: readable by its owner only, and never printed.
+    write_file(args.outfile, data, mode=0o600)
+    out.json({"file": args.outfile, "kbs": args.name, "path": args.path, "size": len(data),
+              "via": via})
+    out.result(f"wrote {args.outfile} ({len(data)} bytes of {args.path} from KBS "
+               f"{args.name})")
+    return EXIT_OK
+
+
+def cmd_kbs_token(args: argparse.Namespace, out: Output) -> int:
+    if _direct(args):
+        client = _direct_kbs(args)
+        try:
+            token = client.token(_DirectAttester(args, out))
+        finally:
+            client.close()
+    else:
+        with _client(args) as daemon:
+            token = daemon.get_token(args.name)
+    out.json({"kbs": args.name, "token": token})
+    out.result(token)
+    return EXIT_OK
+
+
 def cmd_ok(args: argparse.Namespace, out: Output) -> int:
     """Is SEV-SNP active and the guest interface usable? The daemon's facts when one
     answers (its privileged probe read the kernel log); else, or with --direct, what
@@ -1104,6 +1178,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="trustee", choices=("trustee",))
     p.add_argument("--nonce-file", metavar="FILE",
                    help="up to 64 bytes to bind (default: 32 random bytes)")
+    kbs = group("kbs", "secrets from a Trustee Key Broker Service configured as [kbs.NAME]")
+
+    def add_kbs(name: str, func: Callable[[argparse.Namespace, Output], int],
+                help_text: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = kbs.add_parser(name, parents=[common, firmware],
+                                                    help=help_text, description=help_text)
+        p.set_defaults(func=func)
+        p.add_argument("name", metavar="NAME", help="the KBS, as named in [kbs.NAME]")
+        p.add_argument("--config", metavar="FILE",
+                       help="with --direct: the configuration naming the KBS (default "
+                            "/etc/snpd/snpd.toml)")
+        return p
+
+    p = add_kbs("get-resource", cmd_kbs_resource,
+                "fetch a resource from the KBS through the daemon (or --direct, root), "
+                "decrypted, into OUTFILE (mode 0600)")
+    p.add_argument("path", metavar="REPOSITORY/TYPE/TAG")
+    p.add_argument("outfile", metavar="OUTFILE")
+    add_kbs("token", cmd_kbs_token, "print the KBS's attestation token for the daemon's "
+            "session (a bearer credential)")
     p = add(sub, "cache", cmd_cache, "show the daemon's certificate cache counters, or "
             "refresh this platform's chain and CRL now (root)")
     p.add_argument("action", nargs="?", choices=("show", "refresh"), default="show")
