@@ -727,6 +727,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     product: Optional[Product] = None
     source, tcb, vmpl = "", 0, status.vmpl or 0
     state, reason, backend = "ready", "", "none"
+    binding: Optional[str] = None  # what REPORT_DATA binds, once a backend opened
     described: Optional[Dict[str, object]] = None
     try:
         device = _device(args)
@@ -736,6 +737,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
         try:
             backend, described = device.name, device.describe()
             platform = device.platform()
+            binding = platform.report_data
             if platform.emulated and platform.guest_vmpl is not None:
                 status = emulated(platform.guest_vmpl, list(platform.driver_log),
                                   device_node=platform.device_node)
@@ -757,9 +759,12 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     sev = status_properties(status)
     if product is not None:
         sev["product_source"] = source
-    return {ATTESTATION: {"Backend": backend, "Product": product.value if product else "",
-                          "Vmpl": vmpl, "ReportedTcb": tcb, "State": state,
-                          "StateReason": reason},
+    attestation: Dict[str, object] = {
+        "Backend": backend, "Product": product.value if product else "", "Vmpl": vmpl,
+        "ReportedTcb": tcb, "State": state, "StateReason": reason}
+    if binding is not None:
+        attestation["ReportDataBinding"] = binding
+    return {ATTESTATION: attestation,
             MANAGER: {"Version": __version__, "SevStatus": sev, "Statistics": {}},
             "device": described}
 

@@ -154,9 +154,13 @@ def test_key_derivation_is_refused(azure: SnpdDaemon, transport: str) -> None:
             call(azure, transport, op, *args)
 
 
-def test_the_daemon_names_its_backend(azure: SnpdDaemon) -> None:
-    props = call(azure, "varlink", "properties")
-    assert props["org.snpd.Snpd1.Attestation"]["Backend"] == "azure"
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_daemon_names_its_backend_and_binding(azure: SnpdDaemon, transport: str) -> None:
+    """Backend "azure" and ReportDataBinding "runtime-data" (REPORT_DATA binds the
+    runtime JSON) on both transports, and SnpdClient.report_data_binding says so."""
+    props = call(azure, transport, "properties")["org.snpd.Snpd1.Attestation"]
+    assert (props["Backend"], props["ReportDataBinding"]) == ("azure", "runtime-data")
+    assert call(azure, transport, "report_data_binding") == "runtime-data"
 
 
 HOSTILE = (b"\xff\xfe garbage", b"[" * 60_000, b'{"version": 1, "version": 2}')

@@ -332,7 +332,8 @@ class BusctlClient(Client):
                                 str(len(fields)), *fields, "0"))
 
     def attestation_properties(self) -> Dict[str, Any]:
-        names = ("Backend", "Product", "Vmpl", "ReportedTcb", "State", "StateReason")
+        names = ("Backend", "ReportDataBinding", "Product", "Vmpl", "ReportedTcb", "State",
+                 "StateReason")
         values = self._run("get-property", BUS_NAME, OBJECT_PATH, ATTESTATION, *names)
         return {name: value["data"] for name, value in zip(names, values)}
 
@@ -613,8 +614,9 @@ def test_properties(client: Client, daemon: SnpdDaemon, secrets: Secrets) -> Non
     report = AttestationReport.from_bytes(VarlinkPackageClient(daemon).get_report(
         nonce(secrets)))
     props = client.attestation_properties()
-    assert props == {"Backend": "emulator", "Product": "Genoa", "Vmpl": 0,
-                     "ReportedTcb": report.reported_tcb, "State": "ready", "StateReason": ""}
+    assert props == {"Backend": "emulator", "ReportDataBinding": "caller", "Product": "Genoa",
+                     "Vmpl": 0, "ReportedTcb": report.reported_tcb, "State": "ready",
+                     "StateReason": ""}
 
 
 def test_every_client_gets_the_same_keys(daemon: SnpdDaemon, secrets: Secrets) -> None:
