@@ -1294,6 +1294,25 @@ def test_a_kds_fetch_is_logged(launcher: Launcher) -> None:
     assert any(r.get("MESSAGE_ID") == MESSAGE_IDS["KDS_FETCH"] for r in daemon.capture.journal)
 
 
+def test_snpctl_report_platform_needs_an_azure_daemon(daemon: SnpdDaemon,
+                                                     tmp_path: Path) -> None:
+    """``snpctl report --platform`` against the emulator backend (ReportDataBinding
+    "caller"): refused, exit 3 as NotSupported, naming why; no file written."""
+    import io
+
+    from snpd.cli import snpctl
+
+    request = tmp_path / "request.bin"
+    request.write_bytes(b"nonce")
+    out, err = io.StringIO(), io.StringIO()
+    status = snpctl.main(["report", str(tmp_path / "r.bin"), str(request), "--platform",
+                          "--socket", str(daemon.socket_path)], stdout=out, stderr=err)
+    assert status == 3, err.getvalue()
+    assert "--platform is for Azure confidential VMs" in err.getvalue()
+    assert "the emulator backend" in err.getvalue()
+    assert not (tmp_path / "r.bin").exists() and request.read_bytes() == b"nonce"
+
+
 def test_snpctl_cache_shows_the_counters_and_refreshes(launcher: Launcher) -> None:
     """``snpctl cache`` (docs/contracts.md, "The command line"): the daemon's KDS cache counters,
     and ``cache refresh`` fetching this platform's chain and CRL now, as root."""
