@@ -66,6 +66,13 @@ def _by_interface(fields: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return by_interface(fields)
 
 
+def _binding(properties: Mapping[str, Mapping[str, Any]]) -> str:
+    """ReportDataBinding; "caller" from a daemon that predates it (and so any Azure
+    backend)."""
+    return str(properties.get("org.snpd.Snpd1.Attestation", {}).get("ReportDataBinding")
+               or "caller")
+
+
 def _unix_time(at: Optional[datetime.datetime]) -> Optional[int]:
     return None if at is None else int(at.timestamp())
 
@@ -455,6 +462,12 @@ class SnpdClient:
         result: Dict[str, Dict[str, Any]] = self._ops["properties"]()
         return result
 
+    def report_data_binding(self) -> str:
+        """What REPORT_DATA binds in this daemon's reports: "caller" (the bytes given
+        to get_report) or "runtime-data" (an Azure CVM: SHA-256 of the paravisor's
+        runtime JSON, whose user-data holds those bytes)."""
+        return _binding(self.properties())
+
 
 class AsyncSnpdClient:
     """The asyncio twin of :class:`SnpdClient`: the same methods as coroutines, each run
@@ -530,6 +543,9 @@ class AsyncSnpdClient:
     async def properties(self) -> Dict[str, Dict[str, Any]]:
         result: Dict[str, Dict[str, Any]] = await self._run("properties")
         return result
+
+    async def report_data_binding(self) -> str:
+        return _binding(await self.properties())
 
 
 def _bus_where(address: Optional[str]) -> str:

@@ -260,6 +260,7 @@ class Daemon:
                           resolve_groups(cfg.access.key_groups, self.events)),
             events=self.events, cache=self._cache(roots), verifier=Verifier(roots),
             policies=cfg.policies, guest_vmpl=guest_vmpl, backend=device.name,
+            report_data=platform.report_data,
             sev_status=status_properties(self.status), product_hint=product_hint,
             product_hint_source=hint_source,
             request_timeout=cfg.device.request_timeout_s,

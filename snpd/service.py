@@ -251,9 +251,12 @@ class Evidence:
 class Properties:
     """What the daemon shows anyone allowed to look (no secrets: no full chip id).
     ``product`` is the report's, else the hint's (``sev_status["product_source"]``
-    says which)."""
+    says which). ``report_data`` is what REPORT_DATA binds (Platform.report_data):
+    "caller", the caller's bytes; "runtime-data", on Azure, SHA-256 of the paravisor's
+    runtime JSON, whose user-data holds the caller's bytes."""
 
     backend: str
+    report_data: str
     product: Optional[Product]
     vmpl: int
     reported_tcb: int
@@ -354,6 +357,7 @@ class Service:
         policies: Optional[Mapping[str, AppraisalPolicy]] = None,
         guest_vmpl: int = 0,
         backend: str = "",
+        report_data: str = "caller",
         sev_status: Optional[Mapping[str, object]] = None,
         product_hint: Optional[Product] = None,
         product_hint_source: str = "",
@@ -370,6 +374,7 @@ class Service:
         self.policies = dict(policies or {})
         self.guest_vmpl = guest_vmpl
         self.backend = backend
+        self.report_data = report_data
         self.sev_status = dict(sev_status or {})
         # What names the product before a report does (the emulator's configuration,
         # or CPUID from /proc/cpuinfo): shown by the Product property and the status
@@ -783,7 +788,8 @@ class Service:
         sev_status = dict(self.sev_status)
         if product is not None and source:
             sev_status["product_source"] = source
-        return Properties(backend=self.backend, product=product, vmpl=self.guest_vmpl,
+        return Properties(backend=self.backend, report_data=self.report_data,
+                          product=product, vmpl=self.guest_vmpl,
                           reported_tcb=self.reported_tcb, state=state.state,
                           state_reason=state.reason, version=__version__,
                           sev_status=sev_status, statistics=stats)

@@ -9,7 +9,8 @@ calling.
 
 ``report_data`` steers GetReport / GetExtendedReport: ``raise:<Kind>`` raises that
 SnpdError, ``crash`` raises a RuntimeError (a bug), ``tcb:<n>`` changes
-reported_tcb, ``sev`` changes sev_status (both notify), ``block`` waits until
+reported_tcb, ``sev`` changes sev_status, ``binding:<value>`` report_data (what
+REPORT_DATA binds; all three notify), ``block`` waits until
 :meth:`FakeService.release`. ``fail`` makes every call (and properties) raise it.
 The report itself is report_data padded to 64 bytes, then a JSON document of what
 the service was given (caller, vmpl, timeout), padded to 1184 bytes.
@@ -77,7 +78,8 @@ def make_certificates(product: Product = Product.MILAN) -> CertificateSet:
 
 
 def initial_properties() -> Properties:
-    return Properties(backend="emulator", product=Product.MILAN, vmpl=0, reported_tcb=0,
+    return Properties(backend="emulator", report_data="caller", product=Product.MILAN,
+                      vmpl=0, reported_tcb=0,
                       state="ready", state_reason="", version="0.0-fake",
                       sev_status={"snp_active": True, "vmpl": 0, "sysfs_vmpl": None,
                                   "kernel": {"lines": 2, "features": ["SEV", "SNP"]},
@@ -156,6 +158,8 @@ class FakeService:
         if data.startswith(b"tcb:"):
             self.notify({"reported_tcb": int(data[4:]), "state": "ready"})
             self.notify({"statistics": {"calls": len(self.calls)}})
+        if data.startswith(b"binding:"):
+            self.notify({"report_data": data[8:].decode()})
         if data == b"sev":
             self.notify({"sev_status": {"snp_active": True, "vmpl": 2, "vmpck": None,
                                         "kernel": {"features": ["SNP"]}}})

@@ -563,22 +563,49 @@ def parse_vmpl(report: bytes) -> int:
     return AttestationReport.from_bytes(report).vmpl
 
 
+REPORT_DATA_SPAN = slice(0x50, 0x90)  # REPORT_DATA in the report (docs/reference/abi.md)
+
+
+def _platform_binding(device: Any) -> None:
+    """``report --platform``: refused unless the report comes from an Azure paravisor
+    (REPORT_DATA binds its runtime JSON, the request bytes go in as user-data)."""
+    if isinstance(device, _DaemonDevice):
+        props = device.client.properties().get("org.snpd.Snpd1.Attestation", {})
+        backend = props.get("Backend") or "unknown"
+        binding = props.get("ReportDataBinding") or "caller"  # older daemons: no Azure
+    else:
+        backend, binding = device.name, device.platform().report_data
+    if binding != "runtime-data":
+        raise NotSupported(
+            f"--platform is for Azure confidential VMs, whose paravisor supplies the report "
+            f"(the azure backend); the {backend} backend's reports bind the request bytes "
+            "themselves, so run without --platform")
+
+
 def cmd_report(args: argparse.Namespace, out: Output) -> int:
-    if getattr(args, "platform", False):
-        raise UsageError(
-            "--platform is for Hyper-V (Azure) guests, whose paravisor supplies the report "
-            "data; this snpd has no Azure vTPM backend yet, so it cannot get such a report. "
-            "Without --platform, give REQUEST_FILE or --random")
+    platform = bool(getattr(args, "platform", False))
+    if platform and args.random:
+        raise UsageError("--random conflicts with --platform (as in snpguest): with "
+                         "--platform, REQUEST_FILE's bytes go to the paravisor and "
+                         "REQUEST_FILE then receives the report's REPORT_DATA")
     if args.random:
         data = os.urandom(64)
+        check_output(args.request_file, "request file")
+    elif platform and not os.path.exists(args.request_file):
+        # snpguest --platform sends no bytes: the report as the paravisor holds it
+        data = bytes(64)
         check_output(args.request_file, "request file")
     else:
         # snpguest reads the first 64 bytes; a shorter file is zero-padded (snpguest
         # refuses it) so that a nonce of 32 bytes needs no padding by hand.
         data = read_head(args.request_file, "request file", 64).ljust(64, b"\0")
+        if platform:
+            check_output(args.request_file, "request file")
     check_output(args.report_file, "report")
     device = _device(args) if _direct(args) else _DaemonDevice(args)
     try:
+        if platform:
+            _platform_binding(device)
         vmpl = _default_vmpl(args, device)
         if isinstance(device, _DaemonDevice):
             report = device.report(data, vmpl)
@@ -592,11 +619,14 @@ def cmd_report(args: argparse.Namespace, out: Output) -> int:
         device.close()
     if args.random:
         write_file(args.request_file, data)
+    elif platform:  # as snpguest: what the report binds, for the verifier
+        write_file(args.request_file, report[REPORT_DATA_SPAN])
     write_file(args.report_file, report)
     out.json({"report": args.report_file, "request": args.request_file, "vmpl": vmpl,
-              "backend": device.name, "size": len(report)})
+              "backend": device.name, "size": len(report), "platform": platform})
     out.result(f"wrote {args.report_file} ({len(report)} bytes, VMPL {vmpl}, "
-               f"{device.name} backend)")
+               f"{device.name} backend)" + (f"; its REPORT_DATA to {args.request_file}"
+                                             if platform else ""))
     return EXIT_OK
 
 
@@ -727,6 +757,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     product: Optional[Product] = None
     source, tcb, vmpl = "", 0, status.vmpl or 0
     state, reason, backend = "ready", "", "none"
+    binding: Optional[str] = None  # what REPORT_DATA binds, once a backend opened
     described: Optional[Dict[str, object]] = None
     try:
         device = _device(args)
@@ -736,6 +767,7 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
         try:
             backend, described = device.name, device.describe()
             platform = device.platform()
+            binding = platform.report_data
             if platform.emulated and platform.guest_vmpl is not None:
                 status = emulated(platform.guest_vmpl, list(platform.driver_log),
                                   device_node=platform.device_node)
@@ -757,9 +789,12 @@ def _local_properties(args: argparse.Namespace) -> Dict[str, Any]:
     sev = status_properties(status)
     if product is not None:
         sev["product_source"] = source
-    return {ATTESTATION: {"Backend": backend, "Product": product.value if product else "",
-                          "Vmpl": vmpl, "ReportedTcb": tcb, "State": state,
-                          "StateReason": reason},
+    attestation: Dict[str, object] = {
+        "Backend": backend, "Product": product.value if product else "", "Vmpl": vmpl,
+        "ReportedTcb": tcb, "State": state, "StateReason": reason}
+    if binding is not None:
+        attestation["ReportDataBinding"] = binding
+    return {ATTESTATION: attestation,
             MANAGER: {"Version": __version__, "SevStatus": sev, "Statistics": {}},
             "device": described}
 
@@ -1148,8 +1183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--vmpl", type=int, choices=range(4), metavar="0-3",
                    help="VMPL to request (default: the guest's own; snpguest's is 1)")
     p.add_argument("-p", "--platform", action="store_true",
-                   help="Hyper-V (Azure) guests: report data from the paravisor "
-                        "(not supported yet)")
+                   help="Azure confidential VMs (the azure backend): REQUEST_FILE's bytes "
+                        "(none when it is absent) go to the paravisor as the runtime "
+                        "data's user-data, and REQUEST_FILE is then overwritten with the "
+                        "report's REPORT_DATA (SHA-256 of that runtime data), as snpguest "
+                        "does; conflicts with --random")
     p = add_fw("certificates", cmd_certificates,
                "write the host's certificates (ark, ask or asvk, vcek or vlek, crl)")
     p.add_argument("encoding", type=choice(*ENCODINGS), choices=ENCODINGS)

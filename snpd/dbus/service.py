@@ -130,6 +130,7 @@ _VANISHED_RULE = (f"type='signal',sender='{_DBUS}',path='{_DBUS_PATH}',interface
 PROPERTIES: Mapping[str, Mapping[str, Tuple[str, str]]] = {
     ATTESTATION: {
         "Backend": ("s", "true"),
+        "ReportDataBinding": ("s", "const"),
         "Product": ("s", "true"),
         "Vmpl": ("u", "true"),
         "ReportedTcb": ("t", "true"),
@@ -475,6 +476,10 @@ class AttestationInterface(_Interface):
     @_dbus_property(ATTESTATION, "Backend")
     def backend(self) -> Any:
         return self._property("Backend")
+
+    @_dbus_property(ATTESTATION, "ReportDataBinding")
+    def report_data_binding(self) -> Any:
+        return self._property("ReportDataBinding")
 
     @_dbus_property(ATTESTATION, "Product")
     def product(self) -> Any:

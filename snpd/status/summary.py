@@ -25,7 +25,14 @@ PRODUCT_SOURCES = {"report": "report", "cpuid": "CPUID", "emulator": "emulator c
 DOCUMENT_KEYS = ("source", "transport", "version", "backend", "state", "state_reason",
                  "snp_active", "emulated", "reason", "sev_features", "sev_status", "vmpl",
                  "vmpl_assumed", "vmpck", "vmpck_disabled", "product", "product_source",
-                 "reported_tcb", "cpu", "kernel_log", "unavailable", "device", "statistics")
+                 "reported_tcb", "cpu", "kernel_log", "unavailable", "device", "statistics",
+                 "report_data")
+
+#: What REPORT_DATA binds (the ReportDataBinding property), in words.
+REPORT_DATA_BINDINGS = {
+    "caller": "the caller's bytes",
+    "runtime-data": "SHA-256 of the paravisor's runtime JSON (user-data: the caller's bytes)",
+}
 
 
 def decode_tcb(raw: int, product: Optional[str]) -> Dict[str, Any]:
@@ -65,6 +72,7 @@ def tcb_short(tcb: Optional[Mapping[str, Any]]) -> str:
 # the status texts read.
 PROPERTY_FIELDS = {
     (ATTESTATION, "Backend"): "backend",
+    (ATTESTATION, "ReportDataBinding"): "report_data",
     (ATTESTATION, "Product"): "product",
     (ATTESTATION, "Vmpl"): "vmpl",
     (ATTESTATION, "ReportedTcb"): "reported_tcb",
@@ -133,6 +141,8 @@ def status_document(props: Mapping[str, Any], *, source: str = "daemon") -> Dict
         # status --direct: the backend's own description (path, provider ...).
         "device": props.get("device") or None,
         "statistics": {str(k): int(v) for k, v in sorted(stats.items())},
+        # "caller" or "runtime-data" (Azure); null from a daemon that predates it
+        "report_data": att.get("ReportDataBinding") or None,
     }
 
 
@@ -276,6 +286,9 @@ def status_lines(doc: Mapping[str, Any]) -> List[str]:
         lines.append(f"  VMPCK         {_vmpck(doc, named=False)}")
         lines.append(f"  product       {_product(doc).replace('product ', '', 1)}")
         lines.append(f"  reported TCB  {tcb_text(doc.get('reported_tcb'))}")
+        binding = doc.get("report_data")
+        if binding:
+            lines.append(f"  REPORT_DATA   {REPORT_DATA_BINDINGS.get(binding, binding)}")
     else:
         lines.append("  SEV-SNP       " + (doc.get("reason") or (
             "not active" if active is False else "unknown")))

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import select
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +147,72 @@ def test_evidence_round_trip(azure: SnpdDaemon, transport: str, tmp_path: Path) 
     assert "chain.ark_trusted" in json.loads(amd.stdout)["failures"]
 
 
+def snpctl(*argv: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "snpd.cli.snpctl", *map(str, argv)],
+                          capture_output=True, cwd=str(REPO_ROOT), timeout=DEADLINE)
+
+
+def runtime_user_data(daemon: SnpdDaemon) -> HclReport:
+    """The HCL report as the paravisor holds it now (GetEvidence reads it, no write)."""
+    _, evidence = call(daemon, "varlink", "get_evidence", "trustee", b"n" * 32)
+    return HclReport.from_bytes(parse_azure_evidence(evidence).hcl_report)
+
+
+def assert_platform_report(daemon: SnpdDaemon, report_file: Path, request: Path,
+                           sent: bytes) -> AttestationReport:
+    """The report is the paravisor's, ``sent`` is its runtime JSON's user-data, and the
+    request file now holds the report's REPORT_DATA (the JSON's digest), as snpguest."""
+    report = AttestationReport.from_bytes(report_file.read_bytes())
+    hcl = runtime_user_data(daemon)
+    assert hcl.snp_report == report.raw and hcl.user_data == sent
+    assert request.read_bytes() == report.report_data
+    assert report.report_data[:32] == hashlib.sha256(hcl.runtime_data).digest()
+    return report
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_snpctl_report_platform_through_the_daemon(azure: SnpdDaemon, transport: str,
+                                                   tmp_path: Path) -> None:
+    """``snpctl report --platform``: the request file's 64 bytes go to the paravisor
+    as user-data, and the request file then holds REPORT_DATA; --random conflicts."""
+    where = (["--socket", azure.socket_path] if transport == "varlink"
+             else ["--bus", azure.bus_address])
+    sent = hashlib.sha512(f"platform {transport}".encode()).digest()
+    request, report_file = tmp_path / "request.bin", tmp_path / "report.bin"
+    request.write_bytes(sent)
+    done = snpctl("report", report_file, request, "--platform", "--json", *where)
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["platform"] is True and doc["backend"] == f"daemon ({transport})"
+    assert_platform_report(azure, report_file, request, sent)
+    refused = snpctl("report", tmp_path / "r2.bin", request, "--platform", "--random", *where)
+    assert refused.returncode == 2 and b"--random conflicts with --platform" in refused.stderr
+    assert not (tmp_path / "r2.bin").exists()
+
+
+def test_snpctl_report_platform_direct(azure: SnpdDaemon, tmp_path: Path) -> None:
+    """--direct on the emulated Azure CVM (a copy of the daemon's emulator state whose
+    emulator.toml names the vTPM): the same as through the daemon. Without a request
+    file nothing is written to the paravisor, as snpguest, and the report is the one
+    it holds."""
+    emu = tmp_path / "emu"
+    shutil.copytree(azure.emulator_dir, emu, ignore=shutil.ignore_patterns("vtpm"))
+    (emu / "emulator.toml").write_text(f'vtpm = "unix:{azure.runtime_dir / "vtpm.sock"}"\n')
+    sent = hashlib.sha512(b"platform direct").digest()
+    request, report_file = tmp_path / "request.bin", tmp_path / "report.bin"
+    request.write_bytes(sent)
+    done = snpctl("report", report_file, request, "--platform", "--emulator-dir", emu,
+                  "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads(done.stdout)["backend"] == "azure"
+    first = assert_platform_report(azure, report_file, request, sent)
+    absent = tmp_path / "absent.bin"
+    done = snpctl("report", tmp_path / "again.bin", absent, "--platform", "--emulator-dir", emu)
+    assert done.returncode == 0, done.stdout + done.stderr
+    again = assert_platform_report(azure, tmp_path / "again.bin", absent, sent)
+    assert again.raw == first.raw
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_key_derivation_is_refused(azure: SnpdDaemon, transport: str) -> None:
     for op, args in (("derive_key", ("vcek", ["measurement"])),
@@ -154,9 +221,13 @@ def test_key_derivation_is_refused(azure: SnpdDaemon, transport: str) -> None:
             call(azure, transport, op, *args)
 
 
-def test_the_daemon_names_its_backend(azure: SnpdDaemon) -> None:
-    props = call(azure, "varlink", "properties")
-    assert props["org.snpd.Snpd1.Attestation"]["Backend"] == "azure"
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_daemon_names_its_backend_and_binding(azure: SnpdDaemon, transport: str) -> None:
+    """Backend "azure" and ReportDataBinding "runtime-data" (REPORT_DATA binds the
+    runtime JSON) on both transports, and SnpdClient.report_data_binding says so."""
+    props = call(azure, transport, "properties")["org.snpd.Snpd1.Attestation"]
+    assert (props["Backend"], props["ReportDataBinding"]) == ("azure", "runtime-data")
+    assert call(azure, transport, "report_data_binding") == "runtime-data"
 
 
 HOSTILE = (b"\xff\xfe garbage", b"[" * 60_000, b'{"version": 1, "version": 2}')

@@ -332,7 +332,8 @@ class BusctlClient(Client):
                                 str(len(fields)), *fields, "0"))
 
     def attestation_properties(self) -> Dict[str, Any]:
-        names = ("Backend", "Product", "Vmpl", "ReportedTcb", "State", "StateReason")
+        names = ("Backend", "ReportDataBinding", "Product", "Vmpl", "ReportedTcb", "State",
+                 "StateReason")
         values = self._run("get-property", BUS_NAME, OBJECT_PATH, ATTESTATION, *names)
         return {name: value["data"] for name, value in zip(names, values)}
 
@@ -613,8 +614,9 @@ def test_properties(client: Client, daemon: SnpdDaemon, secrets: Secrets) -> Non
     report = AttestationReport.from_bytes(VarlinkPackageClient(daemon).get_report(
         nonce(secrets)))
     props = client.attestation_properties()
-    assert props == {"Backend": "emulator", "Product": "Genoa", "Vmpl": 0,
-                     "ReportedTcb": report.reported_tcb, "State": "ready", "StateReason": ""}
+    assert props == {"Backend": "emulator", "ReportDataBinding": "caller", "Product": "Genoa",
+                     "Vmpl": 0, "ReportedTcb": report.reported_tcb, "State": "ready",
+                     "StateReason": ""}
 
 
 def test_every_client_gets_the_same_keys(daemon: SnpdDaemon, secrets: Secrets) -> None:
@@ -1290,6 +1292,25 @@ def test_a_kds_fetch_is_logged(launcher: Launcher) -> None:
     assert list(daemon.cache_dir.rglob("*.der")) or list(daemon.cache_dir.rglob("*.pem"))
     daemon.stop()
     assert any(r.get("MESSAGE_ID") == MESSAGE_IDS["KDS_FETCH"] for r in daemon.capture.journal)
+
+
+def test_snpctl_report_platform_needs_an_azure_daemon(daemon: SnpdDaemon,
+                                                     tmp_path: Path) -> None:
+    """``snpctl report --platform`` against the emulator backend (ReportDataBinding
+    "caller"): refused, exit 3 as NotSupported, naming why; no file written."""
+    import io
+
+    from snpd.cli import snpctl
+
+    request = tmp_path / "request.bin"
+    request.write_bytes(b"nonce")
+    out, err = io.StringIO(), io.StringIO()
+    status = snpctl.main(["report", str(tmp_path / "r.bin"), str(request), "--platform",
+                          "--socket", str(daemon.socket_path)], stdout=out, stderr=err)
+    assert status == 3, err.getvalue()
+    assert "--platform is for Azure confidential VMs" in err.getvalue()
+    assert "the emulator backend" in err.getvalue()
+    assert not (tmp_path / "r.bin").exists() and request.read_bytes() == b"nonce"
 
 
 def test_snpctl_cache_shows_the_counters_and_refreshes(launcher: Launcher) -> None:

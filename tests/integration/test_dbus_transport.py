@@ -305,8 +305,9 @@ def test_introspection_diff_sees_drift() -> None:
     diff = introspection_diff(xml, drifted)
     assert any("method GetReport" in line for line in diff)
     assert any("property Version" in line for line in diff)
+    assert any("property ReportDataBinding" in line for line in diff)  # const too
     assert any("property StateReason" in line for line in diff)
-    assert len(diff) == 3
+    assert len(diff) == 4
     # Comments and layout do not count.
     assert introspection_diff(xml, xml.replace("<!--", "<!-- x ").replace("\n  ", "\n")) == []
 
@@ -435,9 +436,10 @@ def test_properties_have_their_declared_types(strict: Any) -> None:
     attestation, manager = dbus_calls(strict.address, [
         (PROPERTIES, "GetAll", "s", [ATTESTATION]), (PROPERTIES, "GetAll", "s", [MANAGER])])
     assert {k: v.signature for k, v in attestation.value.items()} == {
-        "Backend": "s", "Product": "s", "Vmpl": "u", "ReportedTcb": "t", "State": "s",
-        "StateReason": "s"}
+        "Backend": "s", "ReportDataBinding": "s", "Product": "s", "Vmpl": "u",
+        "ReportedTcb": "t", "State": "s", "StateReason": "s"}
     assert attestation.value["Backend"].value == "emulator"
+    assert attestation.value["ReportDataBinding"].value == "caller"
     values = manager.value
     assert {k: v.signature for k, v in values.items()} == {
         "Version": "s", "SevStatus": "a{sv}", "Statistics": "a{st}"}
@@ -448,6 +450,17 @@ def test_properties_have_their_declared_types(strict: Any) -> None:
     assert sev["kernel"].value["features"].value == ["SEV", "SNP"]
     assert sev["unavailable"].signature == "as"
     assert values["Statistics"].value["calls"] >= 0
+
+
+def test_report_data_binding_is_the_services(strict: Any) -> None:
+    """ReportDataBinding is what the service says REPORT_DATA binds: "caller" (the
+    emulator's), "runtime-data" once the fake says so (the emulated Azure CVM's)."""
+    get = (PROPERTIES, "Get", "ss", [ATTESTATION, "ReportDataBinding"])
+    replies = dbus_calls(strict.address, [
+        get, (ATTESTATION, "GetReport", "ayua{sv}", [b"binding:runtime-data", 0, {}]), get,
+        (ATTESTATION, "GetReport", "ayua{sv}", [b"binding:caller", 0, {}]), get])
+    assert [(r.value.signature, r.value.value) for r in replies[::2]] == [
+        ("s", "caller"), ("s", "runtime-data"), ("s", "caller")]
 
 
 def test_properties_are_read_only(strict: Any) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import io
 from pathlib import Path
+from typing import Any, Dict
 
 from inprocess import emulator_config  # type: ignore[import-not-found]
 
@@ -63,3 +64,43 @@ def test_start_serve_reload_stop(tmp_path: Path) -> None:
     assert "serving" in log.getvalue()
     assert "configuration reloaded" in log.getvalue()
     assert reloaded["max_priority"] == 7  # [log] level = "debug", from the reload
+
+
+def _described(tmp_path: Path, emulator: str = "") -> Dict[str, Any]:
+    """Describe's properties from an in-process daemon with these [emulator] keys."""
+    socket_path = tmp_path / "run" / "snpd.varlink"
+    config_path = tmp_path / "snpd.toml"
+    tmp_path.mkdir()
+    config_path.write_text(emulator_config(tmp_path, socket_path, emulator=emulator))
+    daemon = Daemon(parse_config(config_path.read_text()), config_path=config_path,
+                    events=Events(StderrSink(io.StringIO())), notifier=Notifier({}),
+                    probe_file=tmp_path / "probe.json", root=tmp_path)
+    answers: Dict[str, Any] = {}
+
+    def describe() -> None:
+        with VarlinkClient(str(socket_path), timeout=30) as client:
+            answers.update(client.call("org.snpd.Manager.Describe", {})["properties"])
+
+    async def main() -> int:
+        task = asyncio.ensure_future(daemon.run())
+        for _ in range(600):  # bounded wait for the socket
+            if socket_path.exists():
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.get_running_loop().run_in_executor(None, describe)
+        daemon.request_stop()
+        return await task
+
+    assert asyncio.run(main()) == 0
+    return answers
+
+
+def test_report_data_binding_follows_the_backend(tmp_path: Path) -> None:
+    """The daemon passes its backend's Platform.report_data to the service: "caller" on
+    the emulator, "runtime-data" on the emulated Azure CVM (``[emulator] vtpm``; what
+    REPORT_DATA binds is known before the vTPM answers, so none runs here)."""
+    plain = _described(tmp_path / "plain")
+    azure = _described(tmp_path / "azure",
+                       emulator=f'vtpm = "unix:{tmp_path / "vtpm.sock"}"')
+    assert (plain["backend"], plain["report_data"]) == ("emulator", "caller")
+    assert (azure["backend"], azure["report_data"]) == ("azure", "runtime-data")

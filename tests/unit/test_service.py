@@ -140,7 +140,8 @@ class Setup:
 
 def make(platform: Platform, *, cache: bool = False, guest_vmpl: int = 1,
          product_hint: Optional[Product] = None, verifier: Optional[Verifier] = None,
-         policies: Optional[Mapping[str, AppraisalPolicy]] = None) -> Setup:
+         policies: Optional[Mapping[str, AppraisalPolicy]] = None,
+         report_data: str = "caller") -> Setup:
     broker = FakeBroker(platform.report())
     fake_cache = FakeCache(platform) if cache else None
     sink = Sink()
@@ -150,7 +151,7 @@ def make(platform: Platform, *, cache: bool = False, guest_vmpl: int = 1,
                       events=Events(sink), cache=fake_cache,  # type: ignore[arg-type]
                       verifier=verifier or Verifier(platform.roots), guest_vmpl=guest_vmpl,
                       policies=policies,
-                      backend="test", product_hint=product_hint,
+                      backend="test", report_data=report_data, product_hint=product_hint,
                       product_hint_source="cpuid" if product_hint else "",
                       request_timeout=30.0, clock=lambda: NOW)
     return Setup(service, broker, fake_cache, sink)
@@ -534,6 +535,32 @@ def test_certificates_need_a_cache_and_a_product(milan: Platform) -> None:
 
 
 # -- properties ------------------------------------------------------------------------------------
+
+
+def test_properties_say_what_report_data_binds(milan: Platform, tmp_path: Path) -> None:
+    """ReportDataBinding is the backend's Platform.report_data, which the daemon passes
+    in: "caller" on the emulator, "runtime-data" on the emulated Azure CVM (known
+    without a request, so its vTPM need not be running)."""
+    import datetime as dt
+
+    from snpd.device.select import open_emulator
+    from snpd.emulator.launch import EmulatorConfig
+    from snpd.emulator.state import EmulatorState
+
+    state_dir = tmp_path / "emu"
+    EmulatorState.load_or_create(state_dir, EmulatorConfig(), rsa_bits=2048,
+                                 now=lambda: dt.datetime.now(dt.timezone.utc))
+    found = {}
+    for config in (EmulatorConfig(), EmulatorConfig(vtpm=f"unix:{tmp_path / 'vtpm.sock'}")):
+        device = open_emulator(state_dir, config)
+        try:
+            binding = device.platform().report_data
+        finally:
+            device.close()
+        found[device.name] = make(milan, report_data=binding).service.properties(
+            REPORTER).report_data
+    assert found == {"emulator": "caller", "azure": "runtime-data"}
+    assert make(milan).service.properties().report_data == "caller"  # Service's default
 
 
 def test_properties_name_the_product_and_hold_no_chip_id(milan: Platform) -> None:

@@ -127,10 +127,17 @@ def test_a_long_request_file_gives_its_first_64_bytes(emu: Path, tmp_path: Path)
 
 
 def test_platform_says_why_it_cannot(emu: Path, tmp_path: Path) -> None:
-    code, _, err = run("report", tmp_path / "r.bin", tmp_path / "q", "-p", *direct(emu))
-    assert code == 2
-    assert "Hyper-V (Azure)" in err and "vTPM" in err
-    assert not (tmp_path / "r.bin").exists()
+    """--platform needs the azure backend: the plain emulator's reports bind the
+    request bytes themselves (exit 3, as NotSupported); with --random it is a usage
+    error, as snpguest's -r conflicts with it. Neither writes a file."""
+    request = tmp_path / "q"
+    request.write_bytes(b"nonce")
+    code, _, err = run("report", tmp_path / "r.bin", request, "-p", *direct(emu))
+    assert code == 3, err
+    assert "--platform is for Azure confidential VMs" in err and "emulator backend" in err
+    code, _, err = run("report", tmp_path / "r.bin", request, "-p", "--random", *direct(emu))
+    assert code == 2 and "--random conflicts with --platform" in err
+    assert not (tmp_path / "r.bin").exists() and request.read_bytes() == b"nonce"
 
 
 class CountingDevice:

@@ -48,10 +48,11 @@ def test_status_direct_reports_the_emulated_guest(emu: Path, tmp_path: Path,
     assert (doc["vmpl"], doc["vmpl_assumed"], doc["vmpck"]) == (0, False, 0)
     assert (doc["product"], doc["product_source"]) == ("Genoa", "report")
     assert doc["reported_tcb"] == expected_tcb.to_json()
-    assert doc["device"]["backend"] == "emulator"
+    assert doc["device"]["backend"] == "emulator" and doc["report_data"] == "caller"
     code, out, err = run("status", "--emulator-dir", emu, *no_daemon(tmp_path, monkeypatch))
     assert code == 0, err
     assert "  product       Genoa (report)" in out
+    assert "  REPORT_DATA   the caller's bytes\n" in out
     assert f"  reported TCB  0x{expected_tcb.raw:016x} (bootloader " in out
     assert out.rstrip().endswith("OK: firmware channel ready (emulator backend, direct)")
 
@@ -66,6 +67,7 @@ def test_status_direct_without_a_guest_interface_says_why(tmp_path: Path,
     doc = json.loads(out)
     assert doc["state"] == "failed" and "no SEV-SNP guest interface" in doc["state_reason"]
     assert doc["backend"] == "none" and doc["reported_tcb"] is None
+    assert doc["report_data"] is None  # no backend, so nobody knows
 
 
 # -- evidence --direct ---------------------------------------------------------------------

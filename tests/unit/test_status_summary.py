@@ -26,6 +26,7 @@ from snpd.status.summary import (
     startup_message,
     status_document,
     status_line,
+    status_lines,
 )
 
 TCB = 0x541700000000000A  # Genoa layout: bootloader 10, tee 0, snp 23, microcode 84
@@ -54,6 +55,26 @@ def non_snp_status() -> SevStatus:
 
 
 # -- the texts -------------------------------------------------------------------------------
+
+
+def test_report_data_binding_in_the_document_and_the_lines() -> None:
+    """ReportDataBinding becomes ``report_data`` and a line of ``snpctl status``: the
+    caller's bytes on the emulator, the runtime JSON's digest on an Azure CVM; a
+    daemon that predates the property shows neither."""
+    shown = {}
+    for binding in ("caller", "runtime-data", None):
+        p = props(emulator_sev())
+        if binding is not None:
+            p[ATTESTATION]["ReportDataBinding"] = binding
+        doc = status_document(p)
+        lines = [line for line in status_lines(doc) if "REPORT_DATA" in line]
+        shown[binding] = (doc["report_data"], lines)
+    assert shown == {
+        "caller": ("caller", ["  REPORT_DATA   the caller's bytes"]),
+        "runtime-data": ("runtime-data", [
+            "  REPORT_DATA   SHA-256 of the paravisor's runtime JSON (user-data: the "
+            "caller's bytes)"]),
+        None: (None, [])}
 
 
 def test_startup_message_of_the_emulator() -> None:

@@ -435,15 +435,30 @@ def test_manager(client: VarlinkClient, h: Harness) -> None:
     assert client.call("org.snpd.Manager.RefreshCertificates") == {}
     assert h.service.calls == [("refresh_certificates", ())]
     props = client.call("org.snpd.Manager.Describe")["properties"]
-    assert props == {"backend": "emulator", "product": "Milan", "vmpl": 0, "reported_tcb": 0,
+    assert props == {"backend": "emulator", "report_data": "caller", "product": "Milan",
+                     "vmpl": 0, "reported_tcb": 0,
                      "state": "ready", "state_reason": "", "version": "0.0-fake",
                      "sev_status": dict(initial_properties().sev_status),
                      "statistics": {"calls": 1}}
     old = client.call("org.snpd.Manager.GetProperties")["properties"]
     assert old["org.snpd.Snpd1.Attestation"] == {
-        "Backend": "emulator", "Product": "Milan", "Vmpl": 0, "ReportedTcb": 0,
-        "State": "ready", "StateReason": ""}
+        "Backend": "emulator", "ReportDataBinding": "caller", "Product": "Milan", "Vmpl": 0,
+        "ReportedTcb": 0, "State": "ready", "StateReason": ""}
     assert old["org.snpd.Snpd1.Manager"]["Version"] == "0.0-fake"
+
+
+def test_properties_say_what_report_data_binds(client: VarlinkClient, h: Harness) -> None:
+    """The service's binding, as Describe and GetProperties carry it: "caller" (the
+    emulator's), then "runtime-data" (the emulated Azure CVM's)."""
+    seen = []
+    for binding in ("caller", "runtime-data"):
+        h.service.notify({"backend": "emulator" if binding == "caller" else "azure",
+                          "report_data": binding})
+        typed = client.call("org.snpd.Manager.Describe")["properties"]
+        old = client.call("org.snpd.Manager.GetProperties")["properties"]
+        seen.append((typed["backend"], typed["report_data"],
+                     old["org.snpd.Snpd1.Attestation"]["ReportDataBinding"]))
+    assert seen == [("emulator", "caller", "caller"), ("azure", "runtime-data", "runtime-data")]
 
 
 def test_properties_values_as_json(client: VarlinkClient, h: Harness) -> None:
@@ -473,7 +488,8 @@ def test_every_method_through_the_independent_client(independent: Independent,
     assert len(keys.DeriveSealingKey(label="l", fields=["measurement"])["key"]) == 44
     manager = independent.open("org.snpd.Manager")
     assert manager.RefreshCertificates() == {}
-    assert manager.Describe()["properties"]["version"] == "0.0-fake"
+    described = manager.Describe()["properties"]  # parsed by its reading of our interface
+    assert (described["version"], described["report_data"]) == ("0.0-fake", "caller")
     assert manager.GetProperties()["properties"]["org.snpd.Snpd1.Manager"]["Version"] == \
         "0.0-fake"
     assert [name for name, _ in h.service.calls] == [
