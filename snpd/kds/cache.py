@@ -354,7 +354,8 @@ class CertificateCache:
             self.negative.remember(thim_key, exc if isinstance(exc, CertificatesUnavailable)
                                    else CertificatesUnavailable(str(exc)))
             if self.observer is not None:
-                self.observer(source, f"not used, asking the KDS: {exc}")
+                # "failed": the daemon coalesces these (one per forged chip ID, say)
+                self.observer(source, f"failed, so the KDS is asked: {exc}")
             return None
         if new_chain:  # as _fetch_chain: the intermediate first
             directory = self.chain_dir(product, Endorser.VCEK)
