@@ -154,6 +154,13 @@ def _url(path: str, value: object) -> str:
     return value
 
 
+def _optional_url(path: str, value: object) -> str:
+    """An http(s) URL with a path, or "" (off)."""
+    if value == "":
+        return ""
+    return _url(path, value)
+
+
 _GROUP_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,255}")
 
 
@@ -303,6 +310,8 @@ class KdsSection(_Section):
 
     url: str = field(default="https://kdsintf.amd.com", metadata=_kind(_url))
     mirrors: Tuple[str, ...] = field(default=(), metadata=_kind(list_of(_url, _MAX_MIRRORS)))
+    # Azure's THIM endpoint (IMDS), asked first for a VCEK; "" (the default): never.
+    thim: str = field(default="", metadata=_kind(_optional_url))
     timeout_s: float = field(default=60.0, metadata=_kind(seconds(3600)))
     cache_dir: Path = field(default=Path("/var/cache/snpd"), metadata=_kind(_abs_path))
     offline: bool = field(default=False, metadata=_kind(boolean))

@@ -31,6 +31,7 @@ from snpd.files import atomic_write
 from snpd.kds.budget import BudgetLimits, KdsBudget
 from snpd.kds.cache import CertificateCache
 from snpd.kds.negative import NegativeCache
+from snpd.kds.thim import ThimSource
 from snpd.notify import Notifier
 from snpd.ratelimit import Rate
 from snpd.secrets import Secrets
@@ -62,6 +63,8 @@ STARTUP_CALLER = Caller(uid=0, transport="startup", peer="snpd")
 # The longest Retry-After a KDS thread sleeps through; a longer one fails the fetch
 # at once, is remembered, and pauses that KDS URL (snpd/kds/client.py).
 KDS_MAX_RETRY_WAIT = 2.0
+# The longest a VCEK lookup waits for THIM before it asks the KDS.
+THIM_DEADLINE = 10.0
 
 
 class LazyKdsClient:
@@ -205,17 +208,23 @@ class Daemon:
     def _cache(self, roots: TrustRoots) -> Any:
         kds = self.config.kds
         client = None if kds.offline else LazyKdsClient(kds.url, kds.mirrors, kds.timeout_s)
+        # THIM is local (IMDS): a short deadline, so that the KDS keeps most of the time.
+        thim = None if kds.offline or not kds.thim else ThimSource(
+            kds.thim, deadline=min(THIM_DEADLINE, kds.timeout_s),
+            max_retry_wait=KDS_MAX_RETRY_WAIT)
         try:
             return CertificateCache(kds.cache_dir, client, offline_dirs=kds.offline_dirs,
                                     offline=kds.offline, roots=roots,
                                     observer=self.events.kds_fetch,
                                     negative=NegativeCache(kds.negative_ttl_s,
-                                                           kds.negative_entries))
+                                                           kds.negative_entries),
+                                    thim=thim)
         except OSError as exc:
             self.events.log("warning", f"KDS cache {kds.cache_dir} unusable ({exc}); "
                             "certificates will not be cached")
-            if client is not None:
-                client.close()
+            for made in (client, thim):
+                if made is not None:
+                    made.close()
             return None
 
     async def start(self) -> None:
@@ -494,9 +503,10 @@ class Daemon:
         if self.service is not None:
             self.service.close()
         if self.service is not None and self.service.cache is not None:
-            client = getattr(self.service.cache, "client", None)
-            if client is not None:
-                client.close()
+            for name in ("client", "thim"):
+                made = getattr(self.service.cache, name, None)
+                if made is not None:
+                    made.close()
         self.events.flush()
         self.notifier.close()
 

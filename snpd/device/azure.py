@@ -27,7 +27,7 @@ from snpd.device.base import (
     VtpmQuote,
 )
 from snpd.device.tpm import DEFAULT_SPEC, Tpm, TpmChannel, open_tpm
-from snpd.errors import DeviceError, NotSupported, Timeout
+from snpd.errors import DeviceError, EvidenceFormatError, NotSupported, Timeout
 
 T = TypeVar("T")
 USER_DATA_SIZE = 64
@@ -75,10 +75,15 @@ class AzureVtpmDevice:
 
     def report(self, request: ReportRequest) -> bytes:
         """The SNP report. Non-zero report_data becomes the runtime JSON's user-data
-        (the paravisor refreshes the report); zeros read the report as it is."""
+        (the paravisor refreshes the report); zeros read the report as it is. A
+        malformed HCL report is the device's failure (DeviceError), never the caller's
+        (the EvidenceFormatError of a document a caller sent)."""
         data = request.report_data
         blob = self.hcl_report(data if any(data) else None)
-        return HclReport.from_bytes(blob).snp_report
+        try:
+            return HclReport.from_bytes(blob).snp_report
+        except EvidenceFormatError as exc:
+            raise DeviceError(f"the vTPM's HCL report is malformed: {exc}") from None
 
     def extended_report(self, request: ReportRequest) -> ExtendedReport:
         """Azure puts no certificate table beside the report: the VCEK comes from the

@@ -9,6 +9,11 @@ real KDS matches them — parameter order and zero padding do not matter — bec
 both the stored keys and the requested paths are normalized with
 :func:`snpd.kds.urls.parse_path`. Unknown paths get 404.
 
+It also stands in for Azure's THIM endpoint (snpd/kds/thim.py): store the THIM
+document at its path and pass ``required_headers={"Metadata": "true"}``, and a
+request without that header gets 400, as from Azure's IMDS. Every request's headers
+are recorded in :attr:`KdsServer.request_headers`.
+
 Faults make it misbehave the ways the KDS and the networks in front of it do:
 ``srv.faults.push(Fault.status(429, retry_after=1), count=2)`` makes the next two
 requests answer 429. Every request is recorded in :attr:`KdsServer.requests`.
@@ -216,7 +221,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         kds = self.server.kds
-        kds._record(self.path)
+        kds._record(self.path, {k: v for k, v in self.headers.items()})
+        missing = [name for name, value in kds.required_headers.items()
+                   if self.headers.get(name) != value]
+        if missing:
+            self._send(400, "application/json", b'{"error": "Bad request. Required '
+                       b'metadata header not specified"}\n', {})
+            return
         fault = kds.faults.take()
         if fault is None:
             self._serve(kds.lookup(self.path))
@@ -270,6 +281,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 class KdsServer:
     """A KDS on 127.0.0.1 serving ``store``: {path: (content_type, body)}.
+    ``required_headers``: a request lacking one of them (name and exact value) is
+    answered 400 (THIM's ``Metadata: true``).
 
     Use as a context manager (``with KdsServer(store) as srv: ... srv.url``) or call
     :meth:`start` and :meth:`stop`. Port 0 picks a free port. Stopping ends hanging
@@ -282,12 +295,15 @@ class KdsServer:
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        required_headers: Optional[Mapping[str, str]] = None,
     ) -> None:
+        self.required_headers: Dict[str, str] = dict(required_headers or {})
         self._host = host
         self._port = port
         self._lock = threading.Lock()
         self._store: Dict[str, Resource] = {}
         self._requests: List[str] = []
+        self._headers: List[Dict[str, str]] = []
         self._connections: Set[socket.socket] = set()
         self._stopping = threading.Event()
         self._httpd: Optional[_HttpServer] = None
@@ -324,9 +340,16 @@ class KdsServer:
         with self._lock:
             return list(self._requests)
 
-    def _record(self, path: str) -> None:
+    @property
+    def request_headers(self) -> List[Dict[str, str]]:
+        """Every request's headers so far, in the order of :attr:`requests`; a copy."""
+        with self._lock:
+            return [dict(h) for h in self._headers]
+
+    def _record(self, path: str, headers: Mapping[str, str]) -> None:
         with self._lock:
             self._requests.append(path)
+            self._headers.append(dict(headers))
 
     def _track(self, conn: socket.socket, *, add: bool) -> None:
         with self._lock:

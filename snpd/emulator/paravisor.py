@@ -13,7 +13,8 @@ the new report.
 Faults, for the tests' fault matrix: :meth:`Paravisor.fail_busy` answers the next N
 commands TPM_RC_RETRY; :meth:`Paravisor.remove_hcl_index` undefines 0x01400001;
 :meth:`Paravisor.serve_malformed` writes a broken HCL report (garbage, or a
-variable_data_size past the end), and keeps doing so on refreshes;
+variable_data_size past the end or short of the runtime JSON's), and keeps doing so
+on refreshes;
 :meth:`Paravisor.clear_faults` undoes them all.
 
 The TPM is any channel with ``transact(command) -> response`` (swtpm through
@@ -60,7 +61,7 @@ HCL_ATTRIBUTES = (tc.TPMA_NV_OWNERWRITE | tc.TPMA_NV_OWNERREAD | tc.TPMA_NV_AUTH
 USER_DATA_ATTRIBUTES = tc.NV_ATTRIBUTES_RW
 AK_HIERARCHY = tc.TPM_RH_ENDORSEMENT  # a primary: the same key again from the same EPS
 
-MALFORMED = ("garbage", "variable_data_size")
+MALFORMED = ("garbage", "variable_data_size", "variable_data_size_short")
 
 
 class Transact(Protocol):
@@ -157,14 +158,19 @@ def hcl_report(firmware: Firmware, provisioned: Provisioned, user_data: bytes) -
 
 
 def malformed_hcl_report(kind: str, good: bytes) -> bytes:
-    """``good`` broken the way ``kind`` says: "garbage" (no HCLA header, no JSON), or
-    "variable_data_size" (the runtime data's size runs past the index's end)."""
+    """``good`` broken the way ``kind`` says: "garbage" (no HCLA header, no JSON),
+    "variable_data_size" (the runtime data's size runs past the index's end), or
+    "variable_data_size_short" (a size that cuts the runtime JSON in half)."""
     if kind == "garbage":
         pattern = b"not an HCL report \xff\x00"
         return (pattern * (len(good) // len(pattern) + 1))[:len(good)]
-    if kind == "variable_data_size":
+    if kind in ("variable_data_size", "variable_data_size_short"):
+        offset = hcl.REQUEST_DATA_OFFSET + 16
+        size = len(good)
+        if kind == "variable_data_size_short":
+            size = struct.unpack_from("<I", good, offset)[0] // 2
         broken = bytearray(good)
-        struct.pack_into("<I", broken, hcl.REQUEST_DATA_OFFSET + 16, len(good))
+        struct.pack_into("<I", broken, offset, size)
         return bytes(broken)
     raise ValueError(f"malformed HCL kind {kind!r} is not one of {', '.join(MALFORMED)}")
 
@@ -205,8 +211,8 @@ class Paravisor:
                 self.upstream.transact(tc.nv_undefine_space(tc.AZURE_HCL_REPORT_INDEX))))
 
     def serve_malformed(self, kind: Optional[str]) -> None:
-        """Write a malformed HCL report now and on every refresh ("garbage" or
-        "variable_data_size", see :func:`malformed_hcl_report`); None restores a good
+        """Write a malformed HCL report now and on every refresh (one of
+        :data:`MALFORMED`, see :func:`malformed_hcl_report`); None restores a good
         one. The index is defined again if it was removed."""
         if kind is not None and kind not in MALFORMED:
             raise ValueError(f"malformed HCL kind {kind!r} is not one of {', '.join(MALFORMED)}")

@@ -9,6 +9,11 @@ verifies is removed and fetched again. Files are written atomically. Concurrent
 misses for one key are coalesced into one fetch, and a failed VCEK lookup is
 remembered for a while (snpd/kds/negative.py) so that repeats cost no request.
 
+With a THIM source (Azure's KDS cache, snpd/kds/thim.py), a VCEK miss asks THIM
+first: its answer is admitted exactly as a KDS answer is (the chain to the pinned
+roots, the VCEK's chip, TCB and signature), and anything it cannot vouch for (another
+TCB, another chip, a bad signature, garbage, no answer) falls through to the KDS.
+
 Every lookup takes a ``gate``, called just before an outbound fetch with what is
 about to be fetched: it may refuse by raising. :func:`cache_only` is the gate of a
 lookup that must not leave the machine (the daemon answers those without entering
@@ -42,6 +47,7 @@ from snpd.errors import (
 )
 from snpd.files import atomic_write, remove_stale_temporaries, unlink_within
 from snpd.kds.negative import NegativeCache
+from snpd.kds.thim import ThimAnswer
 from snpd.trust.admission import check_ca_chain, check_crl, check_vcek_binding
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import AMD_ROOTS, TrustRoots
@@ -56,6 +62,13 @@ class KdsFetcher(Protocol):
     def fetch_vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion) -> bytes: ...
 
     def fetch_crl(self, product: Product, endorser: Endorser) -> bytes: ...
+
+
+class ThimFetcher(Protocol):
+    """What the cache needs of a THIM source (snpd.kds.thim.ThimSource)."""
+
+    def fetch(self) -> ThimAnswer: ...
+
 
 T = TypeVar("T")
 Clock = Callable[[], datetime.datetime]
@@ -88,6 +101,8 @@ class CacheStats:
     rejected: int = 0
     evicted: int = 0
     negative_hits: int = 0
+    thim_hits: int = 0  # VCEKs (with their chain) admitted from THIM
+    thim_fallbacks: int = 0  # THIM asked, the KDS needed: no answer, or not admitted
 
     def as_dict(self) -> Dict[str, int]:
         return dataclasses.asdict(self)
@@ -106,9 +121,11 @@ class CertificateCache:
         crl_retry_after: datetime.timedelta = datetime.timedelta(minutes=5),
         observer: Optional[Callable[[str, str], None]] = None,
         negative: Optional[NegativeCache] = None,
+        thim: Optional[ThimFetcher] = None,
     ) -> None:
         self.root = Path(root)
         self.client = client
+        self.thim = thim  # asked before the KDS for a VCEK (never when offline)
         self.offline_dirs = tuple(Path(d) for d in offline_dirs)
         self.offline = offline or client is None
         self.roots = roots
@@ -167,6 +184,16 @@ class CertificateCache:
     def chain(self, product: Product, endorser: Endorser, *, gate: Optional[FetchGate] = None
               ) -> Tuple[Certificate, Certificate]:
         """(ARK, ASK or ASVK) for a product, verified."""
+        found = self._cached_chain(product, endorser)
+        if found is not None:
+            return found
+        return self._coalesced(("chain", product, endorser),
+                               lambda: self._fetch_chain(product, endorser, gate),
+                               _chain_what(product, endorser), gate)
+
+    def _cached_chain(self, product: Product, endorser: Endorser
+                      ) -> Optional[Tuple[Certificate, Certificate]]:
+        """The chain from the offline dirs or the cache, verified; None when neither has it."""
         for directory in self.offline_dirs:
             found = self._chain_from_dir(directory, product, endorser)
             if found is not None:
@@ -176,10 +203,7 @@ class CertificateCache:
                                      evict=True)
         if found is not None:
             self.stats.hits += 1
-            return found
-        return self._coalesced(("chain", product, endorser),
-                               lambda: self._fetch_chain(product, endorser, gate),
-                               _chain_what(product, endorser), gate)
+        return found
 
     def _chain_from_dir(self, directory: Path, product: Product, endorser: Endorser,
                         *, evict: bool = False) -> Optional[Tuple[Certificate, Certificate]]:
@@ -229,30 +253,29 @@ class CertificateCache:
             raise ValueError("chip_id must be the report's 64-byte CHIP_ID")
         if not any(chip_id):
             raise CertificatesUnavailable("CHIP_ID is masked: no VCEK can be looked up")
-        _ark, ask = self.chain(product, Endorser.VCEK, gate=gate)
-        for directory in self.offline_dirs:
-            path = _first_existing(directory, "vcek")
-            if path is None:
-                continue
-            cert = self._admit_vcek_file(path, product, chip_id, tcb, ask, evict=False)
-            if cert is not None:
-                self.stats.offline_hits += 1
-                return cert
-        path = self.vcek_path(product, chip_id, tcb)
-        cert = self._admit_vcek_file(path, product, chip_id, tcb, ask, evict=True)
-        if cert is not None:
-            self.stats.hits += 1
-            return cert
         # The KDS knows a chip by its hwid (all 64 bytes but on Turin); the key holds a
         # digest of it, never the ID itself.
         hwid = hashlib.sha256(chip_id[:product.hwid_length]).hexdigest()
         key = ("vcek", product, hwid, tcb.raw)
         what = f"the {product} VCEK for TCB {tcb}"
-        try:
-            self.negative.check(key, what)
-        except KdsError:
-            self.stats.negative_hits += 1
-            raise
+        path = self.vcek_path(product, chip_id, tcb)
+        thim_key = ("thim", *key[1:])
+        if self._thim_worth_asking(thim_key, gate):
+            chain = self._cached_chain(product, Endorser.VCEK)
+            if chain is not None:
+                cert = self._cached_vcek(product, chip_id, tcb, chain[1], path)
+                if cert is not None:
+                    return cert
+            self._check_negative(key, what)
+            from_thim = self._coalesced(thim_key, lambda: self._vcek_from_thim(
+                product, chip_id, tcb, path, what, gate, thim_key), what, gate)
+            if from_thim is not None:
+                return from_thim
+        _ark, ask = self.chain(product, Endorser.VCEK, gate=gate)
+        cert = self._cached_vcek(product, chip_id, tcb, ask, path)
+        if cert is not None:
+            return cert
+        self._check_negative(key, what)
         try:
             return self._coalesced(key, lambda: self._fetch_vcek(product, chip_id, tcb, ask,
                                                                  path, what, gate),
@@ -260,6 +283,89 @@ class CertificateCache:
         except (KdsError, UntrustedCertificate) as exc:
             self.negative.remember(key, exc)
             raise
+
+    def _check_negative(self, key: Hashable, what: str) -> None:
+        try:
+            self.negative.check(key, what)
+        except KdsError:
+            self.stats.negative_hits += 1
+            raise
+
+    def _cached_vcek(self, product: Product, chip_id: bytes, tcb: TcbVersion,
+                     ask: Certificate, path: Path) -> Optional[Certificate]:
+        """The VCEK from the offline dirs or the cache at ``path``, verified, or None."""
+        for directory in self.offline_dirs:
+            found = _first_existing(directory, "vcek")
+            if found is None:
+                continue
+            cert = self._admit_vcek_file(found, product, chip_id, tcb, ask, evict=False)
+            if cert is not None:
+                self.stats.offline_hits += 1
+                return cert
+        cert = self._admit_vcek_file(path, product, chip_id, tcb, ask, evict=True)
+        if cert is not None:
+            self.stats.hits += 1
+        return cert
+
+    def _thim_worth_asking(self, thim_key: Hashable, gate: Optional[FetchGate]) -> bool:
+        """THIM is configured, fetching is allowed, and it did not fail this VCEK lately
+        (it holds one VCEK: a report from another chip or TCB would ask it again and
+        again for nothing)."""
+        if self.thim is None or self.offline or gate is cache_only:
+            return False
+        try:
+            self.negative.check(thim_key, "THIM")
+        except KdsError:
+            return False
+        return True
+
+    def _vcek_from_thim(self, product: Product, chip_id: bytes, tcb: TcbVersion,
+                        path: Path, what: str, gate: Optional[FetchGate],
+                        thim_key: Hashable) -> Optional[Certificate]:
+        """The VCEK from THIM, admitted as a KDS answer would be, and stored with its
+        chain when the cache had none; None (the KDS is asked next, and THIM not again
+        for this VCEK for a while) when THIM has no VCEK this cache can vouch for.
+        Only the gate's refusal is raised."""
+        assert self.thim is not None
+        # Another caller may have stored it while we waited.
+        chain = self._cached_chain(product, Endorser.VCEK)
+        if chain is not None:
+            cert = self._cached_vcek(product, chip_id, tcb, chain[1], path)
+            if cert is not None:
+                return cert
+        source = f"{what} from THIM"
+        if gate is not None:
+            gate(source)  # IMDS is rate-limited too: the caller's budget pays for it
+        try:
+            answer = self.thim.fetch()
+            if answer.tcbm != tcb.raw:
+                # THIM caches the host's current TCB only: not for this report.
+                raise CertificatesUnavailable(
+                    f"THIM serves the VCEK for TCB {answer.tcbm:016x}, not {tcb.raw:016x}")
+            new_chain = chain is None
+            if chain is None:
+                chain = self._admit(source, lambda: check_ca_chain(
+                    answer.chain, product, Endorser.VCEK, roots=self.roots))
+            ark, ask = chain
+            self._admit(source, lambda: check_vcek_binding(answer.vcek, product, chip_id,
+                                                           tcb, intermediate=ask))
+        except (CertificatesUnavailable, CertificateFormatError) as exc:
+            self.stats.thim_fallbacks += 1
+            self.negative.remember(thim_key, exc if isinstance(exc, CertificatesUnavailable)
+                                   else CertificatesUnavailable(str(exc)))
+            if self.observer is not None:
+                # "failed": the daemon coalesces these (one per forged chip ID, say)
+                self.observer(source, f"failed, so the KDS is asked: {exc}")
+            return None
+        if new_chain:  # as _fetch_chain: the intermediate first
+            directory = self.chain_dir(product, Endorser.VCEK)
+            self._store(directory / "ask.pem", ask.to_pem().encode())
+            self._store(directory / "ark.pem", ark.to_pem().encode())
+        self._store(path, answer.vcek.der)
+        self.stats.thim_hits += 1
+        if self.observer is not None:
+            self.observer(source, "admitted")
+        return answer.vcek
 
     def _admit_vcek_file(self, path: Path, product: Product, chip_id: bytes, tcb: TcbVersion,
                          ask: Certificate, *, evict: bool) -> Optional[Certificate]:
@@ -356,10 +462,12 @@ class CertificateCache:
                      ) -> CertificateSet:
         """The chain, the VCEK when ``chip_id`` and ``tcb`` are given, and the CRL if asked.
         With ``gate=cache_only``, what the caches alone can answer, or NotCached."""
-        ark, inter = self.chain(product, endorser, gate=gate)
-        found = {"ark": ark, endorser.intermediate: inter}
+        found: Dict[str, Certificate] = {}
         if endorser is Endorser.VCEK and chip_id is not None and tcb is not None:
+            # First: from THIM, the VCEK brings its chain along.
             found["vcek"] = self.vcek(product, chip_id, tcb, gate=gate)
+        ark, inter = self.chain(product, endorser, gate=gate)
+        found.update({"ark": ark, endorser.intermediate: inter})
         crl = self.crl(product, endorser, gate=gate) if with_crl else None
         return CertificateSet(crl=crl, **found)
 

@@ -56,7 +56,7 @@ import ssl
 import threading
 import time
 from datetime import timezone
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 import requests
@@ -176,6 +176,8 @@ class KdsClient:
     attempt's timeouts are clipped to what remains of it. ``max_retry_wait`` (None: up
     to the deadline) is the longest Retry-After or pause a call sleeps through; a
     daemon sets it low, so that its threads do not sleep while the KDS throttles.
+    ``headers`` go with every request (Azure's THIM endpoint wants ``Metadata: true``);
+    they cannot ask for a compressed body.
     """
 
     def __init__(
@@ -192,6 +194,7 @@ class KdsClient:
         max_retries: int = 5,
         max_body: int = DEFAULT_MAX_BODY,
         max_retry_wait: Optional[float] = None,
+        headers: Optional[Mapping[str, str]] = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: Optional[random.Random] = None,
@@ -234,6 +237,11 @@ class KdsClient:
         self._max_retries = max_retries
         self._max_body = max_body
         self._max_retry_wait = max_retry_wait
+        headers = dict(headers or {})
+        if any(name.lower() == "accept-encoding" for name in headers):
+            raise ValueError("headers must not set Accept-Encoding (the size cap needs "
+                             "identity bodies)")
+        self._headers = {**headers, "Accept-Encoding": "identity"}
         # base URL -> (end of its pause on the clock, the status that asked for it)
         self._paused: Dict[str, Tuple[float, int]] = {}
         self._pause_lock = threading.Lock()
@@ -376,7 +384,7 @@ class KdsClient:
                 allow_redirects=False,
                 # No compression: a compressed body could expand past the size cap
                 # in a single read before the cap is checked.
-                headers={"Accept-Encoding": "identity"},
+                headers=self._headers,
             )
         except requests.exceptions.ConnectTimeout:
             return _Failure(f"no connection within {connect:.3g} s (connect timeout)", retry=True)

@@ -4,7 +4,11 @@ result or the documented typed error, and nothing wrong (above all a forged VCEK
 lands in the cache.
 
 One daemon start per emulator fault; the KDS faults run against that daemon one after
-another, each on an emptied cache so the certificates are fetched again."""
+another, each on an emptied cache so the certificates are fetched again.
+
+The azure backend has its own rows (test_azure_fault_matrix): the vTPM busy, absent,
+without its HCL index, or holding a malformed HCL report, from a paravisor in this
+process (snpd/emulator/paravisor.py)."""
 
 from __future__ import annotations
 
@@ -12,14 +16,18 @@ import base64
 import dataclasses
 import datetime
 import os
+import pwd
 import shutil
-from typing import Any, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple
 
 import pytest
-from daemonproc import EmulatorTemplate  # type: ignore[import-not-found]
+from daemonproc import DAEMON_USER, EmulatorTemplate  # type: ignore[import-not-found]
 from reliability import (  # type: ignore[import-not-found]
     A,
     K,
+    M,
     b64,
     call,
     emulator_kds,
@@ -30,7 +38,10 @@ from reliability import (  # type: ignore[import-not-found]
 )
 
 from snpd.emulator import pki
+from snpd.emulator.firmware import Firmware
 from snpd.emulator.kds_server import Fault, KdsServer
+from snpd.emulator.paravisor import Paravisor, provision
+from snpd.emulator.swtpm import SocketChannel, SwtpmProcess
 from snpd.kds import urls
 
 pytestmark = pytest.mark.integration
@@ -210,6 +221,133 @@ def test_fault_matrix(emu: EmuFault, template: EmulatorTemplate, kds: KdsServer,
         assert not problems, "\n".join(problems)
         assert daemon.running()
         # Error paths log the most; none of it may carry a nonce, a key or the chip ID.
+        assert daemon.find_leaks(secrets) == []
+    finally:
+        daemon.close()
+        shutil.rmtree(cache_dir.parent, ignore_errors=True)
+
+
+# -- the azure backend ----------------------------------------------------------------------
+# An emulated Azure CVM: the daemon takes the real vTPM path (snpd.device.azure) to a
+# paravisor (snpd.emulator.paravisor) that runs in this process in front of one swtpm,
+# so that its faults can be armed between calls. One swtpm and paravisor for the
+# module; a daemon per row, since a fault that makes the vTPM unavailable is final for
+# a daemon's broker (snpd/vmpck.py: "failed" needs a restart).
+
+AZURE_METHODS = ("GetReport", "GetExtendedReport", "GetEvidence", "GetCertificates")
+
+
+@dataclasses.dataclass
+class EmulatedVtpm:
+    paravisor: Paravisor
+    uid: int
+    gid: int
+
+    @property
+    def spec(self) -> str:
+        return f"unix:{self.paravisor.socket_path}"
+
+    def listen(self) -> None:
+        """Serve; the daemon (user snpd) may connect to the socket (made 0600 root)."""
+        self.paravisor.start()
+        os.chown(self.paravisor.socket_path, self.uid, self.gid)
+
+
+@pytest.fixture(scope="module")
+def vtpm(template: EmulatorTemplate) -> Iterator[EmulatedVtpm]:
+    base = Path(tempfile.mkdtemp(prefix="snpd-vtpm-"))
+    base.chmod(0o755)
+    firmware = Firmware(template.state)
+    pw = pwd.getpwnam(DAEMON_USER)
+    try:
+        with SwtpmProcess(base / "swtpm") as swtpm, \
+                SocketChannel(swtpm.socket_path) as upstream:
+            provisioned = provision(upstream, firmware)
+            made = EmulatedVtpm(Paravisor(upstream, firmware, provisioned, base / "vtpm.sock"),
+                                pw.pw_uid, pw.pw_gid)
+            made.listen()
+            try:
+                yield made
+            finally:
+                made.paravisor.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class AzureFault:
+    name: str
+    arm: Callable[[EmulatedVtpm], None]
+    # What each of AZURE_METHODS answers while the fault lasts ("ok" or the error).
+    during: Tuple[str, str, str, str]
+    # The broker's state after it: "ready" (a good call succeeds once the fault is
+    # cleared), or "failed" (the vTPM was unavailable: final until snpd restarts).
+    state: str
+    reason: str = ""  # in StateReason when failed
+
+
+def _malformed(kind: str) -> Callable[[EmulatedVtpm], None]:
+    return lambda v: v.paravisor.serve_malformed(kind)
+
+
+DEVICE_FAULT = ("DeviceError", "DeviceError", "DeviceError", "ok")
+AZURE_FAULTS = (
+    # More busy answers than the TPM layer's retries (the broker's are off here).
+    AzureFault("tpm busy", lambda v: v.paravisor.fail_busy(1_000_000),
+               ("Busy", "Busy", "Busy", "ok"), "ready"),
+    AzureFault("tpm absent", lambda v: v.paravisor.stop(), DEVICE_FAULT, "failed",
+               "no TPM at unix:"),
+    AzureFault("nv index missing", lambda v: v.paravisor.remove_hcl_index(), DEVICE_FAULT,
+               "failed", "NV index 0x01400001 is not defined"),
+    AzureFault("malformed hcl", _malformed("garbage"), DEVICE_FAULT, "ready"),
+    AzureFault("runtime data size past the end", _malformed("variable_data_size"),
+               DEVICE_FAULT, "ready"),
+    AzureFault("runtime data size short", _malformed("variable_data_size_short"),
+               DEVICE_FAULT, "ready"),
+)
+
+
+@pytest.mark.parametrize("fault", AZURE_FAULTS, ids=[f.name for f in AZURE_FAULTS])
+def test_azure_fault_matrix(fault: AzureFault, template: EmulatorTemplate, kds: KdsServer,
+                            vtpm: EmulatedVtpm) -> None:
+    """Each vTPM fault on the azure backend, over varlink: the typed error each method
+    answers (GetCertificates keeps serving the chain and VCEK), the daemon keeps
+    serving, the broker's state says whether the fault was final, nothing unverified
+    is cached and nothing secret is logged."""
+    cache_dir = shared_cache_dir()
+    daemon = new_daemon(template, kds.url, cache_dir, {
+        "device": {"busy_retries": 0}, "emulator": {"vtpm": vtpm.spec}})
+    secrets: Dict[str, bytes] = {"chip ID": template.state.chip_id}
+    got: List[str] = []
+    try:
+        daemon.start()
+        # A good report first: the daemon knows the chip (for GetCertificates) and
+        # holds an open vTPM connection when the fault strikes.
+        assert outcome(_call_method(daemon, "GetReport", "", secrets)) == "ok"
+        fault.arm(vtpm)
+        try:
+            for method in AZURE_METHODS:
+                result = _call_method(daemon, method, "", secrets)
+                got.append(outcome(result))
+                assert daemon.running(), f"snpd exited after {method}\n{daemon.diagnostics()}"
+                if method == "GetCertificates" and result["ok"]:
+                    kinds = {c["kind"] for c in result["parameters"]["certificates"]}
+                    assert {"ark", "ask", "vcek"} <= kinds, kinds
+        finally:
+            if fault.name == "tpm absent":
+                vtpm.listen()
+            vtpm.paravisor.clear_faults()
+        assert tuple(got) == fault.during, list(zip(AZURE_METHODS, got))
+        props = call(daemon, M + "GetProperties")
+        assert props["ok"], props
+        state = props["parameters"]["properties"]["org.snpd.Snpd1.Attestation"]
+        assert state["State"] == fault.state, state
+        assert fault.reason in state["StateReason"]
+        after = outcome(_call_method(daemon, "GetReport", "", secrets))
+        assert after == ("ok" if fault.state == "ready" else "DeviceError")
+        assert daemon.running()
+        scan = scan_cache(cache_dir, template)
+        assert not scan.problems and not scan.temporaries, scan
         assert daemon.find_leaks(secrets) == []
     finally:
         daemon.close()

@@ -56,6 +56,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "kds": {
         "url": "https://kdsintf.amd.com",
         "mirrors": (),
+        "thim": "",
         "timeout_s": 60.0,
         "cache_dir": Path("/var/cache/snpd"),
         "offline": False,

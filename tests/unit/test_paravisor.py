@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from snpd.abi import hcl, tpm
 from snpd.abi import tpm2_commands as tc
+from snpd.device.azure import AzureVtpmDevice
+from snpd.device.base import ReportRequest
 from snpd.device.tpm import Tpm, open_tpm
 from snpd.emulator import hcl as emuhcl
 from snpd.emulator.firmware import Firmware
@@ -31,7 +33,7 @@ from snpd.emulator.launch import EmulatorConfig
 from snpd.emulator.paravisor import HCL_NV_SIZE, Paravisor, Provisioned, provision
 from snpd.emulator.state import EmulatorState
 from snpd.emulator.swtpm import SocketChannel, SwtpmProcess
-from snpd.errors import Busy, DeviceUnavailable, EvidenceFormatError
+from snpd.errors import Busy, DeviceError, DeviceUnavailable, EvidenceFormatError, InvalidArgument
 from snpd.trust.azure import verify_azure_evidence
 from snpd.trust.certset import CertificateSet
 from snpd.trust.result import Status
@@ -244,7 +246,7 @@ def test_a_missing_hcl_index_is_a_typed_error(vtpm: Vtpm) -> None:
 
 
 @needs_swtpm
-@pytest.mark.parametrize("kind", ["garbage", "variable_data_size"])
+@pytest.mark.parametrize("kind", ["garbage", "variable_data_size", "variable_data_size_short"])
 def test_a_malformed_hcl_blob_is_a_format_error(vtpm: Vtpm, kind: str) -> None:
     vtpm.paravisor.serve_malformed(kind)
     try:
@@ -350,3 +352,19 @@ def test_snpd_emu_vtpm_serves_and_stops_on_sigterm(state: EmulatorState, tmp_pat
             proc.stderr.close()
     assert not _alive(swtpm_pid)
     assert not sock.exists()
+
+
+@needs_swtpm
+@pytest.mark.parametrize("kind", ["garbage", "variable_data_size_short"])
+def test_the_azure_device_calls_a_malformed_report_its_own_failure(vtpm: Vtpm,
+                                                                   kind: str) -> None:
+    """A caller sent nothing malformed: the device's error, never InvalidArgument."""
+    device = AzureVtpmDevice(vtpm.spec, opener=lambda spec: open_tpm(spec, timeout=30))
+    vtpm.paravisor.serve_malformed(kind)
+    try:
+        with pytest.raises(DeviceError, match="HCL report is malformed") as caught:
+            device.report(ReportRequest(b"\x01" * 64, 0))
+        assert not isinstance(caught.value, InvalidArgument)
+    finally:
+        vtpm.paravisor.clear_faults()
+        device.close()
