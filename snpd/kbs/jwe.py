@@ -137,7 +137,7 @@ def _joined_header(jwe: Mapping[str, Any], protected: Dict[str, Any]) -> Dict[st
         if member in jwe:
             for name, value in _header(jwe[member], member).items():
                 if name in joined:
-                    raise KbsProtocolError(f"JWE header: {name!r} appears twice")
+                    raise KbsProtocolError(f"JWE header: {name[:40]!r} appears twice")
                 joined[name] = value
     return joined
 

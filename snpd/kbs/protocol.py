@@ -41,7 +41,9 @@ REPORT_DATA_SIZE = 64
 
 _NONCE = re.compile(r"[A-Za-z0-9+/=_-]+")  # base64 either alphabet, or hex
 _TEE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
-_SEGMENT = re.compile(r"[A-Za-z0-9._-]{1,80}")
+# Trustee's ResourceDesc rule (kbs/src/plugins/implementations/resource/backend.rs),
+# bounded: no segment starts with '.', so none is '.' or '..'.
+_SEGMENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,79}")
 _PROBLEM = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 
@@ -232,14 +234,13 @@ def parse_error(body: bytes) -> Optional[ErrorInformation]:
 
 def resource_path(path: str) -> str:
     """The URL path (no leading slash) of resource ``REPOSITORY/TYPE/TAG``: exactly three
-    non-empty segments of letters, digits, ``.``, ``_`` and ``-``, none of them ``.`` or
-    ``..``."""
+    non-empty segments of letters, digits, ``.``, ``_`` and ``-``, none starting with
+    ``.`` (so never ``.`` or ``..``), as Trustee accepts them."""
     if not isinstance(path, str) or len(path) > MAX_RESOURCE_PATH:
         raise InvalidArgument(f"a KBS resource path is at most {MAX_RESOURCE_PATH} characters")
     segments = path.split("/")
-    if len(segments) != 3 or not all(_SEGMENT.fullmatch(s) and s not in (".", "..")
-                                     for s in segments):
+    if len(segments) != 3 or not all(_SEGMENT.fullmatch(s) for s in segments):
         raise InvalidArgument(
             "a KBS resource path is REPOSITORY/TYPE/TAG: three segments of letters, digits, "
-            "'.', '_' and '-' (not '.' or '..')")
+            "'.', '_' and '-', none starting with '.'")
     return RESOURCE_PREFIX + path

@@ -388,6 +388,21 @@ def test_debian_12_is_what_the_debian_stage_installs(distros):
     assert needed <= set(libraries), f"not installed by the debian stage: {needed - set(libraries)}"
 
 
+def test_debian_stage_test_tools_are_the_debs_check_build_depends(
+        pyproject: Dict[str, Any]) -> None:
+    """DEBIAN_TEST_APT: test tools the debian stage takes from apt because the .deb's
+    build tests with them; each is a <!nocheck> Build-Depends, and the test extra
+    names it for pip."""
+    tools = shell_assignment("DEBIAN_TEST_APT").strip("()").split()
+    assert tools, "scripts/test: DEBIAN_TEST_APT is empty"
+    text = DEBIAN_CONTROL.read_text(encoding="utf-8")
+    source = text[:text.index("\nPackage: snpd")]
+    extra = [Requirement(r).name for r in pyproject["project"]["optional-dependencies"]["test"]]
+    for package in tools:
+        assert re.search(rf"^ {re.escape(package)} <!nocheck>,$", source, re.MULTILINE), package
+        assert package.removeprefix("python3-") in extra, package
+
+
 def deb_depends() -> List[str]:
     """The python3-* packages the snpd binary package's Depends names."""
     text = DEBIAN_CONTROL.read_text(encoding="utf-8")

@@ -18,6 +18,7 @@ import base64
 import binascii
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import math
@@ -32,6 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from emuplatform import NOW, Platform  # type: ignore[import-not-found]
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from jwcrypto import jwe as jwcrypto_jwe
+from jwcrypto import jwk as jwcrypto_jwk
 from vectors import vectors_path  # type: ignore[import-not-found]
 
 import snpd
@@ -57,15 +60,21 @@ from snpd.access import Access, Caller
 from snpd.config import Config, parse_config
 from snpd.device.base import ExtendedReportRequest, ReportRequest
 from snpd.errors import (
+    CanonicalizationError,
     CertificateFormatError,
     CertTableError,
     ConfigError,
     EvidenceFormatError,
     InvalidArgument,
+    KbsProtocolError,
     ReportFormatError,
     SnpdError,
 )
 from snpd.events import Events
+from snpd.kbs import jcs as kbs_jcs
+from snpd.kbs import jwe as kbs_jwe
+from snpd.kbs import protocol as kbs_protocol
+from snpd.kbs.jwe import TeeKey
 from snpd.service import (
     CERTIFICATE_OPTIONS,
     TIMEOUT_OPTION,
@@ -1441,12 +1450,138 @@ def test_fuzz_verify_azure_evidence(milan: Platform, data: st.DataObject) -> Non
     assert _signed_content(parse_azure_evidence(document)) == _signed_content(case.evidence)
 
 
+# -- Trustee KBS (issue 15): canonical JSON, protocol messages, JWE ----------------------
+
+
+@functools.cache
+def _kbs_key(kind: str) -> TeeKey:
+    return TeeKey.generate(kind)
+
+
+@functools.cache
+def _kbs_jwe(kind: str) -> bytes:
+    """A JWE from jwcrypto (the independent library) to the kind's key; for EC, with epk
+    moved into the protected header as Trustee has it (compact serialization's parts)."""
+    key = _kbs_key(kind)
+    token = jwcrypto_jwe.JWE(b"fuzz secret", protected=json.dumps({"alg": key.alg,
+                                                                   "enc": "A256GCM"}))
+    token.allowed_algs = [key.alg, "A256GCM"]
+    token.add_recipient(jwcrypto_jwk.JWK(**key.public_jwk()))
+    if kind.startswith("ec"):
+        parts = token.serialize(compact=True).split(".")
+        doc = dict(zip(("protected", "encrypted_key", "iv", "ciphertext", "tag"), parts))
+        return json.dumps(doc).encode()
+    return token.serialize().encode()
+
+
+_KBS_KINDS = st.sampled_from(["ec-p256", "ec-p521", "rsa", "rsa1_5"])
+_JWE_MEMBERS = st.sampled_from(["protected", "encrypted_key", "iv", "ciphertext", "tag", "aad",
+                                "header", "unprotected", "recipients"])
+_JWE_HEADER = st.sampled_from(["alg", "enc", "epk", "zip", "crit", "apu", "apv", "kid"])
+
+
+@fuzz
+@given(kind=_KBS_KINDS, data=st.data(),
+       members=st.dictionaries(_JWE_MEMBERS, STRICT_JSON | _B64URL_TEXT, max_size=3),
+       header=st.dictionaries(_JWE_HEADER, STRICT_JSON | _B64URL_TEXT, max_size=3))
+def test_fuzz_kbs_jwe(kind: str, data: st.DataObject, members: Dict[str, Any],
+                      header: Dict[str, Any]) -> None:
+    """jwe.decrypt on arbitrary bytes, mutated JWEs, and JWEs with members or protected
+    header fields replaced by random values: KbsProtocolError (SecretDecryptionError is
+    one) only; what decrypts is the original plaintext."""
+    _count("kbs_jwe")
+    key, seed = _kbs_key(kind), _kbs_jwe(kind)
+    raw = data.draw(st.one_of(st.binary(max_size=400), mutated([seed])))
+    plaintext = _only((KbsProtocolError,), kbs_jwe.decrypt, key, raw)
+    assert plaintext in (None, b"fuzz secret")
+    doc = {**json.loads(seed), **members}
+    if header and isinstance(doc.get("protected"), str):
+        try:
+            protected = json.loads(base64.urlsafe_b64decode(doc["protected"] + "=="))
+        except ValueError:
+            protected = None
+        if isinstance(protected, dict):
+            edited = json.dumps({**protected, **header}).encode()
+            doc["protected"] = base64.urlsafe_b64encode(edited).rstrip(b"=").decode()
+    plaintext = _only((KbsProtocolError,), kbs_jwe.decrypt, key, json.dumps(doc).encode())
+    event("decrypts" if plaintext is not None else "refused")
+    assert plaintext in (None, b"fuzz secret")
+
+
+_KBS_TOKEN = ".".join(base64.urlsafe_b64encode(p).rstrip(b"=").decode() for p in (
+    b'{"alg":"RS384"}', b'{"exp":1767225600,"tcb-status":{}}', b"sig"))
+_KBS_BODIES = [
+    b'{"nonce":"q3NXbc7mnh6Q0mwyAHbE7zgPYvJ/1b+IqCO6dB4ifKg=","extra-params":""}',
+    json.dumps({"token": _KBS_TOKEN}).encode(),
+    b'{"type":"https://github.com/confidential-containers/kbs/errors/AttestationError",'
+    b'"detail":"verify TEE evidence failed"}',
+]
+
+
+@fuzz
+@given(body=st.one_of(st.binary(max_size=300), st.text(max_size=200).map(str.encode),
+                      mutated(_KBS_BODIES), STRICT_JSON.map(lambda v: json.dumps(v).encode())),
+       token=st.one_of(st.text(max_size=200), mutated([_KBS_TOKEN.encode()]).map(
+           lambda b: b.decode("utf-8", "replace"))),
+       path=st.one_of(st.text(max_size=90), st.lists(st.text("ab._-/%\\", max_size=6),
+                                                     max_size=5).map("/".join)))
+def test_fuzz_kbs_protocol(body: bytes, token: str, path: str) -> None:
+    """The parsers of what a KBS answers: KbsProtocolError only (parse_error: None, never
+    an exception); resource_path: InvalidArgument only, and what passes is three segments
+    none of which starts with '.'."""
+    _count("kbs_protocol")
+    challenge = _only((KbsProtocolError,), kbs_protocol.parse_challenge, body)
+    if challenge is not None:
+        assert 0 < len(challenge.nonce) <= kbs_protocol.MAX_NONCE
+    _only((KbsProtocolError,), kbs_protocol.parse_token, body)
+    info = kbs_protocol.parse_error(body)
+    if info is not None:
+        assert info.detail.isprintable() and len(info.detail) <= kbs_protocol.MAX_DETAIL + 3
+    expiry = _only((KbsProtocolError,), kbs_protocol.token_expiry, token)
+    assert expiry is None or 0 <= expiry < 2**63
+    url = _only((InvalidArgument,), kbs_protocol.resource_path, path)
+    if url is not None:
+        assert url == kbs_protocol.RESOURCE_PREFIX + path
+        segments = path.split("/")
+        assert len(segments) == 3 and all(s and not s.startswith(".") for s in segments)
+
+
+_ODD_VALUES = st.recursive(
+    st.one_of(STRICT_JSON, st.binary(max_size=4), st.sets(st.integers(), max_size=2),
+              st.floats(), st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+                                   min_size=1, max_size=2)),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.tuples(inner, inner),
+        st.dictionaries(st.one_of(st.text(max_size=4), st.integers(), st.none()), inner,
+                        max_size=3)),
+    max_leaves=10)
+
+
+@fuzz
+@given(value=st.one_of(STRICT_JSON, _ODD_VALUES))
+def test_fuzz_jcs(value: Any) -> None:
+    """jcs.canonicalize on JSON values (ints past 2**53 included) and on what JSON has no
+    form for (bytes, sets, NaN, lone surrogates, non-str keys): CanonicalizationError
+    only; what canonicalizes reads back, every number a double, as an equal value whose
+    canonical form is the same bytes."""
+    _count("jcs")
+    out = _only((CanonicalizationError,), kbs_jcs.canonicalize, value)
+    if out is None:
+        return
+    back = json.loads(out.decode("utf-8"), parse_int=float)
+    assert kbs_jcs.canonicalize(back) == out
+    assert back == json.loads(json.dumps(value), parse_int=float)
+
+
 def test_fuzz_allowed_errors_are_typed() -> None:
     """The errors the properties allow are all snpd.errors.SnpdError subclasses mapped to
-    InvalidArgument or CertificatesUnavailable (ProtocolError is the varlink wire's own)."""
-    for cls in (ReportFormatError, CertificateFormatError, ConfigError, EvidenceFormatError):
+    InvalidArgument, CertificatesUnavailable or KbsError (ProtocolError is the varlink
+    wire's own)."""
+    for cls in (ReportFormatError, CertificateFormatError, ConfigError, EvidenceFormatError,
+                CanonicalizationError):
         assert issubclass(cls, InvalidArgument)
     assert CertTableError.kind == "CertificatesUnavailable"
+    assert KbsProtocolError.kind == "KbsError"
 
 
 # -- crashes the fuzzer found: deterministic reproducers ----------------------------------

@@ -198,10 +198,12 @@ def test_parsers_raise_only_typed_errors(body: bytes) -> None:
 def test_resource_path() -> None:
     assert resource_path("default/key/disk-1") == "kbs/v0/resource/default/key/disk-1"
     assert resource_path("my_repo/cert.pem/v1.2") == "kbs/v0/resource/my_repo/cert.pem/v1.2"
+    assert resource_path("-/_/x..") == "kbs/v0/resource/-/_/x.."  # Trustee accepts these
 
 
 @pytest.mark.parametrize("path", [
     "", "a/b", "a/b/c/d", "a//c", "/a/b/c", "a/b/c/", "a/../c", "a/./c", "../b/c",
+    ".git/b/c", "a/.b/c", "a/b/.c",
     "a/b/%2e%2e", "a/b/c?x=1", "a/b/c#f", "a/b c/d", "a\\b/c/d", "a/b/\u00e9", "a/b/c\n",
     "a/b/" + "c" * 81, "a" * 80 + "/" + "b" * 80 + "/" + "c" * 80 + "/x",
 ])

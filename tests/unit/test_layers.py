@@ -21,7 +21,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "snpd"
 # A name stands for that module and everything below it.
 LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("base", ("snpd", "snpd.errors", "snpd.schema", "snpd.abi")),
-    ("trust", ("snpd.trust",)),  # the pure core: parsing and verification, no I/O
+    # the pure core: parsing and verification, no I/O (the KBS protocol's sans-I/O half)
+    ("trust", ("snpd.trust", "snpd.kbs.jcs", "snpd.kbs.protocol", "snpd.kbs.jwe")),
     ("io", ("snpd.files", "snpd.kds.urls")),
     # The KBS protocol: pure messages, JCS and JWE, the allow rules, and its HTTP client.
     ("kbs", ("snpd.kbs",)),
