@@ -507,7 +507,7 @@ class LogSection(_Section):
 # [kbs.NAME]: Trustee Key Broker Services the daemon fetches secrets from
 
 KBS_SECTION = "kbs"
-TEE_KEYS = ("ec-p256", "ec-p521", "rsa")
+TEE_KEYS = ("ec-p256", "ec-p521", "rsa", "rsa1_5")  # snpd.kbs.jwe.KINDS
 _KBS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 _MAX_RULES = 64
 _RULE_KEYS = ("groups", "uids", "resources", "token")
@@ -562,8 +562,10 @@ class KbsEndpoint:
     url: str
     # The CA that signed the KBS's certificate; None: the system's trust store.
     ca_cert: Optional[Path] = None
-    # The ephemeral key the KBS encrypts resources to: EC (ECDH-ES+A256KW) or
-    # RSA (RSA-OAEP-256). It is made in the daemon and never leaves it.
+    # The ephemeral key the KBS encrypts resources to: EC (ECDH-ES+A256KW), RSA
+    # (RSA-OAEP-256), or RSA for a KBS that only does RSA1_5 (legacy). A key takes
+    # only its own alg, so a KBS cannot downgrade an "rsa" key to PKCS#1 v1.5. It is
+    # made in the daemon and never leaves it.
     tee_key: str = "ec-p256"
     timeout_s: float = 30.0
     allow: Tuple[AllowRule, ...] = ()

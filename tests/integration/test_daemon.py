@@ -1251,8 +1251,10 @@ def test_varlink_introspection_serves_the_interface_files(daemon: SnpdDaemon) ->
 
     with varlink.Client(address=f"unix:{daemon.socket_path}") as client:
         assert set(client.get_interfaces()) == {
-            "org.varlink.service", "org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Manager"}
-        for name in ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Manager"):
+            "org.varlink.service", "org.snpd.Attestation", "org.snpd.Keys",
+            "org.snpd.Secrets", "org.snpd.Manager"}
+        for name in ("org.snpd.Attestation", "org.snpd.Keys", "org.snpd.Secrets",
+                     "org.snpd.Manager"):
             interface = client.get_interface(name)
             assert interface.name == name
             shipped = (REPO_ROOT / "snpd" / "varlink" / f"{name}.varlink").read_text()

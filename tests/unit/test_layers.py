@@ -23,7 +23,7 @@ LAYERS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("base", ("snpd", "snpd.errors", "snpd.schema", "snpd.abi")),
     # the pure core: parsing and verification, no I/O (the KBS protocol's sans-I/O half)
     ("trust", ("snpd.trust", "snpd.kbs.jcs", "snpd.kbs.protocol", "snpd.kbs.jwe")),
-    ("io", ("snpd.files", "snpd.kds.urls")),
+    ("io", ("snpd.files", "snpd.kds.urls", "snpd.kds.client", "snpd.kds.thim")),
     # The KBS protocol: pure messages, JCS and JWE, the allow rules, and its HTTP client.
     ("kbs", ("snpd.kbs",)),
     ("emulator", ("snpd.emulator",)),  # the software platform under the device layer
@@ -145,8 +145,10 @@ def test_no_arrow_from_a_lower_layer_up() -> None:
 @pytest.mark.parametrize("graph, expected", [
     ({"snpd.device.select": {"snpd.config"}, "snpd.config": set()},
      ["snpd.device.select (device) -> snpd.config (config)"]),
+    ({"snpd.trust.x509": {"snpd.kds.cache"}, "snpd.kds.cache": set()},
+     ["snpd.trust.x509 -> snpd.kds.cache (not in any layer)"]),
     ({"snpd.trust.x509": {"snpd.kds.client"}, "snpd.kds.client": set()},
-     ["snpd.trust.x509 -> snpd.kds.client (not in any layer)"]),
+     ["snpd.trust.x509 (trust) -> snpd.kds.client (io)"]),
     ({"snpd.config": {"snpd.device.select"}, "snpd.device.select": set()}, []),
 ])
 def test_the_layer_check_sees_an_upward_arrow(graph: Dict[str, Set[str]],
