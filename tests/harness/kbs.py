@@ -654,6 +654,9 @@ class _HttpServer(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # The headers and the body are written apart: without TCP_NODELAY, Nagle and the
+    # client's delayed ACK add 40 ms to every answer on a kept-alive connection.
+    disable_nagle_algorithm = True
     server: _HttpServer
 
     def log_message(self, format: str, *args: Any) -> None:
