@@ -319,6 +319,7 @@ class KbsServer:
         self.resources: Dict[str, bytes] = dict(resources or {})
         self.session_ttl = session_ttl
         self.token_ttl = token_ttl
+        self._initial = (dict(self.resources), session_ttl, token_ttl)
         self.clock = clock
         self.token_key = jwk.JWK.generate(kty="EC", crv="P-256")
         # knobs
@@ -411,6 +412,19 @@ class KbsServer:
     def allow(self, path: str) -> None:
         with self._lock:
             self._forbidden.pop(path.strip("/"), None)
+
+    def reset(self) -> None:
+        """Every knob, the resources and the counters as constructed: what a module's
+        tests sharing one server call after each test."""
+        resources, self.session_ttl, self.token_ttl = self._initial
+        self.resources = dict(resources)
+        self.wrong_nonce = self.epk_in_protected = False
+        self.jwe_alg = None
+        self.hang.clear()
+        self.reject_auth_with(None)
+        with self._lock:
+            self._forbidden.clear()
+        self.reset_counts()
 
     def counts(self) -> Counts:
         with self._lock:

@@ -1,13 +1,14 @@
 """Session fixtures: one emulated platform per product (see emuplatform.py), and the
 check that no process a test started outlives the session (see tests/leftovers.py);
-``swtpm``, a private real TPM 2.0 per test (see tests/harness/swtpm.py)."""
+``swtpm``, a private real TPM 2.0 per test (see tests/harness/swtpm.py); ``kbs``, the
+loopback Trustee KBS of a test module (tests/harness/kbs.py)."""
 
 from __future__ import annotations
 
 from typing import Any, Dict, Iterator
 
 import pytest
-from emuplatform import Platform, make_platform  # type: ignore[import-not-found]
+from emuplatform import Platform, loopback_kbs, make_platform  # type: ignore[import-not-found]
 from harness import swtpm as swtpm_harness  # type: ignore[import-not-found]
 from leftovers import no_leftover_processes  # type: ignore[import-not-found]  # noqa: F401
 
@@ -59,3 +60,21 @@ def swtpm(swtpm_installed: None) -> Iterator[Any]:
     and reaped after the test."""
     with swtpm_harness.Swtpm() as tpm:
         yield tpm
+
+
+@pytest.fixture(scope="module")
+def kbs(milan: Platform, tmp_path_factory: pytest.TempPathFactory,
+        request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The loopback KBS for a test module: it verifies Milan's emulated evidence and
+    serves the module's ``RESOURCES``; made once per module (its keys are slow), its
+    knobs and counters reset after every test."""
+    with loopback_kbs(milan, tmp_path_factory.mktemp("kbs"), request.module.RESOURCES
+                      ) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _reset_kbs(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "kbs" in request.fixturenames:
+        request.getfixturevalue("kbs").reset()

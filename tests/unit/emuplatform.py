@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import struct
-from typing import Any, Dict, Optional
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -19,6 +20,7 @@ from snpd.emulator.pki import Chain, make_chain, make_vcek, make_vlek
 from snpd.emulator.sign import sign_report
 from snpd.trust.certset import CertificateSet
 from snpd.trust.roots import TrustRoots
+from snpd.trust.verify import Verifier
 from snpd.trust.x509 import Certificate
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.timezone.utc)
@@ -110,3 +112,12 @@ def make_platform(product: Product) -> Platform:
     return Platform(product, chain, vcek_key, vcek, vlek_key, vlek)
 
 
+def loopback_kbs(platform: Platform, directory: Path, resources: Mapping[str, bytes]
+                 ) -> Any:
+    """The loopback KBS (tests/harness/kbs.py, unstarted) that verifies ``platform``'s
+    evidence at :data:`NOW` and serves ``resources``."""
+    from harness.kbs import KbsServer  # type: ignore[import-not-found]  # lazy: jwcrypto
+
+    return KbsServer(directory, verifier=Verifier(platform.roots, clock=lambda: NOW),
+                     certificates=CertificateSet(ark=platform.chain.ark, ask=platform.chain.ask),
+                     resources=resources)

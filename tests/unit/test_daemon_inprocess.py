@@ -7,7 +7,7 @@ import asyncio
 import base64
 import io
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from inprocess import emulator_config  # type: ignore[import-not-found]
 
@@ -16,6 +16,19 @@ from snpd.daemon import Daemon
 from snpd.events import Events, StderrSink
 from snpd.notify import Notifier
 from snpd.varlink.client import VarlinkClient
+
+
+async def _serving(daemon: Daemon, socket_path: Path, calls: Callable[[], None]
+                   ) -> asyncio.Future[int]:
+    """Run ``daemon``, wait (bounded) for its socket, make ``calls`` on a thread; the
+    daemon's task, still running."""
+    task = asyncio.ensure_future(daemon.run())
+    for _ in range(600):
+        if socket_path.exists():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.get_running_loop().run_in_executor(None, calls)
+    return task
 
 
 def test_start_serve_reload_stop(tmp_path: Path) -> None:
@@ -38,12 +51,7 @@ def test_start_serve_reload_stop(tmp_path: Path) -> None:
             answers["props"] = client.call("org.snpd.Manager.GetProperties", {})
 
     async def main() -> int:
-        task = asyncio.ensure_future(daemon.run())
-        for _ in range(600):  # bounded wait for the socket
-            if socket_path.exists():
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.get_running_loop().run_in_executor(None, client_calls)
+        task = await _serving(daemon, socket_path, client_calls)
         # The reload must happen before the stop: wait (bounded) until it is logged.
         # (Stopping right after asking let the stop win the race: nothing reloaded.)
         config_path.write_text(config_path.read_text() + '[log]\nlevel = "debug"\n')
@@ -82,12 +90,7 @@ def _described(tmp_path: Path, emulator: str = "") -> Dict[str, Any]:
             answers.update(client.call("org.snpd.Manager.Describe", {})["properties"])
 
     async def main() -> int:
-        task = asyncio.ensure_future(daemon.run())
-        for _ in range(600):  # bounded wait for the socket
-            if socket_path.exists():
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.get_running_loop().run_in_executor(None, describe)
+        task = await _serving(daemon, socket_path, describe)
         daemon.request_stop()
         return await task
 

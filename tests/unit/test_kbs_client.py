@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, List
 
 import pytest
-from emuplatform import NOW, Platform  # type: ignore[import-not-found]
+from emuplatform import Platform  # type: ignore[import-not-found]
 from harness.kbs import KbsServer, other_ca_pem  # type: ignore[import-not-found]
 
 from snpd.abi.report import AttestationReport
@@ -21,8 +21,6 @@ from snpd.errors import KbsError, Timeout
 from snpd.evidence import trustee_evidence
 from snpd.kbs import protocol
 from snpd.kbs.client import KbsClient
-from snpd.trust.certset import CertificateSet
-from snpd.trust.verify import Verifier
 
 RESOURCES = {"default/key/disk": b"\x00disk key\xff" * 4, "app/cert/tls": b"-----BEGIN..."}
 
@@ -45,30 +43,6 @@ class Attester:
         return json.loads(trustee_evidence(AttestationReport.from_bytes(raw),
                                            self.platform.product,
                                            [("vcek", self.platform.vcek.der)]))
-
-
-@pytest.fixture(scope="module")
-def kbs(milan: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KbsServer]:
-    server = KbsServer(tmp_path_factory.mktemp("kbs"),
-                       verifier=Verifier(milan.roots, clock=lambda: NOW),
-                       certificates=CertificateSet(ark=milan.chain.ark, ask=milan.chain.ask),
-                       resources=RESOURCES)
-    with server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _reset(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    if "kbs" in request.fixturenames:
-        server: KbsServer = request.getfixturevalue("kbs")
-        server.wrong_nonce = server.epk_in_protected = False
-        server.jwe_alg = None
-        server.hang.clear()
-        server.reject_auth_with(None)
-        server.session_ttl = server.token_ttl = 300.0
-        server.resources = dict(RESOURCES)
-        server.reset_counts()
 
 
 def client(kbs: KbsServer, **kw: Any) -> KbsClient:

@@ -37,7 +37,6 @@ from snpd.abi.report import AttestationReport
 from snpd.emulator.hcl import DEFAULT_VM_CONFIGURATION, runtime_json
 from snpd.errors import InvalidArgument
 from snpd.evidence import az_snp_vtpm_evidence, trustee_evidence
-from snpd.trust.certset import CertificateSet
 from snpd.trust.verify import Verifier
 
 RESOURCES = {"default/key/disk": b"\x00disk key\xff" * 4, "default/cert/tls": b"PEM..."}
@@ -45,29 +44,6 @@ ALGS = ("RSA1_5", "RSA-OAEP-256", "ECDH-ES+A256KW")
 
 
 # -- fixtures -------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def kbs(milan: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KbsServer]:
-    server = KbsServer(tmp_path_factory.mktemp("kbs"),
-                       verifier=Verifier(milan.roots, clock=lambda: NOW),
-                       certificates=CertificateSet(ark=milan.chain.ark, ask=milan.chain.ask),
-                       resources=RESOURCES)
-    with server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _reset(request: pytest.FixtureRequest) -> Iterator[None]:
-    yield
-    if "kbs" in request.fixturenames:
-        server: KbsServer = request.getfixturevalue("kbs")
-        server.wrong_nonce = server.epk_in_protected = False
-        server.jwe_alg = None
-        server.hang.clear()
-        server.reject_auth_with(None)
-        server.session_ttl = server.token_ttl = 300.0
-        server.resources = dict(RESOURCES)
-
 
 @pytest.fixture(scope="module")
 def keys() -> Dict[str, jwk.JWK]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import pytest
-from emuplatform import NOW, Platform  # type: ignore[import-not-found]
+from emuplatform import Platform  # type: ignore[import-not-found]
 from harness.kbs import KbsServer  # type: ignore[import-not-found]
 
 from snpd.abi.report import AttestationReport
@@ -20,8 +20,6 @@ from snpd.events import Events
 from snpd.evidence import trustee_evidence
 from snpd.kbs import protocol
 from snpd.secrets import MAX_WAITING, Secrets
-from snpd.trust.certset import CertificateSet
-from snpd.trust.verify import Verifier
 
 RESOURCES = {"default/key/disk": b"secret disk key \x00\xff", "ops/key/x": b"ops only"}
 APP_GID = 4242
@@ -36,16 +34,6 @@ class Sink:
 
     def send(self, fields: Mapping[str, str]) -> None:
         self.records.append(dict(fields))
-
-
-@pytest.fixture(scope="module")
-def kbs(milan: Platform, tmp_path_factory: pytest.TempPathFactory) -> Iterator[KbsServer]:
-    server = KbsServer(tmp_path_factory.mktemp("kbs"),
-                       verifier=Verifier(milan.roots, clock=lambda: NOW),
-                       certificates=CertificateSet(ark=milan.chain.ark, ask=milan.chain.ask),
-                       resources=RESOURCES)
-    with server:
-        yield server
 
 
 def endpoint(kbs: KbsServer, **kw: Any) -> KbsEndpoint:
