@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
+import threading
+import time
 from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Mapping, Optional, TypeVar
 
 from snpd.access import Caller
@@ -34,21 +36,33 @@ MAX_WAITING = 32
 """Calls waiting for one KBS at once; beyond, Busy. A KBS that hangs holds its
 callers until its timeout, and no more of them than this."""
 EVIDENCE_TIMEOUT = 120.0
+_POLL = 0.25
 
 
 class _BrokerAttester:
     """Evidence for one call's attestation, from the event loop's broker; runs on a
-    KBS worker thread and waits for the loop."""
+    KBS worker thread and waits for the loop, but not past ``closing``: a stopping
+    daemon's loop no longer runs the request, and its worker must not wait for it."""
 
     def __init__(self, tee: str, loop: asyncio.AbstractEventLoop,
-                 make: Callable[[bytes], Awaitable[bytes]]) -> None:
+                 make: Callable[[bytes], Awaitable[bytes]], closing: threading.Event) -> None:
         self.tee = tee
         self._loop = loop
         self._make = make
+        self._closing = closing
 
     def evidence(self, binding: bytes) -> object:
         future = asyncio.run_coroutine_threadsafe(_awaited(self._make(binding)), self._loop)
-        data = future.result(EVIDENCE_TIMEOUT)
+        deadline = time.monotonic() + EVIDENCE_TIMEOUT
+        while True:
+            try:
+                data = future.result(_POLL)
+                break
+            except concurrent.futures.TimeoutError:
+                if self._closing.is_set() or time.monotonic() > deadline:
+                    future.cancel()
+                    raise KbsError("no evidence for the KBS: snpd is stopping, or the "
+                                   "firmware did not answer in time") from None
         try:
             return json.loads(data)
         except ValueError:
@@ -82,6 +96,7 @@ class Secrets:
         self._gid_lookup = gid_lookup
         self._client_factory = client_factory
         self._kbs: Dict[str, _Kbs] = {}
+        self._closing = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="snpd-kbs")
         self.configure(endpoints)
@@ -147,7 +162,7 @@ class Secrets:
 
     def _attester(self, caller: Caller) -> _BrokerAttester:
         return _BrokerAttester(self.tee, asyncio.get_running_loop(),
-                               lambda binding: self._evidence(caller, binding))
+                               lambda binding: self._evidence(caller, binding), self._closing)
 
     async def _run(self, caller: Caller, kbs: _Kbs, what: str, work: Callable[[], _T]) -> _T:
         name = kbs.endpoint.name
@@ -172,7 +187,9 @@ class Secrets:
 
     def close(self) -> None:
         """Stop: queued calls are cancelled; one in progress ends by its KBS timeout
-        without being waited for, and its session dies with the process."""
+        without being waited for (one waiting for evidence gives up at once), and its
+        session dies with the process."""
+        self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

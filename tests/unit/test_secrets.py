@@ -166,3 +166,27 @@ def test_reload_keeps_or_renews_sessions(kbs: KbsServer, milan: Platform) -> Non
             run(s.get_resource(ROOT, "test", "ops/key/x"))
     finally:
         s.close()
+
+
+def test_close_releases_a_call_waiting_for_evidence(kbs: KbsServer, milan: Platform) -> None:
+    """A stopping daemon's loop will not run the evidence request: the KBS worker
+    waiting for it gives up at close() instead of holding the process's exit."""
+    setup = Setup(milan, {"test": endpoint(kbs)})
+    asked = asyncio.Event()
+
+    async def never(caller: Caller, binding: bytes) -> bytes:
+        asked.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    setup.secrets._evidence = never
+
+    async def scenario() -> None:
+        call = asyncio.ensure_future(setup.secrets.get_resource(ROOT, "test",
+                                                                "default/key/disk"))
+        await asyncio.wait_for(asked.wait(), 30)
+        setup.secrets.close()
+        with pytest.raises(KbsError, match="stopping"):
+            await asyncio.wait_for(call, 30)
+
+    run(scenario())
