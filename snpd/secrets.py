@@ -35,6 +35,9 @@ GidLookup = Callable[[str], Optional[int]]
 MAX_WAITING = 32
 """Calls waiting for one KBS at once; beyond, Busy. A KBS that hangs holds its
 callers until its timeout, and no more of them than this."""
+PER_UID_WAITING = 4
+"""Of those, one uid's (root's are not counted): one user's flood of calls leaves the
+others their share."""
 EVIDENCE_TIMEOUT = 120.0
 _POLL = 0.25
 
@@ -79,6 +82,7 @@ class _Kbs:
         self.client = client
         self.access = access
         self.waiting = 0
+        self.waiting_by_uid: Dict[int, int] = {}
 
 
 class Secrets:
@@ -166,11 +170,17 @@ class Secrets:
 
     async def _run(self, caller: Caller, kbs: _Kbs, what: str, work: Callable[[], _T]) -> _T:
         name = kbs.endpoint.name
+        mine = kbs.waiting_by_uid.get(caller.uid, 0)
+        busy: Optional[Busy] = None
         if kbs.waiting >= MAX_WAITING:
-            exc = Busy(f"{MAX_WAITING} calls are already waiting for KBS {name}")
-            self._events.secret_failed(caller, name, what, exc)
-            raise exc
+            busy = Busy(f"{MAX_WAITING} calls are already waiting for KBS {name}")
+        elif caller.uid != 0 and mine >= PER_UID_WAITING:
+            busy = Busy(f"{caller.describe()} already has {mine} calls waiting for KBS {name}")
+        if busy is not None:
+            self._events.secret_failed(caller, name, what, busy)
+            raise busy
         kbs.waiting += 1
+        kbs.waiting_by_uid[caller.uid] = mine + 1
         try:
             result = await asyncio.wrap_future(self._pool.submit(work))
         except SnpdError as exc:
@@ -182,6 +192,11 @@ class Secrets:
                                     ) from None
         finally:
             kbs.waiting -= 1
+            left = kbs.waiting_by_uid[caller.uid] - 1
+            if left:
+                kbs.waiting_by_uid[caller.uid] = left
+            else:
+                del kbs.waiting_by_uid[caller.uid]
         self._events.secret_released(caller, name, what)
         return result
 

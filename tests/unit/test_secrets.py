@@ -19,7 +19,7 @@ from snpd.errors import Busy, InvalidArgument, KbsError, PermissionDenied
 from snpd.events import Events
 from snpd.evidence import trustee_evidence
 from snpd.kbs import protocol
-from snpd.secrets import MAX_WAITING, Secrets
+from snpd.secrets import MAX_WAITING, PER_UID_WAITING, Secrets
 
 RESOURCES = {"default/key/disk": b"secret disk key \x00\xff", "ops/key/x": b"ops only"}
 APP_GID = 4242
@@ -142,6 +142,33 @@ def test_waiting_calls_are_bounded(kbs: KbsServer, milan: Platform) -> None:
         kbs.hang.clear()
         s.close()
     assert all(o is None for o in outcomes), outcomes
+
+
+def test_one_uid_has_a_bounded_share(kbs: KbsServer, milan: Platform) -> None:
+    """A member's flood waits PER_UID_WAITING deep; another user is still admitted."""
+    setup = Setup(milan, {"test": endpoint(kbs, timeout_s=5, allow=(
+        {"uids": [1000, 1001], "resources": ["*/*/*"]},))})
+    s = setup.secrets
+
+    async def flood() -> None:
+        mine = [asyncio.ensure_future(s.get_resource(MEMBER, "test", "default/key/disk"))
+                for _ in range(PER_UID_WAITING)]
+        await asyncio.sleep(0)
+        with pytest.raises(Busy, match="uid 1000"):
+            await s.get_resource(MEMBER, "test", "default/key/disk")
+        other = asyncio.ensure_future(s.get_resource(OTHER, "test", "ops/key/x"))
+        await asyncio.sleep(0)
+        kbs.hang.clear()
+        assert await other == RESOURCES["ops/key/x"]
+        assert all(r == RESOURCES["default/key/disk"] for r in await asyncio.gather(*mine))
+        assert s._kbs["test"].waiting_by_uid == {}
+
+    kbs.hang.set()
+    try:
+        run(flood())
+    finally:
+        kbs.hang.clear()
+        s.close()
 
 
 def test_reload_keeps_or_renews_sessions(kbs: KbsServer, milan: Platform) -> None:
