@@ -10,6 +10,8 @@ sees one attestation for all of it, and nothing secret reaches the daemon's logs
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import stat
@@ -36,6 +38,7 @@ from dbusbus import (  # type: ignore[import-not-found]
     dbus_calls,
 )
 from harness.kbs import KbsServer  # type: ignore[import-not-found]
+from test_azure_daemon import Vtpm, _start  # type: ignore[import-not-found]
 
 from snpd.errors import DBUS_PREFIX
 from snpd.trust.certset import CertificateSet
@@ -72,22 +75,23 @@ def kbs(template: EmulatorTemplate) -> Iterator[KbsServer]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def configure_kbs(d: SnpdDaemon, kbs: KbsServer) -> None:
+    """[kbs.test] in the daemon's configuration, with the KBS's CA where user snpd reads it."""
+    ca = d.runtime_dir / "kbs-ca.pem"
+    shutil.copyfile(kbs.ca_pem, ca)
+    ca.chmod(0o644)
+    config = dict(d.config)
+    config["kbs.test"] = {"url": kbs.url, "ca_cert": str(ca), "allow": ALLOW}
+    d.config = config
+    d.write_config(config)
+
+
 @pytest.fixture(scope="module")
 def daemon(template: EmulatorTemplate, kds: EmulatedKds, kbs: KbsServer
            ) -> Iterator[SnpdDaemon]:
     launcher = Launcher(template, kds)
-
-    def before(d: SnpdDaemon) -> None:
-        ca = d.runtime_dir / "kbs-ca.pem"
-        shutil.copyfile(kbs.ca_pem, ca)
-        ca.chmod(0o644)
-        config = dict(d.config)
-        config["kbs.test"] = {"url": kbs.url, "ca_cert": str(ca), "allow": ALLOW}
-        d.config = config
-        d.write_config(config)
-
     try:
-        yield launcher.start(before=before)
+        yield launcher.start(before=lambda d: configure_kbs(d, kbs))
     finally:
         launcher.close(secrets_of=lambda _d: {
             **{f"resource {p}": v for p, v in RESOURCES.items()},
@@ -280,3 +284,36 @@ def test_snpctl_direct_runs_the_same_client(daemon: SnpdDaemon, kbs: KbsServer,
     assert done.returncode == 0, done.stderr
     assert target.read_bytes() == RESOURCES["default/key/disk"]
     assert kbs.counts().attested == before + 1
+
+
+def test_on_azure_the_kbs_attests_az_snp_vtpm_evidence(template: EmulatorTemplate,
+                                                      kds: EmulatedKds, kbs: KbsServer
+                                                      ) -> None:
+    """On the emulated Azure CVM (snpd-emu vtpm) the daemon's session is an az-snp-vtpm
+    one: the binding is the TPM quote's extraData, which the KBS checks (and the token
+    it issues names the TEE)."""
+    launcher = Launcher(template, kds)
+    started: Dict[str, Vtpm] = {}
+
+    def paravisor(d: SnpdDaemon) -> None:
+        started["vtpm"] = Vtpm(d)
+        configure_kbs(d, kbs)
+
+    try:
+        azure = _start(launcher, paravisor)
+        before = kbs.counts().attested
+        for transport in ("varlink", "dbus"):
+            assert call(azure, transport, "get_resource", "test", "default/key/disk") == \
+                RESOURCES["default/key/disk"]
+        token = call(azure, "varlink", "get_token", "test")
+        TOKENS.append(token)
+        assert kbs.counts().attested == before + 1
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["tee"] == "az-snp-vtpm"
+    finally:
+        launcher.close(secrets_of=lambda _d: {
+            **{f"resource {p}": v for p, v in RESOURCES.items()},
+            **{f"token {i}": t.encode() for i, t in enumerate(TOKENS)}})
+        if "vtpm" in started:
+            assert started["vtpm"].close() == 0
