@@ -128,9 +128,8 @@ class Secrets:
         self._kbs = current
 
     def _retire(self, kbs: _Kbs) -> None:
-        """Close a replaced client on the pool: it waits for its call in progress,
-        which the event loop must not."""
-        self._pool.submit(kbs.client.close)
+        """A replaced client: its call in progress (if any) ends the session after."""
+        kbs.client.close()
 
     def _find(self, name: object) -> _Kbs:
         if not isinstance(name, str):
@@ -206,6 +205,8 @@ class Secrets:
         session dies with the process."""
         self._closing.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for kbs in self._kbs.values():
+            kbs.client.close()
 
 
 def _same_server(a: KbsEndpoint, b: KbsEndpoint) -> bool:

@@ -15,10 +15,11 @@ process) run the same client.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Protocol, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Protocol, Tuple
 
 import requests
 
@@ -66,17 +67,30 @@ class KbsClient:
         self._token: Optional[str] = None
         self._expires: Optional[float] = None
         self.attestations = 0
+        self._closed = threading.Event()
 
     def __repr__(self) -> str:
         return f"KbsClient({self.name!r}, {self.url!r})"
 
     # -- the API --------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _turn(self) -> Iterator[float]:
+        """This call's turn at the client (the lock), and its deadline. A client closed
+        meanwhile refuses the call, and one closed during it ends its session after."""
+        with self._lock:
+            if self._closed.is_set():
+                raise KbsError(f"the client of KBS {self.name} is closed")
+            try:
+                yield self._monotonic() + self.timeout
+            finally:
+                if self._closed.is_set():
+                    self._forget()
+
     def token(self, attester: Attester) -> str:
         """The attestation token of the current session (attesting with ``attester``
         if there is none)."""
-        with self._lock:
-            deadline = self._monotonic() + self.timeout
+        with self._turn() as deadline:
             self._ensure_session(deadline, attester)
             assert self._token is not None
             return self._token
@@ -84,8 +98,7 @@ class KbsClient:
     def resource(self, path: str, attester: Attester) -> bytes:
         """The plaintext of ``REPOSITORY/TYPE/TAG``, decrypted with the TEE key."""
         url_path = protocol.resource_path(path)
-        with self._lock:
-            deadline = self._monotonic() + self.timeout
+        with self._turn() as deadline:
             fresh = self._ensure_session(deadline, attester)
             status, body = self._send("GET", url_path, None, deadline)
             if status == 401 and not fresh:
@@ -100,8 +113,14 @@ class KbsClient:
             return jwe.decrypt(self._key, body)
 
     def close(self) -> None:
-        with self._lock:
-            self._forget()
+        """End the session. Never waits: a call in progress ends it when it finishes
+        (the daemon's event loop closes clients, and must not wait for a KBS)."""
+        self._closed.set()
+        if self._lock.acquire(blocking=False):
+            try:
+                self._forget()
+            finally:
+                self._lock.release()
 
     def __enter__(self) -> KbsClient:
         return self

@@ -199,16 +199,16 @@ def test_close_releases_a_call_waiting_for_evidence(kbs: KbsServer, milan: Platf
     """A stopping daemon's loop will not run the evidence request: the KBS worker
     waiting for it gives up at close() instead of holding the process's exit."""
     setup = Setup(milan, {"test": endpoint(kbs)})
-    asked = asyncio.Event()
-
-    async def never(caller: Caller, binding: bytes) -> bytes:
-        asked.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    setup.secrets._evidence = never
 
     async def scenario() -> None:
+        asked = asyncio.Event()  # made in the loop (Python 3.9 binds it at creation)
+
+        async def never(caller: Caller, binding: bytes) -> bytes:
+            asked.set()
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        setup.secrets._evidence = never
         call = asyncio.ensure_future(setup.secrets.get_resource(ROOT, "test",
                                                                 "default/key/disk"))
         await asyncio.wait_for(asked.wait(), 30)
