@@ -683,6 +683,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if cookie is not None:
             self.send_header("Set-Cookie", cookie)
+        if self.close_connection:
+            # Said, so that a client does not reuse the connection (urllib3 1.26 would,
+            # and find it closed).
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
 
