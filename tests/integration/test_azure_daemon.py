@@ -230,6 +230,21 @@ def test_the_daemon_names_its_backend_and_binding(azure: SnpdDaemon, transport: 
     assert call(azure, transport, "report_data_binding") == "runtime-data"
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_certificate_methods_on_azure(azure: SnpdDaemon, transport: str) -> None:
+    """The rest of the methods, on both transports: GetExtendedReport (no host table on
+    Azure: the chain comes from the cache or KDS), GetCertificates, VerifyReport of
+    the paravisor's report with that chain, and RefreshCertificates (root)."""
+    report, certs = call(azure, transport, "get_extended_report", b"x" * 32)
+    kinds = {kind for kind, _der in certs}
+    assert AttestationReport.from_bytes(report).vmpl == 0 and {"ark", "ask", "vcek"} <= kinds
+    chain = call(azure, transport, "get_certificates")
+    assert {"ark", "ask", "vcek"} <= {kind for kind, _der in chain}
+    verdict = call(azure, transport, "verify", report, chain)
+    assert verdict["valid"] is True, verdict
+    assert call(azure, transport, "refresh_certificates") is None
+
+
 HOSTILE = (b"\xff\xfe garbage", b"[" * 60_000, b'{"version": 1, "version": 2}')
 MEMBER = "snpd-test-user"
 
