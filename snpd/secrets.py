@@ -16,6 +16,7 @@ import concurrent.futures
 import json
 import threading
 import time
+from collections import Counter
 from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Mapping, Optional, TypeVar
 
 from snpd.access import Caller
@@ -81,8 +82,22 @@ class _Kbs:
         self.endpoint = endpoint
         self.client = client
         self.access = access
-        self.waiting = 0
-        self.waiting_by_uid: Dict[int, int] = {}
+        self.waiting_by_uid: Counter[int] = Counter()  # calls waiting here, by uid
+
+    def admit(self, caller: Caller) -> Optional[Busy]:
+        """Count one more waiting call of ``caller``, or the Busy that refuses it."""
+        name, mine = self.endpoint.name, self.waiting_by_uid[caller.uid]
+        if sum(self.waiting_by_uid.values()) >= MAX_WAITING:
+            return Busy(f"{MAX_WAITING} calls are already waiting for KBS {name}")
+        if caller.uid != 0 and mine >= PER_UID_WAITING:
+            return Busy(f"{caller.describe()} already has {mine} calls waiting for KBS {name}")
+        self.waiting_by_uid[caller.uid] += 1
+        return None
+
+    def release(self, caller: Caller) -> None:
+        self.waiting_by_uid[caller.uid] -= 1
+        if not self.waiting_by_uid[caller.uid]:
+            del self.waiting_by_uid[caller.uid]
 
 
 class Secrets:
@@ -169,17 +184,10 @@ class Secrets:
 
     async def _run(self, caller: Caller, kbs: _Kbs, what: str, work: Callable[[], _T]) -> _T:
         name = kbs.endpoint.name
-        mine = kbs.waiting_by_uid.get(caller.uid, 0)
-        busy: Optional[Busy] = None
-        if kbs.waiting >= MAX_WAITING:
-            busy = Busy(f"{MAX_WAITING} calls are already waiting for KBS {name}")
-        elif caller.uid != 0 and mine >= PER_UID_WAITING:
-            busy = Busy(f"{caller.describe()} already has {mine} calls waiting for KBS {name}")
+        busy = kbs.admit(caller)
         if busy is not None:
             self._events.secret_failed(caller, name, what, busy)
             raise busy
-        kbs.waiting += 1
-        kbs.waiting_by_uid[caller.uid] = mine + 1
         try:
             result = await asyncio.wrap_future(self._pool.submit(work))
         except SnpdError as exc:
@@ -190,12 +198,7 @@ class Secrets:
             raise KbsError(f"KBS {name}: {what} failed ({type(exc).__name__})"
                                     ) from None
         finally:
-            kbs.waiting -= 1
-            left = kbs.waiting_by_uid[caller.uid] - 1
-            if left:
-                kbs.waiting_by_uid[caller.uid] = left
-            else:
-                del kbs.waiting_by_uid[caller.uid]
+            kbs.release(caller)
         self._events.secret_released(caller, name, what)
         return result
 

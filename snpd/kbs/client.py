@@ -25,6 +25,7 @@ import requests
 
 from snpd.errors import KbsError, Timeout
 from snpd.kbs import jwe, protocol
+from snpd.kds.client import error_reason
 
 
 class Attester(Protocol):
@@ -105,7 +106,7 @@ class KbsClient:
                 # The KBS forgot the session (its cookie expired before our token did,
                 # or it restarted): attest once more, then ask again.
                 self._forget()
-                self._ensure_session(deadline, attester)
+                self._attest(deadline, attester)
                 status, body = self._send("GET", url_path, None, deadline)
             if status != 200:
                 raise self._refusal(f"resource {path}", status, body)
@@ -190,14 +191,14 @@ class KbsClient:
                                     stream=True, timeout=(remaining, remaining),
                                     allow_redirects=False, verify=self._verify)
         except requests.exceptions.SSLError as exc:
-            raise KbsError(f"KBS {self.name}: TLS failed ({_reason(exc)}); is "
+            raise KbsError(f"KBS {self.name}: TLS failed ({error_reason(exc)}); is "
                                     "ca_cert the CA that signed the KBS's certificate?"
                                     ) from None
         except requests.exceptions.Timeout:
             raise Timeout(f"KBS {self.name} did not answer within {self.timeout:g} s"
                           ) from None
         except requests.exceptions.RequestException as exc:
-            raise KbsError(f"KBS {self.name} unreachable ({_reason(exc)})") from None
+            raise KbsError(f"KBS {self.name} unreachable ({error_reason(exc)})") from None
         with response:
             return response.status_code, self._read(response, deadline)
 
@@ -216,32 +217,14 @@ class KbsClient:
         except requests.exceptions.Timeout:
             raise Timeout(f"KBS {self.name} stopped sending before the deadline") from None
         except requests.exceptions.RequestException as exc:
-            raise KbsError(f"KBS {self.name}: answer cut short ({_reason(exc)})"
+            raise KbsError(f"KBS {self.name}: answer cut short ({error_reason(exc)})"
                                     ) from None
         return b"".join(chunks)
 
     def _refusal(self, what: str, status: int, body: bytes) -> KbsError:
         info = protocol.parse_error(body)
         if info is not None:
-            detail = _printable(info.detail)
+            # parse_error bounded the detail and replaced its control characters.
             return KbsError(f"KBS {self.name} refused {what}: HTTP {status} {info.name}: "
-                            f"{detail}", status=status, error_type=info.name)
+                            f"{info.detail}", status=status, error_type=info.name)
         return KbsError(f"KBS {self.name} refused {what}: HTTP {status}", status=status)
-
-
-def _printable(text: str, limit: int = 300) -> str:
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= limit else clean[:limit] + "..."
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost reason of a requests/urllib3 error, short."""
-    seen = exc
-    for _ in range(16):
-        nxt = seen.__cause__ or seen.__context__
-        if nxt is None:
-            break
-        seen = nxt
-    text = str(seen) or type(seen).__name__
-    return _printable(text, 200)
-

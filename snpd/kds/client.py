@@ -395,7 +395,7 @@ class KdsClient:
             if permanent is not None:
                 return _Failure(permanent, retry=False, permanent=True)
             # A reset, a connection closed before the answer, no route right now.
-            return _Failure(f"connection failed ({_reason(exc)})", retry=True)
+            return _Failure(f"connection failed ({error_reason(exc)})", retry=True)
         except requests.exceptions.RequestException as exc:
             return _Failure(f"request failed ({type(exc).__name__}: {exc})", retry=False)
         with response:
@@ -440,9 +440,9 @@ class KdsClient:
             # urllib3 2.x raises here when the server closes before Content-Length
             # bytes arrived. urllib3's Retry never sees this (the status line has
             # already been answered), so the loop in get() retries it.
-            return _Failure(f"response body cut short ({_reason(exc)})", retry=True)
+            return _Failure(f"response body cut short ({error_reason(exc)})", retry=True)
         except requests.exceptions.RequestException as exc:
-            return _Failure(f"reading the body failed ({_reason(exc)})", retry=True)
+            return _Failure(f"reading the body failed ({error_reason(exc)})", retry=True)
         if expected is not None and size != expected:
             # urllib3 1.26 (Debian bookworm) does not enforce Content-Length and just
             # returns the short body: count the bytes here on every version.
@@ -569,7 +569,7 @@ def _permanent_failure(exc: requests.exceptions.ConnectionError, url: str) -> Op
                     "check the URL")
     if not isinstance(exc, requests.exceptions.SSLError):
         return None
-    cause = _reason(exc)
+    cause = error_reason(exc)
     for inner in chain:
         if isinstance(inner, ssl.SSLCertVerificationError):
             detail = inner.verify_message or _SSL_SOURCE.sub("", str(inner))
@@ -586,7 +586,7 @@ def _permanent_failure(exc: requests.exceptions.ConnectionError, url: str) -> Op
             "certificates and clock")
 
 
-def _reason(exc: BaseException) -> str:
+def error_reason(exc: BaseException) -> str:
     """The innermost useful text of a requests/urllib3 exception chain.
 
     requests wraps urllib3's exception, which wraps the socket error; their str() is a
