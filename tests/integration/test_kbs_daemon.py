@@ -220,6 +220,41 @@ def test_unknown_kbs_and_bad_path_are_invalid(daemon: SnpdDaemon, transport: str
             call(daemon, transport, "get_resource", *args)
 
 
+HOSTILE_PATHS = ("x" * 60_000, "default/key/disk\0", "default/key/d\u00efsk",
+                 "default/*/*", "/default/key/disk", "default/key/disk/")
+
+
+def test_hostile_names_and_paths_from_a_member(daemon: SnpdDaemon, kbs: KbsServer) -> None:
+    """What a member of snpd-users can send the Secrets interface, on both transports:
+    oversized, NUL (varlink), non-ASCII, pattern and slash-laden paths, a hostile KBS name and
+    wrong types are refused as InvalidArgument (InvalidParameter for a wrong type on
+    varlink) before the KBS is asked; then the member is still served."""
+    before = kbs.counts()
+    # (D-Bus strings cannot carry a NUL: the wire refuses them before the daemon.)
+    dcalls = [(SECRETS, "GetResource", "ssa{sv}", ["test", p, {}])
+              for p in HOSTILE_PATHS if "\0" not in p]
+    dcalls += [(SECRETS, "GetResource", "ssa{sv}", ["t" * 60_000, "default/key/disk", {}]),
+               (SECRETS, "GetToken", "sa{sv}", ["test/../x", {}])]
+    for reply in calls_as(USER, daemon.bus_address, dcalls):
+        assert reply.error == DBUS_PREFIX + "InvalidArgument", reply
+    vcalls: List[Dict[str, Any]] = [
+        {"method": "org.snpd.Secrets.GetResource", "parameters": {"kbs": "test", "path": p}}
+        for p in HOSTILE_PATHS]
+    vcalls += [{"method": "org.snpd.Secrets.GetResource",
+                "parameters": {"kbs": ["test"], "path": "default/key/disk"}},
+               {"method": "org.snpd.Secrets.GetResource",
+                "parameters": {"kbs": "test", "path": 7}},
+               {"method": "org.snpd.Secrets.GetToken", "parameters": {"kbs": "t" * 60_000}}]
+    for answer in varlink_calls_as(USER, str(daemon.socket_path), vcalls):
+        assert not answer["ok"]
+        assert answer["error"] in ("org.snpd.Secrets.InvalidArgument",
+                                   "org.varlink.service.InvalidParameter"), answer
+    after = kbs.counts()
+    assert (after.auth, after.resource) == (before.auth, before.resource)
+    assert call(daemon, "varlink", "get_resource", "test", "default/key/disk", user=USER) \
+        == RESOURCES["default/key/disk"]
+
+
 def test_a_kbs_refusal_is_a_kbs_error_and_the_daemon_serves_on(daemon: SnpdDaemon,
                                                                kbs: KbsServer) -> None:
     kbs.forbid("default/key/disk")
