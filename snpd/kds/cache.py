@@ -237,11 +237,15 @@ class CertificateCache:
         body = self._fetch(lambda c: c.fetch_cert_chain(product, endorser), what, gate)
         ark, inter = self._admit(what, lambda: check_ca_chain(
             load_certificates(body), product, endorser, roots=self.roots))
+        self._store_chain(product, endorser, ark, inter)
+        return ark, inter
+
+    def _store_chain(self, product: Product, endorser: Endorser, ark: Certificate,
+                     inter: Certificate) -> None:
         directory = self.chain_dir(product, endorser)
         # The intermediate first: a reader needs both, and the ARK is what it checks last.
         self._store(directory / f"{endorser.intermediate}.pem", inter.to_pem().encode())
         self._store(directory / "ark.pem", ark.to_pem().encode())
-        return ark, inter
 
     # -- VCEK ------------------------------------------------------------------------
 
@@ -357,10 +361,8 @@ class CertificateCache:
                 # "failed": the daemon coalesces these (one per forged chip ID, say)
                 self.observer(source, f"failed, so the KDS is asked: {exc}")
             return None
-        if new_chain:  # as _fetch_chain: the intermediate first
-            directory = self.chain_dir(product, Endorser.VCEK)
-            self._store(directory / "ask.pem", ask.to_pem().encode())
-            self._store(directory / "ark.pem", ark.to_pem().encode())
+        if new_chain:
+            self._store_chain(product, Endorser.VCEK, ark, ask)
         self._store(path, answer.vcek.der)
         self.stats.thim_hits += 1
         if self.observer is not None:
