@@ -114,10 +114,11 @@ def group_id(name: str) -> Optional[int]:
 def resolve_groups(names: Sequence[str], events: Events) -> FrozenSet[int]:
     gids = set()
     for name in names:
-        try:
-            gids.add(grp.getgrnam(name).gr_gid)
-        except KeyError:
+        gid = group_id(name)
+        if gid is None:
             events.log("warning", f"access group {name!r} does not exist; ignored")
+        else:
+            gids.add(gid)
     return frozenset(gids)
 
 
