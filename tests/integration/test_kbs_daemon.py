@@ -230,9 +230,11 @@ def test_hostile_names_and_paths_from_a_member(daemon: SnpdDaemon, kbs: KbsServe
     wrong types are refused as InvalidArgument (InvalidParameter for a wrong type on
     varlink) before the KBS is asked; then the member is still served."""
     before = kbs.counts()
-    # (D-Bus strings cannot carry a NUL: the wire refuses them before the daemon.)
+    # D-Bus strings cannot carry a NUL (the wire refuses them before the daemon), and
+    # Debian 12's dbus-fast 1.84, the test's client, mis-sizes a non-ASCII string and
+    # the bus drops it: those two go over varlink only.
     dcalls = [(SECRETS, "GetResource", "ssa{sv}", ["test", p, {}])
-              for p in HOSTILE_PATHS if "\0" not in p]
+              for p in HOSTILE_PATHS if "\0" not in p and p.isascii()]
     dcalls += [(SECRETS, "GetResource", "ssa{sv}", ["t" * 60_000, "default/key/disk", {}]),
                (SECRETS, "GetToken", "sa{sv}", ["test/../x", {}])]
     for reply in calls_as(USER, daemon.bus_address, dcalls):
